@@ -1,0 +1,53 @@
+"""Shared CLI plumbing: clear one-line errors instead of tracebacks, and port checks."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import NoReturn, ParamSpec, TypeVar
+
+from rich.console import Console
+
+from fleetserve.errors import FleetserveError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+err_console = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}")
+    sys.exit(code)
+
+
+def clear_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn fleetserve's own errors into one clear line and a non-zero exit."""
+
+    @wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except FleetserveError as exc:
+            fail(str(exc))
+
+    return wrapper
+
+
+def ensure_port_free(host: str, port: int, what: str) -> None:
+    """Fail early with a clear message rather than deep inside the server's start-up."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                fail(
+                    f"port {port} on {host} is already in use; choose another with --port ({what})"
+                )
+            fail(f"cannot bind {host}:{port} for {what}: {exc.strerror}")

@@ -1,0 +1,1 @@
+"""Engine adapters (vllm, llamacpp, sim) and the simulated engine."""

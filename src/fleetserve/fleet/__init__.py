@@ -1,0 +1,1 @@
+"""The Fleet: the one live view of replicas, their states, load and engine signals."""

@@ -1,0 +1,34 @@
+"""Discovery: where replicas come from. Static lists now; local processes and Kubernetes
+EndpointSlices plug in beside it and write the same Fleet."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+from fleetserve.config import ModelSpec
+from fleetserve.fleet.fleet import Fleet
+from fleetserve.fleet.replica import Replica
+
+
+def replica_id(url: str) -> str:
+    return urlsplit(url).netloc or url
+
+
+def populate_static(fleet: Fleet, models: Sequence[ModelSpec], now: float) -> None:
+    """Add every replica the fleet file lists, in the starting state until a probe passes."""
+    for spec in models:
+        fleet.declare_model(spec.name)
+        for url in spec.replicas:
+            rid = replica_id(url)
+            if fleet.get(rid) is not None:
+                rid = f"{spec.name}@{rid}"
+            fleet.add(
+                Replica(
+                    id=rid,
+                    url=url,
+                    model=spec.name,
+                    max_concurrency=spec.max_concurrency,
+                    state_since=now,
+                )
+            )

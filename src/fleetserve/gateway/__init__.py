@@ -1,0 +1,1 @@
+"""The gateway: an OpenAI-compatible HTTP front over the fleet's replicas."""

@@ -1,0 +1,112 @@
+"""The gateway's cold routes: liveness, readiness, models, metrics and the admin fleet view."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from fleetserve.clock import Clock
+from fleetserve.errors import ApiError, MethodNotAllowedError, NotFoundError
+from fleetserve.fleet.fleet import Fleet
+from fleetserve.protocol.envelope import api_error_body
+from fleetserve.routing.snapshot import ReplicaState
+from fleetserve.telemetry.metrics import GatewayMetrics, exposition
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _json(payload: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+def _error(err: ApiError) -> Response:
+    return Response(
+        api_error_body(err), status_code=err.status, media_type="application/json",
+        headers=err.headers,
+    )  # fmt: skip
+
+
+def build_routes_app(
+    fleet: Fleet,
+    metrics: GatewayMetrics,
+    clock: Clock,
+    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]],
+) -> Starlette:
+    started = int(clock.wall())
+
+    async def health(_: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def ready(_: Request) -> Response:
+        ready_models = [m for m in fleet.models() if fleet.ready(m)]
+        body = {"ready": bool(ready_models), "models_ready": ready_models}
+        return _json(body, 200 if ready_models else 503)
+
+    async def models(_: Request) -> Response:
+        data = [
+            {"id": m, "object": "model", "created": started, "owned_by": "fleetserve"}
+            for m in fleet.models()
+        ]
+        return _json({"object": "list", "data": data})
+
+    def state_counts() -> list[tuple[str, str, int]]:
+        return [
+            (model, state.value, n)
+            for model in fleet.models()
+            for state, n in fleet.count_by_state(model).items()
+        ]
+
+    async def metrics_page(_: Request) -> Response:
+        return Response(exposition(metrics, state_counts), media_type=PROMETHEUS_TEXT)
+
+    async def admin_fleet(_: Request) -> Response:
+        now = clock.now()
+        replicas = [
+            {
+                "id": r.id,
+                "url": r.url,
+                "model": r.model,
+                "state": r.state.value,
+                "state_for_s": round(now - r.state_since, 3),
+                "reason": r.reason,
+                "in_flight": r.in_flight,
+                "running": r.signals.running,
+                "waiting": r.signals.waiting,
+                "kv_usage_frac": r.signals.kv_usage_frac,
+                "seen_s_ago": None if r.last_seen is None else round(now - r.last_seen, 3),
+                "consecutive_failures": r.consecutive_failures,
+            }
+            for r in fleet.replicas()
+        ]
+        by_state = {s.value: n for s, n in fleet.count_by_state().items()}
+        return _json({"replicas": replicas, "by_state": by_state, "ready": by_state.get(
+            ReplicaState.READY.value, 0)})  # fmt: skip
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            return _error(
+                MethodNotAllowedError(f"{request.url.path} does not accept {request.method}")
+            )
+        if exc.status_code == 404:
+            return _error(NotFoundError(f"no route for {request.method} {request.url.path}"))
+        return Response(str(exc.detail), status_code=exc.status_code)
+
+    return Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/ready", ready),
+            Route("/v1/models", models),
+            Route("/metrics", metrics_page),
+            Route("/admin/fleet", admin_fleet),
+        ],
+        exception_handlers={HTTPException: not_found},
+        lifespan=lifespan,
+    )

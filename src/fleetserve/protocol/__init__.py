@@ -1,0 +1,1 @@
+"""OpenAI wire protocol: request inspection, SSE codec, error envelope."""

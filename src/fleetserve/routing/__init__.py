@@ -1,0 +1,1 @@
+"""Pure replica pickers over snapshots: no I/O, no clock reads."""

@@ -1,0 +1,168 @@
+"""The composition root for a local fleet: engine processes on this machine plus the gateway.
+
+`fleetserve up` calls `run_local_stack`. It owns every process it starts and stops each by
+PID (SIGTERM to its process group, SIGKILL after a grace period), also on errors and signals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from fleetserve.config import FleetFile, GatewaySettings, ModelSpec, PickerName
+from fleetserve.engines.adapter import EngineAdapter, LaunchSpec
+from fleetserve.errors import EngineError
+from fleetserve.gateway.serve import run_gateway
+
+STOP_GRACE_S = 10.0
+LOG_TAIL_LINES = 20
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class EngineProcess:
+    """One engine replica running as a child process in its own process group."""
+
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(lines[-LOG_TAIL_LINES:])
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=STOP_GRACE_S)
+
+
+def launch(adapter: EngineAdapter, spec: LaunchSpec, name: str, log_dir: Path) -> EngineProcess:
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            adapter.launch_command(spec),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # own process group: stopping it stops its children too
+        )
+    return EngineProcess(name, f"http://{spec.host}:{spec.port}", process, log_path)
+
+
+def _http_ok(base_url: str, path: str) -> bool:
+    host_port = base_url.split("://", 1)[1]
+    connection = http.client.HTTPConnection(host_port, timeout=1.0)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
+def wait_ready(
+    engine: EngineProcess, adapter: EngineAdapter, timeout_s: float, poll_s: float = 0.1
+) -> float:
+    """Block until the engine's health path answers 200; return seconds waited."""
+    start = time.monotonic()
+    deadline = start + timeout_s
+    while time.monotonic() < deadline:
+        if engine.process.poll() is not None:
+            raise EngineError(
+                f"{engine.name} exited with code {engine.process.returncode} while starting; "
+                f"last lines of {engine.log_path}:\n{engine.log_tail()}"
+            )
+        if _http_ok(engine.url, adapter.health_path):
+            return time.monotonic() - start
+        time.sleep(poll_s)
+    raise EngineError(
+        f"{engine.name} was not ready after {timeout_s:g}s; last lines of {engine.log_path}:\n"
+        f"{engine.log_tail()}"
+    )
+
+
+@dataclass(frozen=True)
+class LocalStackSpec:
+    adapter: EngineAdapter
+    model: str
+    replicas: int
+    options: dict[str, str]
+    engine_name: str
+    picker: PickerName
+    ready_timeout_s: float = 120.0
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """While engines start, SIGTERM stops `up` like Ctrl-C so everything is cleaned up."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_local_stack(
+    spec: LocalStackSpec,
+    settings: GatewaySettings,
+    say: Callable[[str], None],
+    on_ready: Callable[[], None] = lambda: None,
+) -> None:
+    """Start the engines, wait until each is ready, serve the gateway, stop all on exit."""
+    engines: list[EngineProcess] = []
+    log_dir = Path(tempfile.mkdtemp(prefix="fleetserve-up-"))
+    try:
+        with _terminate_as_interrupt():
+            for i in range(spec.replicas):
+                launch_spec = LaunchSpec(spec.model, free_port(), options=spec.options)
+                engine = launch(spec.adapter, launch_spec, f"replica-{i}", log_dir)
+                engines.append(engine)
+                say(f"starting {engine.name} ({spec.engine_name}) at {engine.url}")
+            for engine in engines:
+                waited = wait_ready(engine, spec.adapter, spec.ready_timeout_s)
+                say(f"{engine.name} ready in {waited:.1f}s")
+        model = ModelSpec(
+            name=spec.model,
+            replicas=[e.url for e in engines],
+            engine=spec.engine_name,
+            picker=spec.picker,
+        )
+        say(f"engine logs in {log_dir}")
+        on_ready()
+        run_gateway(settings, FleetFile(models=[model]))
+    finally:
+        for engine in engines:
+            engine.stop()

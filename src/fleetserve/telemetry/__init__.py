@@ -1,0 +1,1 @@
+"""Metric definitions, tracing and logging set-up."""
