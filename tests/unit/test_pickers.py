@@ -309,6 +309,14 @@ def test_p2c_samples_spread_when_equal() -> None:
     assert all(800 < c < 1200 for c in counts.values())
 
 
+def test_p2c_spreads_over_eligible_when_some_are_not() -> None:
+    picker = new_p2c()
+    replicas = [replica("full", 4, cap=4), *(replica(rid) for rid in ids(3))]
+    counts = Counter(pick_id(picker, request(exclude=("r0",)), replicas) for _ in range(3000))
+    assert set(counts) == {"r1", "r2"}
+    assert 1300 < counts["r1"] < 1700
+
+
 def test_p2c_is_deterministic_for_a_seed() -> None:
     replicas = [replica(rid, i % 3) for i, rid in enumerate(ids(8))]
     runs = [

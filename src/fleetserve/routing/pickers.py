@@ -1,13 +1,10 @@
 """Replica pickers: pure choices over snapshots, called once per request on the hot path.
 
 Every picker skips replicas named in `request.exclude` (a retry must go elsewhere) and
-replicas at their concurrency cap (`has_capacity` is False), and returns None when no
-replica is left. They read no clock and do no I/O; the only state they keep is a cursor
-or a cache derived from replica ids, so one instance serves one model in one process
-(they are not thread-safe; the gateway calls them from its event loop).
-
-Cost: each pick is O(n) in the replicas passed, with no sort per request; ~1-4 us for up
-to 16 replicas on one core (see the report of the change that added this module).
+replicas at their concurrency cap (`has_capacity` is False), and returns None when none
+is left. No clock, no I/O. Their state (a cursor, an RNG, a cache keyed by replica ids)
+is per instance: one instance per model per gateway process, called from its event loop
+(not thread-safe). A pick is at most O(n) with no per-request sort: 1-4 us for 16 replicas.
 """
 
 from __future__ import annotations
@@ -170,7 +167,6 @@ class PowerOfTwoChoices:
         self._rng = rng if rng is not None else random.Random()
         self._waiting_weight = waiting_weight
         self._running_weight = running_weight
-        self._kv_weight = kv_weight
         self._kv_knee_frac = kv_knee_frac
         self._kv_scale = kv_weight / (1.0 - kv_knee_frac)
 
@@ -190,19 +186,36 @@ class PowerOfTwoChoices:
     def pick(
         self, request: RouteRequest, replicas: Sequence[ReplicaSnapshot]
     ) -> ReplicaSnapshot | None:
+        # Fast path: draw from the whole list and keep the pair if both may serve, which
+        # is the usual case. Otherwise draw again among the eligible ones; either way the
+        # pair is uniform over eligible pairs, and the common case costs O(1), not O(n).
+        if len(replicas) >= 2:
+            a, b = self._pair(replicas)
+            exclude = request.exclude
+            if (
+                a.has_capacity
+                and b.has_capacity
+                and (not exclude or (a.id not in exclude and b.id not in exclude))
+            ):
+                return self._lighter(a, b)
         candidates = _eligible(request, replicas)
-        n = len(candidates)
-        if n < 2:
+        if len(candidates) < 2:
             return candidates[0] if candidates else None
+        return self._lighter(*self._pair(candidates))
+
+    def _pair(self, replicas: Sequence[ReplicaSnapshot]) -> tuple[ReplicaSnapshot, ReplicaSnapshot]:
         # int(random() * n) rather than randrange: a third of the cost, and the bias for
         # n far below 2**53 is nil. Drawing the second from n - 1 and stepping over the
         # first makes the pair distinct without a retry loop.
+        n = len(replicas)
         draw = self._rng.random
         i = int(draw() * n)
         j = int(draw() * (n - 1))
         if j >= i:
             j += 1
-        a, b = candidates[i], candidates[j]
+        return replicas[i], replicas[j]
+
+    def _lighter(self, a: ReplicaSnapshot, b: ReplicaSnapshot) -> ReplicaSnapshot:
         return a if self.load_score(a) <= self.load_score(b) else b
 
 

@@ -1,0 +1,1 @@
+"""The autoscaler: pure policy (decide), the observe/decide/actuate loop, signals."""

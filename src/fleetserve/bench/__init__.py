@@ -1,0 +1,1 @@
+"""fleetserve bench: load schedules, the SSE-timing client, stats and report renderers."""

@@ -1,0 +1,1 @@
+"""Price catalog and costing of a replica timeline (pure)."""

@@ -1,0 +1,1 @@
+"""Kubernetes deployment: chart values, render/validate, status, verify, teardown."""

@@ -1,0 +1,1 @@
+"""Discrete-event cluster simulator reusing autoscale.policy and the engines latency model."""

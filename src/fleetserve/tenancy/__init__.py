@@ -1,0 +1,1 @@
+"""Tenancy: keys, limits, budgets and the usage ledger, over SQL and Redis stores."""
