@@ -1,0 +1,127 @@
+"""SSE codec, request inspection and the error envelope."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from fleetserve.errors import (
+    ApiError,
+    GatewayTimeoutError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NoReplicaError,
+    PayloadTooLargeError,
+    UpstreamStatusError,
+)
+from fleetserve.protocol.envelope import api_error_body
+from fleetserve.protocol.inspect import PREFIX_KEY_CHARS, inspect_request
+from fleetserve.protocol.sse import DONE, SseDecoder, encode_error_event, encode_event
+
+
+@pytest.mark.parametrize(
+    ("pieces", "expected"),
+    [
+        pytest.param([b"data: a\n\n"], [b"a"], id="one-event"),
+        pytest.param([b"data: a\n\ndata: b\n\n"], [b"a", b"b"], id="two-in-one-read"),
+        pytest.param([b"da", b"ta: a", b"\n", b"\n"], [b"a"], id="split-everywhere"),
+        pytest.param([b"data: a\r\n\r\n"], [b"a"], id="crlf"),
+        pytest.param([b": keep-alive\n\ndata: a\n\n"], [b"a"], id="comment-ignored"),
+        pytest.param([b"data: a\ndata: b\n\n"], [b"a\nb"], id="multi-line-data"),
+        pytest.param([b"event: x\nid: 1\ndata:a\n\n"], [b"a"], id="other-fields-no-space"),
+        pytest.param([b"data: a\n"], [], id="unterminated"),
+    ],
+)
+def test_sse_decoder(pieces: list[bytes], expected: list[bytes]) -> None:
+    decoder = SseDecoder()
+    events = [e for piece in pieces for e in decoder.feed(piece)]
+    assert events == expected
+
+
+def test_sse_round_trip_and_error_event() -> None:
+    decoder = SseDecoder()
+    payload = {"choices": [{"delta": {"content": "hé\n"}}]}
+    assert [orjson.loads(e) for e in decoder.feed(encode_event(payload))] == [payload]
+    assert decoder.feed(DONE) == [b"[DONE]"]
+    event = decoder.feed(encode_error_event(NoReplicaError("gone")))[0]
+    assert orjson.loads(event) == {
+        "error": {"message": "gone", "type": "server_error", "param": None,
+                  "code": "no_replica_available"}
+    }  # fmt: skip
+    assert not decoder.pending
+
+
+@pytest.mark.parametrize(
+    ("err", "status", "error_type", "code"),
+    [
+        pytest.param(InvalidRequestError("x", param="model"), 400, "invalid_request_error", None,
+                     id="400"),
+        pytest.param(ModelNotFoundError("x"), 404, "invalid_request_error", "model_not_found",
+                     id="404"),
+        pytest.param(PayloadTooLargeError("x"), 413, "invalid_request_error",
+                     "payload_too_large", id="413"),
+        pytest.param(NoReplicaError("x"), 503, "server_error", "no_replica_available", id="503"),
+        pytest.param(GatewayTimeoutError("x", code="upstream_idle_timeout"), 504,
+                     "timeout_error", "upstream_idle_timeout", id="504-code-override"),
+    ],
+)  # fmt: skip
+def test_error_mapping(err: ApiError, status: int, error_type: str, code: str | None) -> None:
+    assert err.status == status
+    body = orjson.loads(api_error_body(err))["error"]
+    assert body["type"] == error_type
+    assert body["code"] == code
+    assert body["message"] == "x"
+
+
+def test_upstream_status_error_retryable_only_for_5xx() -> None:
+    assert UpstreamStatusError(502, b"", None).retryable
+    assert not UpstreamStatusError(429, b"", None).retryable
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("body", "chat", "message"),
+    [
+        pytest.param(b"{", True, "not valid JSON", id="bad-json"),
+        pytest.param(b"[]", True, "JSON object", id="not-object"),
+        pytest.param(b'{"messages": []}', True, "'model'", id="no-model"),
+        pytest.param(b'{"model": 3, "messages": [1]}', True, "'model'", id="model-not-str"),
+        pytest.param(b'{"model": "m", "messages": []}', True, "'messages'", id="empty-messages"),
+        pytest.param(b'{"model": "m"}', False, "'prompt'", id="no-prompt"),
+        pytest.param(orjson.dumps({**CHAT, "stream": "yes"}), True, "'stream'", id="stream-str"),
+        pytest.param(orjson.dumps({**CHAT, "max_tokens": 0}), True, "max_tokens", id="zero-max"),
+        pytest.param(orjson.dumps({**CHAT, "max_tokens": True}), True, "max_tokens", id="bool"),
+    ],
+)
+def test_inspect_rejects(body: bytes, chat: bool, message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        inspect_request(body, chat=chat)
+
+
+def test_inspect_reads_routing_fields() -> None:
+    body = {
+        **CHAT,
+        "messages": [{"role": "system", "content": "S" * 400}, {"role": "user", "content": "q"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_completion_tokens": 7,
+    }
+    info = inspect_request(orjson.dumps(body), chat=True)
+    assert (info.model, info.stream, info.include_usage, info.max_tokens) == ("m", True, True, 7)
+    assert info.prefix_key.startswith("system:SSS")
+    assert len(info.prefix_key) == PREFIX_KEY_CHARS
+
+
+def test_prefix_key_is_shared_by_requests_with_one_system_prompt() -> None:
+    system = {"role": "system", "content": "You are a support bot. " * 20}
+    a = inspect_request(
+        orjson.dumps({**CHAT, "messages": [system, {"role": "user", "content": "a"}]}), chat=True
+    )
+    b = inspect_request(
+        orjson.dumps({**CHAT, "messages": [system, {"role": "user", "content": "b"}]}), chat=True
+    )
+    c = inspect_request(orjson.dumps({"model": "m", "prompt": ["text"]}), chat=False)
+    assert a.prefix_key == b.prefix_key
+    assert c.prefix_key == "text"
