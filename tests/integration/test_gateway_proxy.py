@@ -163,13 +163,20 @@ async def test_mid_stream_failure_ends_with_error_event(
 async def test_client_disconnect_cancels_upstream(http: aiohttp.ClientSession) -> None:
     async with fake_engines(1) as engines, running_gateway(fleet_of(engines), settings()) as gw:
         engine = engines[0]
-        engine.state.chunks, engine.state.chunk_delay_s = 100, 0.05
+        engine.state.chunks, engine.state.chunk_delay_s = 100, 0.05  # a 5 s answer
         for stream in (True, False):
             before = engine.state.cancelled
-            async with http.post(gw.url + "/v1/chat/completions", json={**CHAT, "stream": stream}):
-                await asyncio.sleep(0.2)  # leave before the answer is complete
+
+            async def leave_early(stream: bool = stream) -> None:
+                body = {**CHAT, "stream": stream}
+                async with http.post(gw.url + "/v1/chat/completions", json=body) as r:
+                    await r.read()
+
+            with pytest.raises(TimeoutError):  # the client gives up mid-answer
+                await asyncio.wait_for(leave_early(), 0.3)
             await wait_until(lambda b=before: engine.state.cancelled > b)  # type: ignore[misc]
             assert engine.state.active == 0
+            assert engine.state.completed == 0
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from fleetserve.routing.picker import Picker
 from fleetserve.routing.snapshot import ReplicaSnapshot, RouteRequest
 from fleetserve.telemetry.metrics import GatewayMetrics
 
+REPLICA_HEADER = b"x-fleetserve-replica"  # which replica served: for debugging and fault tests
 SSE_HEADERS_BASE = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
@@ -123,14 +124,15 @@ class Proxy:
             outcome.attempts = attempt + 1
             outcome.replica = replica.id
             url = replica.url + path
+            tag = [(REPLICA_HEADER, replica.id.encode())]
             self.fleet.begin(replica.id)
             try:
                 if info.stream:
-                    await self._stream(info, url, body, request_id, send, t0, outcome)
+                    await self._stream(info, url, body, request_id, send, t0, outcome, tag)
                 else:
                     response = await self.upstream.send(url, body, request_id)
                     await send_bytes(
-                        send, response.status, response.body, response.content_type.encode()
+                        send, response.status, response.body, response.content_type.encode(), tag
                     )
                     outcome.status = response.status
             except UpstreamStatusError as err:
@@ -179,6 +181,7 @@ class Proxy:
         send: Send,
         t0: float,
         outcome: Outcome,
+        tag: list[tuple[bytes, bytes]],
     ) -> None:
         clock = self.clock
         first_byte_s = self.settings.timeouts.first_byte_s
@@ -190,7 +193,7 @@ class Proxy:
             # Committed: from here on a failure cannot be retried, only reported in-stream.
             now = clock.now()
             self.metrics.observe_ttft(info.model, now - t0)
-            headers = [(b"content-type", stream.content_type.encode()), *SSE_HEADERS_BASE]
+            headers = [(b"content-type", stream.content_type.encode()), *SSE_HEADERS_BASE, *tag]
             await send({"type": "http.response.start", "status": stream.status, "headers": headers})
             await send({"type": "http.response.body", "body": first, "more_body": True})
             outcome.status = stream.status

@@ -1,0 +1,1 @@
+"""Fakes and helpers shipped for tests: fake engines, a gateway runner, processes."""
