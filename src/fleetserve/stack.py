@@ -14,15 +14,14 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 from fleetserve.config import FleetFile, GatewaySettings, ModelSpec, PickerName
 from fleetserve.engines.adapter import EngineAdapter, LaunchSpec
 from fleetserve.errors import EngineError
-from fleetserve.gateway.serve import run_gateway
+from fleetserve.gateway.serve import run_gateway, terminate_as_interrupt
 
 STOP_GRACE_S = 10.0
 LOG_TAIL_LINES = 20
@@ -121,20 +120,6 @@ class LocalStackSpec:
     ready_timeout_s: float = 120.0
 
 
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """While engines start, SIGTERM stops `up` like Ctrl-C so everything is cleaned up."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_local_stack(
     spec: LocalStackSpec,
     settings: GatewaySettings,
@@ -145,7 +130,7 @@ def run_local_stack(
     engines: list[EngineProcess] = []
     log_dir = Path(tempfile.mkdtemp(prefix="fleetserve-up-"))
     try:
-        with _terminate_as_interrupt():
+        with terminate_as_interrupt():  # SIGTERM while engines start cleans up like Ctrl-C
             for i in range(spec.replicas):
                 launch_spec = LaunchSpec(spec.model, free_port(), options=spec.options)
                 engine = launch(spec.adapter, launch_spec, f"replica-{i}", log_dir)

@@ -30,7 +30,7 @@ def settings(**timeouts: float) -> GatewaySettings:
 def fleet_of(engines: list[FakeEngine], **spec: object) -> FleetFile:
     return FleetFile(
         models=[ModelSpec(name=MODEL, replicas=[e.url for e in engines], engine="vllm",
-                          picker="round_robin", **spec)]  # type: ignore[arg-type]
+                          picker="round_robin", **spec)]
     )  # fmt: skip
 
 

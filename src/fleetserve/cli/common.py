@@ -16,7 +16,7 @@ from fleetserve.errors import FleetserveError
 P = ParamSpec("P")
 R = TypeVar("R")
 
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # one error, one line
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
@@ -54,4 +55,5 @@ def gateway_command(
     settings = GatewaySettings(host=host, port=port, workers=workers, fleet_file=fleet_file)
     fleet = resolve_fleet(settings, inline)
     ensure_port_free(host, port, "the gateway")
-    run_gateway(settings, fleet)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C or SIGTERM: a clean stop
+        run_gateway(settings, fleet)

@@ -23,6 +23,12 @@ def up_command(
     host: str = typer.Option("127.0.0.1", help="Gateway address."),
     model: str = typer.Option(DEFAULT_SIM_MODEL, help="Model name to serve."),
     profile: str = typer.Option("a10g", help="Simulated engine profile (sim only)."),
+    cold_start_s: float = typer.Option(
+        1.0,
+        "--cold-start-s",
+        min=0.0,
+        help="Simulated load time of each replica (sim only; the a10g profile's own figure is 45 s).",
+    ),  # fmt: skip
     picker: str = typer.Option(
         DEFAULT_PICKER, help="round_robin, least_outstanding, p2c, prefix_affinity."
     ),
@@ -42,7 +48,7 @@ def up_command(
         adapter=adapter_for("sim"),
         model=model,
         replicas=replicas,
-        options={"profile": profile},
+        options={"profile": profile, "cold_start_s": str(cold_start_s)},
         engine_name=engine,
         picker=picker,  # type: ignore[arg-type]
     )

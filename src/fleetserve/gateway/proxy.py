@@ -137,12 +137,8 @@ class Proxy:
                     outcome.status = response.status
             except UpstreamStatusError as err:
                 if not err.retryable:  # 4xx: the request's fault, not the replica's
-                    await send_bytes(
-                        send,
-                        err.status,
-                        err.body,
-                        (err.content_type or "application/json").encode(),
-                    )
+                    content_type = (err.content_type or "application/json").encode()
+                    await send_bytes(send, err.status, err.body, content_type, tag)
                     outcome.status = err.status
                     self.fleet.record_success(replica.id, self.clock.now())
                     return outcome
@@ -161,9 +157,9 @@ class Proxy:
         if not tried:
             raise self._no_replica(info.model)
         if isinstance(last, UpstreamStatusError):  # pass the engine's own 5xx answer on
-            await send_bytes(
-                send, last.status, last.body, (last.content_type or "application/json").encode()
-            )
+            content_type = (last.content_type or "application/json").encode()
+            tag = [(REPLICA_HEADER, (outcome.replica or "").encode())]
+            await send_bytes(send, last.status, last.body, content_type, tag)
             outcome.status = last.status
             return outcome
         raise _final_error(last, info.model, len(tried))

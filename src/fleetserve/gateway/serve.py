@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
+from collections.abc import Iterator
+from types import FrameType
 
 import uvicorn
 
@@ -14,8 +18,32 @@ from fleetserve.gateway.app import CONFIG_ENV, build_gateway, encode_config
 UVICORN_FAST = {"loop": "uvloop", "http": "httptools", "access_log": False, "lifespan": "on"}
 
 
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Make SIGTERM raise KeyboardInterrupt, like Ctrl-C, so callers clean up in `finally`.
+
+    uvicorn handles both signals while it serves, then restores the previous handlers and
+    raises the signal again; with the default SIGTERM handler that kills the process before
+    any `finally` runs (and before `up` stops its engines).
+    """
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_gateway(settings: GatewaySettings, fleet_file: FleetFile) -> None:
-    """Serve until SIGINT/SIGTERM. Blocks."""
+    """Serve until SIGINT/SIGTERM, then raise KeyboardInterrupt. Blocks."""
+    with terminate_as_interrupt():
+        _run(settings, fleet_file)
+
+
+def _run(settings: GatewaySettings, fleet_file: FleetFile) -> None:
     common = {
         "host": settings.host,
         "port": settings.port,

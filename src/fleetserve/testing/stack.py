@@ -1,0 +1,181 @@
+"""A local fleet as real processes, for integration tests and benchmarks: sim engines + gateway.
+
+Each process is a `ManagedProcess` (own process group, log file, stopped by PID) running
+`python -m fleetserve ...` on 127.0.0.1. Start-up waits are bounded; everything started is
+stopped when the context exits, also when start-up fails. The API is synchronous so that it
+serves sync fixtures (the OpenAI sync client) and scripts alike.
+
+    with sim_stack(3, profile="a10g") as stack:
+        ...                       # stack.url is the gateway
+        stack.engines[1].crash()  # SIGKILL to the replica's process group
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleetserve.testing.processes import LOOPBACK, ManagedProcess, free_port
+
+START_TIMEOUT_S = 30.0
+# Health checks fast enough that the gateway notices a dead replica well within a second.
+FAST_HEALTH_ENV = {
+    "FLEETSERVE_HEALTH__INTERVAL_S": "0.25",
+    "FLEETSERVE_HEALTH__PROBE_TIMEOUT_S": "1",
+    "FLEETSERVE_HEALTH__SCRAPE_INTERVAL_S": "0.5",
+}
+
+
+def fleetserve_argv(*args: str) -> list[str]:
+    """`fleetserve ARGS` as run by this interpreter (and so this environment)."""
+    return [sys.executable, "-m", "fleetserve", *args]
+
+
+def http_status(url: str, timeout_s: float = 1.0) -> int | None:
+    """The status of GET url, or None when nothing answered."""
+    scheme_less = url.split("://", 1)[1]
+    host_port, _, path = scheme_less.partition("/")
+    connection = http.client.HTTPConnection(host_port, timeout=timeout_s)
+    try:
+        connection.request("GET", "/" + path)
+        return connection.getresponse().status
+    except OSError:
+        return None
+    finally:
+        connection.close()
+
+
+class StartError(RuntimeError):
+    """A process exited, or did not become ready in time, while starting; carries its log."""
+
+
+@dataclass
+class Service:
+    """A server process listening on 127.0.0.1:port."""
+
+    name: str
+    port: int
+    process: ManagedProcess
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_ok(self, path: str, timeout_s: float = START_TIMEOUT_S, poll_s: float = 0.05) -> None:
+        """Block until GET path answers 200; StartError at once if the process exits."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.process.running:
+                raise StartError(
+                    f"{self.name} exited with status {self.process.returncode} while starting; "
+                    f"{self.process.log_path}:\n{self.process.log_text()}"
+                )
+            if http_status(self.url + path) == 200:
+                return
+            if time.monotonic() >= deadline:
+                raise StartError(
+                    f"{self.name}: GET {path} was not 200 within {timeout_s:g} s; "
+                    f"{self.process.log_path}:\n{self.process.log_text()}"
+                )
+            time.sleep(poll_s)
+
+    def crash(self) -> None:
+        """SIGKILL the whole process group: the process dies without cleaning anything up."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+
+def sim_engine_argv(port: int, model: str, profile: str, extra: Sequence[str] = ()) -> list[str]:
+    return fleetserve_argv(
+        "engine", "sim", "--port", str(port), "--model", model, "--profile", profile, *extra
+    )
+
+
+def gateway_argv(
+    port: int, model: str, upstreams: Sequence[str], engine: str = "sim", extra: Sequence[str] = ()
+) -> list[str]:
+    ups = [arg for url in upstreams for arg in ("--upstream", url)]
+    return fleetserve_argv(
+        "gateway", "--port", str(port), "--model", model, "--engine", engine, *ups, *extra
+    )
+
+
+class Services:
+    """Starts services into one log directory and stops them all (newest first) on exit."""
+
+    def __init__(self, stack: contextlib.ExitStack, log_dir: Path) -> None:
+        self._stack = stack
+        self.log_dir = log_dir
+
+    def start(
+        self, name: str, argv: Sequence[str], port: int, env: Mapping[str, str] | None = None
+    ) -> Service:
+        process = ManagedProcess(
+            argv, log_path=self.log_dir / f"{name}.log", env={**os.environ, **(env or {})}
+        )
+        self._stack.enter_context(process)
+        return Service(name, port, process)
+
+
+@contextlib.contextmanager
+def services() -> Iterator[Services]:
+    with contextlib.ExitStack() as stack:
+        log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fleetserve-")))
+        yield Services(stack, log_dir)
+
+
+@dataclass
+class SimStack:
+    """Sim engine processes and a gateway process in front of them."""
+
+    model: str
+    engines: list[Service]
+    gateway: Service
+
+    @property
+    def url(self) -> str:
+        return self.gateway.url
+
+    @staticmethod
+    def replica_id(engine: Service) -> str:
+        """The gateway's id of a replica, as its `x-fleetserve-replica` header names it."""
+        return f"{LOOPBACK}:{engine.port}"
+
+
+@contextlib.contextmanager
+def sim_stack(
+    replicas: int = 2,
+    *,
+    model: str = "sim-model",
+    profile: str = "instant",
+    engine_args: Sequence[str] = ("--cold-start-s", "0"),
+    gateway_args: Sequence[str] = (),
+    gateway_env: Mapping[str, str] | None = None,
+    start_timeout_s: float = START_TIMEOUT_S,
+) -> Iterator[SimStack]:
+    """`replicas` sim engines and a gateway over them, all ready (the gateway's /ready is 200)."""
+    with services() as started:
+        engines: list[Service] = []
+        for i in range(replicas):
+            port = free_port()
+            argv = sim_engine_argv(port, model, profile, engine_args)
+            engines.append(started.start(f"engine-{i}", argv, port))
+        for engine in engines:
+            engine.wait_ok("/health", start_timeout_s)
+        port = free_port()
+        argv = gateway_argv(port, model, [e.url for e in engines], "sim", gateway_args)
+        gateway = started.start("gateway", argv, port, {**FAST_HEALTH_ENV, **(gateway_env or {})})
+        gateway.wait_ok("/ready", start_timeout_s)
+        yield SimStack(model, engines, gateway)
