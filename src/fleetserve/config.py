@@ -56,7 +56,9 @@ class GatewaySettings(BaseSettings):
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503")
     timeouts: TimeoutSettings = TimeoutSettings()
     health: HealthSettings = HealthSettings()
-    metrics_enabled: bool = True
+    admin_key: str | None = Field(
+        None, description="bearer token required by /admin/* (None: admin is open on loopback)"
+    )
     fleet_file: Path | None = None
     log_level: str = "warning"
 

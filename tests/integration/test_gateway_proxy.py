@@ -267,3 +267,34 @@ async def test_models_ready_and_metrics(http: aiohttp.ClientSession) -> None:
         async with http.get(gw.url + "/admin/fleet") as r:
             fleet = await r.json()
         assert fleet["ready"] == 2
+
+
+async def test_drain_stops_new_requests_but_lets_in_flight_finish(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with fake_engines(2) as engines, running_gateway(fleet_of(engines), settings()) as gw:
+        engines[0].state.chunk_delay_s = 0.05
+        slow = asyncio.create_task(post(http, gw, CHAT))  # round robin: goes to replica 0
+        await wait_until(lambda: engines[0].state.active == 1)
+        rid = gw.fleet.replicas(MODEL)[0].id
+        async with http.post(f"{gw.url}/admin/replicas/{rid}/drain") as r:
+            assert r.status == 200
+            assert (await r.json())["state"] == "draining"
+        for _ in range(4):
+            status, _, headers = await post(http, gw, CHAT)
+            assert status == 200
+            assert headers["x-fleetserve-replica"] != rid
+        assert (await slow)[0] == 200
+        async with http.post(f"{gw.url}/admin/replicas/nope/drain") as r:
+            assert r.status == 404
+
+
+async def test_admin_key_guards_admin_routes(http: aiohttp.ClientSession) -> None:
+    keyed = settings().model_copy(update={"admin_key": "sk-admin"})
+    async with fake_engines(1) as engines, running_gateway(fleet_of(engines), keyed) as gw:
+        async with http.get(gw.url + "/admin/fleet") as r:
+            assert r.status == 401
+            assert (await r.json())["error"]["type"] == "authentication_error"
+        auth = {"Authorization": "Bearer sk-admin"}
+        async with http.get(gw.url + "/admin/fleet", headers=auth) as r:
+            assert r.status == 200

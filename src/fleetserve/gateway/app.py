@@ -62,7 +62,7 @@ def build_gateway(
             await monitor.stop()
             await upstream.close()
 
-    cold = build_routes_app(fleet, metrics, clock, lifespan)
+    cold = build_routes_app(fleet, metrics, clock, lifespan, settings.admin_key)
     proxy = Proxy(fleet, pickers, upstream, settings, metrics, clock)
     return GatewayApp(proxy, fleet, settings, metrics, clock, cold)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
@@ -13,7 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from fleetserve.clock import Clock
-from fleetserve.errors import ApiError, MethodNotAllowedError, NotFoundError
+from fleetserve.errors import ApiError, AuthenticationError, MethodNotAllowedError, NotFoundError
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.protocol.envelope import api_error_body
 from fleetserve.routing.snapshot import ReplicaState
@@ -38,8 +39,18 @@ def build_routes_app(
     metrics: GatewayMetrics,
     clock: Clock,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]],
+    admin_key: str | None = None,
 ) -> Starlette:
     started = int(clock.wall())
+    expected_auth = f"Bearer {admin_key}" if admin_key else None
+
+    def admin_denied(request: Request) -> Response | None:
+        if expected_auth is None:
+            return None
+        given = request.headers.get("authorization", "")
+        if hmac.compare_digest(given.encode(), expected_auth.encode()):
+            return None
+        return _error(AuthenticationError("admin endpoints need the admin key as a bearer token"))
 
     async def health(_: Request) -> Response:
         return _json({"status": "ok"})
@@ -66,7 +77,9 @@ def build_routes_app(
     async def metrics_page(_: Request) -> Response:
         return Response(exposition(metrics, state_counts), media_type=PROMETHEUS_TEXT)
 
-    async def admin_fleet(_: Request) -> Response:
+    async def admin_fleet(request: Request) -> Response:
+        if denied := admin_denied(request):
+            return denied
         now = clock.now()
         replicas = [
             {
@@ -89,6 +102,19 @@ def build_routes_app(
         return _json({"replicas": replicas, "by_state": by_state, "ready": by_state.get(
             ReplicaState.READY.value, 0)})  # fmt: skip
 
+    async def admin_drain(request: Request) -> Response:
+        """Stop routing new requests to a replica; in-flight ones finish."""
+        if denied := admin_denied(request):
+            return denied
+        replica_id = request.path_params["replica_id"]
+        replica = fleet.get(replica_id)
+        if replica is None:
+            return _error(NotFoundError(f"no replica {replica_id!r}", code="replica_not_found"))
+        fleet.drain(replica_id, clock.now())
+        return _json(
+            {"id": replica_id, "state": replica.state.value, "in_flight": replica.in_flight}
+        )
+
     async def not_found(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 405:
@@ -106,6 +132,7 @@ def build_routes_app(
             Route("/v1/models", models),
             Route("/metrics", metrics_page),
             Route("/admin/fleet", admin_fleet),
+            Route("/admin/replicas/{replica_id:path}/drain", admin_drain, methods=["POST"]),
         ],
         exception_handlers={HTTPException: not_found},
         lifespan=lifespan,

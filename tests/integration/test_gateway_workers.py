@@ -1,0 +1,70 @@
+"""`fleetserve gateway --workers 2`: one port, and /metrics sums over every worker."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from fleetserve.stack import free_port
+from fleetserve.testing.fake_engine import fake_engines
+
+pytestmark = pytest.mark.integration
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def _ready(http: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with http.get(url + "/ready") as r:
+            return r.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+async def test_two_workers_share_a_port_and_metrics_add_up(tmp_path: Path) -> None:
+    async with fake_engines(2) as engines, aiohttp.ClientSession() as http:
+        port = free_port()
+        argv = [sys.executable, "-m", "fleetserve", "gateway", "--port", str(port),
+                "--model", "m", "--workers", "2", "--engine", "vllm",
+                *(arg for e in engines for arg in ("--upstream", e.url))]  # fmt: skip
+        log = tmp_path / "gateway.log"
+        with log.open("wb") as out:
+            proc = await asyncio.create_subprocess_exec(*argv, stdout=out, stderr=out)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            ok = False
+            async with asyncio.timeout(20):
+                while not ok:
+                    assert proc.returncode is None, log.read_text()
+                    ok = await _ready(http, url)
+                    await asyncio.sleep(0.1)
+            # Both workers need a ready view of the fleet before the count is exact.
+            await asyncio.sleep(0.5)
+            results = []
+            for _ in range(4):
+                results += await asyncio.gather(
+                    *(http.post(url + "/v1/chat/completions", json=CHAT) for _ in range(10))
+                )
+            assert [r.status for r in results] == [200] * 40
+            for r in results:
+                r.release()
+            totals = set()
+            for _ in range(6):  # scrapes land on either worker; each must see all 40
+                async with http.get(url + "/metrics") as r:
+                    text = await r.text()
+                match = re.search(
+                    r'fleetserve_requests_total\{model="m",status="200"\} (\S+)', text
+                )
+                assert match, text[:2000]
+                totals.add(float(match.group(1)))
+            assert totals == {40.0}
+            served = {e.name: e.state.completed for e in engines}
+            assert sum(served.values()) == 40
+        finally:
+            proc.terminate()
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
