@@ -273,10 +273,12 @@ async def test_drain_stops_new_requests_but_lets_in_flight_finish(
     http: aiohttp.ClientSession,
 ) -> None:
     async with fake_engines(2) as engines, running_gateway(fleet_of(engines), settings()) as gw:
-        engines[0].state.chunk_delay_s = 0.05
-        slow = asyncio.create_task(post(http, gw, CHAT))  # round robin: goes to replica 0
-        await wait_until(lambda: engines[0].state.active == 1)
-        rid = gw.fleet.replicas(MODEL)[0].id
+        for engine in engines:
+            engine.state.chunk_delay_s = 0.05
+        slow = asyncio.create_task(post(http, gw, CHAT))
+        await wait_until(lambda: sum(e.state.active for e in engines) == 1)
+        busy = next(e for e in engines if e.state.active)
+        rid = next(r.id for r in gw.fleet.replicas(MODEL) if r.url == busy.url)
         async with http.post(f"{gw.url}/admin/replicas/{rid}/drain") as r:
             assert r.status == 200
             assert (await r.json())["state"] == "draining"

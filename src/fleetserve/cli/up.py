@@ -27,8 +27,8 @@ def up_command(
         1.0,
         "--cold-start-s",
         min=0.0,
-        help="Simulated load time of each replica (sim only; the a10g profile's own figure is 45 s).",
-    ),  # fmt: skip
+        help="Simulated load time of each replica (sim only; a10g's own figure is 45 s).",
+    ),
     picker: str = typer.Option(
         DEFAULT_PICKER, help="round_robin, least_outstanding, p2c, prefix_affinity."
     ),

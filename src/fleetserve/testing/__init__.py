@@ -1,1 +1,2 @@
-"""Fakes and helpers shipped for tests: fake engines, a gateway runner, processes."""
+"""Fakes and helpers shipped for tests: a fake clock, fake engines, a gateway runner, and
+real processes on loopback (free ports, readiness waits, clean stops)."""

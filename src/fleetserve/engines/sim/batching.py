@@ -204,6 +204,7 @@ class BatchScheduler:
         if seq.admitted_s is None:
             self.waiting.remove(seq)
             seq.finished_s = now
+            seq.finish_reason = "abort"
             self.stats.finished["abort"] += 1
             return True
         self._finish(seq, now, "abort")
@@ -212,6 +213,7 @@ class BatchScheduler:
 
     def _finish(self, seq: SimSequence, now: float, reason: FinishReason) -> None:
         seq.finished_s = now
+        seq.finish_reason = reason
         self.pool.release(seq.pinned, seq.private_blocks)
         seq.pinned, seq.private_blocks = [], 0
         stats = self.stats

@@ -18,21 +18,18 @@ numbers the simulated scheduler needs, with a roofline argument small enough to 
   256 / 2048 on GPUs under 70 GiB, 1024 / 8192 on larger ones other than A100
   (``EngineArgs.get_batch_defaults`` in vllm/engine/arg_utils.py).
 
-Resulting numbers (Llama-3.1-8B-Instruct, BF16, vLLM defaults):
+Resulting numbers (Llama-3.1-8B-Instruct, BF16, vLLM defaults)::
 
-========  =========  ============  ===========  ==========  ========  =======
-profile   decode b=1  per extra seq  prefill tok/s  KV tokens  max seqs  cold s
-========  =========  ============  ===========  ==========  ========  =======
-a10g      34.8 ms    0.75 ms       2,180        25,872      256       45
-l4        69.5 ms    0.85 ms       3,770        25,872      256       50
-h100      6.23 ms    0.085 ms      30,800       434,512     1024      35
-instant   0          0             (no sleeps)  1,048,576   1024      0
-========  =========  ============  ===========  ==========  ========  =======
+    profile   base step   + per seq   step, 1 seq   prefill tok/s   KV tokens   max seqs   cold
+    a10g      34.8 ms     0.75 ms     35.5 ms        2,180           25,872     256        45 s
+    l4        69.5 ms     0.85 ms     70.4 ms        3,770           25,872     256        50 s
+    h100       6.2 ms     0.085 ms     6.3 ms       30,800          434,512     1024       35 s
+    instant    0          0           0             (no sleeps)    1,048,576    1024        0 s
 
-Cross-check: the same formulas for an A100-40GB (1,555 GB/s, 312 TFLOPS) give 13.4 ms per token
-alone and 7.2x the single-stream throughput at 8 concurrent streams; John Musgrave's published
-vLLM sweep of Llama-3.1-8B-Instruct on that GPU measured 75 tok/s (13.3 ms) and 6.6x
-(https://johnmusgrave.com/p/vllm-throughput-latency-sweep-on).
+Cross-check: the same formulas for an A100-40GB (1,555 GB/s, 312 TFLOPS) give 13.6 ms per
+token for a request alone (73 tok/s) and 7.2x that throughput at 8 concurrent requests; John
+Musgrave's published vLLM sweep of Llama-3.1-8B-Instruct on that GPU measured 75 tok/s and
+6.6x (https://johnmusgrave.com/p/vllm-throughput-latency-sweep-on).
 """
 
 from __future__ import annotations
@@ -186,14 +183,14 @@ class SimProfile:
         kv_capacity_tokens: int | None = None,
     ) -> SimProfile:
         """The same hardware model with operator overrides (CLI flags); None keeps a value."""
-        changes: dict[str, float | int] = {}
-        if cold_start_s is not None:
-            changes["cold_start_s"] = cold_start_s
-        if max_num_seqs is not None:
-            changes["max_num_seqs"] = max_num_seqs
-        if kv_capacity_tokens is not None:
-            changes["kv_capacity_tokens"] = kv_capacity_tokens
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        return dataclasses.replace(
+            self,
+            cold_start_s=self.cold_start_s if cold_start_s is None else cold_start_s,
+            max_num_seqs=self.max_num_seqs if max_num_seqs is None else max_num_seqs,
+            kv_capacity_tokens=(
+                self.kv_capacity_tokens if kv_capacity_tokens is None else kv_capacity_tokens
+            ),
+        )
 
 
 def derive_profile(
@@ -245,9 +242,13 @@ PROFILES: MappingProxyType[str, SimProfile] = MappingProxyType(
             cold_start_s=45.0,
         ),
         "l4": derive_profile(
-            "l4", L4, max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=8192,
+            "l4",
+            L4,
+            max_num_seqs=256,
+            max_num_batched_tokens=2048,
+            max_model_len=8192,
             cold_start_s=50.0,
-        ),  # fmt: skip
+        ),
         "h100": derive_profile(
             "h100",
             H100_SXM,

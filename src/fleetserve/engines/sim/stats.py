@@ -19,7 +19,6 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
-from prometheus_client.utils import floatToGoString
 
 # vLLM's buckets, vllm/v1/metrics/loggers.py.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -61,6 +60,11 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 
+    def observe_many(self, value: float, times: int) -> None:
+        if times > 0:
+            self.counts[bisect_left(self.bounds, value)] += times
+            self.total += value * times
+
     @property
     def count(self) -> int:
         return sum(self.counts)
@@ -70,7 +74,8 @@ class Histogram:
         running = 0
         for bound, n in zip(self.bounds, self.counts, strict=False):
             running += n
-            out.append((floatToGoString(bound), float(running)))
+            # repr() of these bounds is what Prometheus' Go formatting gives: 0.001, 1.0, 2560.0.
+            out.append((repr(float(bound)), float(running)))
         out.append(("+Inf", float(running + self.counts[-1])))
         return out
 
@@ -180,9 +185,9 @@ class VllmMetricsCollector(Collector):
              s.generation_len),
         )  # fmt: skip
         for name, doc, hist in histograms:
-            family = HistogramMetricFamily(name, doc, labels=names)
-            family.add_metric(labels, hist.cumulative(), hist.total)
-            yield family
+            buckets = HistogramMetricFamily(name, doc, labels=names)
+            buckets.add_metric(labels, hist.cumulative(), hist.total)
+            yield buckets
 
 
 def _gauge(

@@ -1,0 +1,309 @@
+"""The SIMULATED engine's HTTP surface: a raw ASGI app, no framework on any route.
+
+It is the "direct" baseline of gateway overhead benchmarks, so every request costs only what
+it must: one pydantic validation, the planned text, one orjson dump (and a body seen recently
+reuses its plan, see `api.PlanCache`). A framework's routing and request objects cost about
+30% of throughput here.
+
+Routes: POST /v1/chat/completions and /v1/completions, GET /v1/models and /health (all 503
+until the simulated cold start is over, when a real vLLM would not listen yet), /metrics
+(vLLM's names) and /version. A client that disconnects aborts its request inside the engine,
+freeing its batch slot and KV blocks, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from fleetserve import __version__
+from fleetserve.engines.sim.api import Job, PlanCache, completion_body, stream_end, stream_events
+from fleetserve.engines.sim.batching import CapacityError
+from fleetserve.engines.sim.engine import SeqHandle, SimEngine
+from fleetserve.engines.sim.text import TextSource
+from fleetserve.errors import ApiError, InvalidRequestError, PayloadTooLargeError
+from fleetserve.protocol.envelope import api_error_body
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+OWNED_BY = "fleetserve-sim"
+SERVER_HEADER = (b"server", b"fleetserve-sim (simulated vLLM)")
+JSON_TYPE = (b"content-type", b"application/json")
+SSE_HEADERS = (
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    SERVER_HEADER,
+)
+
+
+class EngineUnavailableError(ApiError):
+    """The simulated engine is still in its cold start, or shutting down."""
+
+    status = 503
+    error_type = "server_error"
+    code = "engine_unavailable"
+
+
+class RouteNotFoundError(ApiError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowedError(ApiError):
+    status = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class ClientGoneError(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+async def _read_body(receive: Receive) -> bytes:
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientGoneError
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body
+    parts = [body]
+    size = len(body)
+    while message.get("more_body", False):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGoneError
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise PayloadTooLargeError(f"request body is larger than {MAX_BODY_BYTES} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, content_type: bytes = JSON_TYPE[1]
+) -> None:
+    headers = [
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        SERVER_HEADER,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _respond_error(send: Send, err: ApiError) -> None:
+    body = api_error_body(err)
+    headers = [
+        JSON_TYPE,
+        (b"content-length", str(len(body)).encode()),
+        SERVER_HEADER,
+        *((k.encode(), v.encode()) for k, v in err.headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class SimServer:
+    """ASGI app over one SimEngine. Its lifespan starts and stops the engine."""
+
+    def __init__(self, engine: SimEngine, *, engine_seed: int = 0) -> None:
+        self.engine = engine
+        self.engine_seed = engine_seed
+        self._id_prefix = os.urandom(6).hex()
+        self._ids = itertools.count()
+        self._created = int(engine.clock.wall())
+        self._plans = PlanCache(
+            model=engine.model_name,
+            profile=engine.profile,
+            source=TextSource(),
+            engine_seed=engine_seed,
+        )
+        self._get_routes: dict[str, Callable[[Send], Awaitable[None]]] = {
+            "/health": self._health,
+            "/metrics": self._metrics,
+            "/v1/models": self._models,
+            "/version": self._version,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.engine.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.engine.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if path in ("/v1/chat/completions", "/v1/completions"):
+            if method != "POST":
+                await _respond_error(send, _method_not_allowed(method, path))
+                return
+            await self._completion(path == "/v1/chat/completions", receive, send)
+            return
+        handler = self._get_routes.get(path)
+        if handler is None:
+            await _respond_error(send, RouteNotFoundError(f"no route {path}"))
+        elif method not in ("GET", "HEAD"):
+            await _respond_error(send, _method_not_allowed(method, path))
+        else:
+            await handler(send)
+
+    async def _health(self, send: Send) -> None:
+        left = self.engine.cold_start_left_s()
+        if left > 0:
+            await _respond_error(send, _starting(left))
+        else:
+            await _respond(send, 200, b"")
+
+    async def _metrics(self, send: Send) -> None:
+        body = generate_latest(self.engine.registry)
+        await _respond(send, 200, body, CONTENT_TYPE_LATEST.encode())
+
+    async def _models(self, send: Send) -> None:
+        engine = self.engine
+        if not engine.ready:
+            await _respond_error(send, _starting(engine.cold_start_left_s()))
+            return
+        profile = engine.profile
+        card = {
+            "id": engine.model_name,
+            "object": "model",
+            "created": self._created,
+            "owned_by": OWNED_BY,
+            "root": engine.model_name,
+            "parent": None,
+            "max_model_len": profile.max_model_len,
+            "simulated": True,
+            "simulation": {
+                "profile": profile.name,
+                "note": "fleetserve engine sim: a SIMULATED vLLM replica. No model runs; the "
+                "text is synthetic and the timing comes from a latency model. "
+                + profile.description,
+            },
+        }
+        await _respond(send, 200, orjson.dumps({"object": "list", "data": [card]}))
+
+    async def _version(self, send: Send) -> None:
+        body = orjson.dumps({"version": f"fleetserve-sim {__version__}", "simulated": True})
+        await _respond(send, 200, body)
+
+    async def _completion(self, chat: bool, receive: Receive, send: Send) -> None:
+        engine = self.engine
+        clock = engine.clock
+        try:
+            if not engine.ready:
+                raise _starting(engine.cold_start_left_s())
+            body = await _read_body(receive)
+            plan = self._plans.plan(body, chat=chat)
+            prefix = "chatcmpl-" if chat else "cmpl-"
+            job = Job(plan, f"{prefix}{self._id_prefix}{next(self._ids):x}", int(clock.wall()))
+            try:
+                handle = engine.submit(
+                    plan.prompt, plan.output.steps, plan.output.finish_reason, stream=plan.stream
+                )
+            except CapacityError as exc:
+                raise InvalidRequestError(str(exc), param="max_tokens") from None
+        except ApiError as err:
+            await _respond_error(send, err)
+            return
+        except ClientGoneError:
+            return
+        if plan.stream:
+            await self._stream(job, handle, receive, send)
+            return
+        if not handle.finished and not await self._until_finished(handle, receive):
+            return
+        if handle.seq.finish_reason == "abort":
+            await _respond_error(send, EngineUnavailableError("the engine is shutting down"))
+            return
+        await _respond(send, 200, completion_body(job))
+
+    async def _until_finished(self, handle: SeqHandle, receive: Receive) -> bool:
+        """Wait for the request to finish; False (and abort it) if the client leaves first."""
+        disconnect = asyncio.ensure_future(receive())
+        try:
+            while not handle.finished:
+                await asyncio.wait(
+                    (handle.progress(), disconnect), return_when=asyncio.FIRST_COMPLETED
+                )
+                if disconnect.done():
+                    self.engine.abort(handle)
+                    return False
+            return True
+        finally:
+            disconnect.cancel()
+
+    async def _stream(self, job: Job, handle: SeqHandle, receive: Receive, send: Send) -> None:
+        """One SSE event per token, sent as the engine produces them.
+
+        Tokens that arrived together (all of them, under `instant`) go out in one write.
+        """
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        events = job.plan.events
+        sent = 0
+        disconnect: asyncio.Future[Message] | None = None
+        try:
+            while True:
+                finished = handle.finished
+                if finished and handle.seq.finish_reason == "abort":
+                    err = EngineUnavailableError("the engine is shutting down")
+                    body = b"data: " + api_error_body(err) + b"\n\n"
+                    await send({"type": "http.response.body", "body": body})
+                    return
+                ready = events if finished else min(handle.generated, events - 1)
+                if ready > sent:
+                    chunk = stream_events(job, sent, ready)
+                    sent = ready
+                    if sent == events:
+                        await send({"type": "http.response.body", "body": chunk + stream_end(job)})
+                        return
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    continue
+                if disconnect is None:
+                    disconnect = asyncio.ensure_future(receive())
+                await asyncio.wait(
+                    (handle.progress(), disconnect), return_when=asyncio.FIRST_COMPLETED
+                )
+                if disconnect.done():
+                    self.engine.abort(handle)
+                    return
+        finally:
+            if disconnect is not None:
+                disconnect.cancel()
+            if not handle.finished:
+                self.engine.abort(handle)
+
+
+def _method_not_allowed(method: str, path: str) -> ApiError:
+    return MethodNotAllowedError(f"method {method} is not allowed on {path}")
+
+
+def _starting(left_s: float) -> EngineUnavailableError:
+    return EngineUnavailableError(
+        f"the simulated engine is starting (cold start, {left_s:.1f} s left)",
+        headers={"retry-after": str(max(1, round(left_s)))},
+    )
