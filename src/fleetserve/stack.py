@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from fleetserve.config import FleetFile, GatewaySettings, ModelSpec, PickerName
 from fleetserve.engines.adapter import EngineAdapter, LaunchSpec
 from fleetserve.errors import EngineError
@@ -109,6 +111,28 @@ def wait_ready(
     )
 
 
+MEMORY_HEADROOM = 1.2  # a replica grows past its idle footprint under load
+
+
+def check_memory(first: EngineProcess, more: int) -> None:
+    """Refuse to start `more` replicas like `first` if this machine cannot hold them."""
+    if more <= 0:
+        return
+    try:
+        rss = psutil.Process(first.process.pid).memory_info().rss
+    except psutil.Error:
+        return  # it exited; wait_ready of the next replica reports that with its log
+    needed = int(rss * more * MEMORY_HEADROOM)
+    available = psutil.virtual_memory().available
+    if needed > available:
+        mib = 2**20
+        raise EngineError(
+            f"not enough memory for {more + 1} replicas: one uses {rss // mib} MiB (measured), "
+            f"{more} more need about {needed // mib} MiB and {available // mib} MiB is available; "
+            "start fewer with --replicas"
+        )
+
+
 @dataclass(frozen=True)
 class LocalStackSpec:
     adapter: EngineAdapter
@@ -129,14 +153,23 @@ def run_local_stack(
     """Start the engines, wait until each is ready, serve the gateway, stop all on exit."""
     engines: list[EngineProcess] = []
     log_dir = Path(tempfile.mkdtemp(prefix="fleetserve-up-"))
+
+    def start(i: int) -> EngineProcess:
+        launch_spec = LaunchSpec(spec.model, free_port(), options=spec.options)
+        engine = launch(spec.adapter, launch_spec, f"replica-{i}", log_dir)
+        engines.append(engine)
+        say(f"starting {engine.name} ({spec.engine_name}) at {engine.url}")
+        return engine
+
     try:
         with terminate_as_interrupt():  # SIGTERM while engines start cleans up like Ctrl-C
-            for i in range(spec.replicas):
-                launch_spec = LaunchSpec(spec.model, free_port(), options=spec.options)
-                engine = launch(spec.adapter, launch_spec, f"replica-{i}", log_dir)
-                engines.append(engine)
-                say(f"starting {engine.name} ({spec.engine_name}) at {engine.url}")
-            for engine in engines:
+            # The first replica alone: its measured memory tells whether the rest fit.
+            first = start(0)
+            waited = wait_ready(first, spec.adapter, spec.ready_timeout_s)
+            say(f"{first.name} ready in {waited:.1f}s")
+            check_memory(first, spec.replicas - 1)
+            rest = [start(i) for i in range(1, spec.replicas)]
+            for engine in rest:
                 waited = wait_ready(engine, spec.adapter, spec.ready_timeout_s)
                 say(f"{engine.name} ready in {waited:.1f}s")
         model = ModelSpec(

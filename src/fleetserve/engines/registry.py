@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fleetserve.config import EngineName
 from fleetserve.engines.adapter import EngineAdapter
+from fleetserve.engines.llamacpp.adapter import LlamaCppAdapter
 from fleetserve.engines.sim.adapter import SimAdapter
 from fleetserve.engines.vllm import VllmAdapter
 
@@ -13,4 +14,4 @@ def adapter_for(engine: EngineName) -> EngineAdapter:
         return SimAdapter()
     if engine == "vllm":
         return VllmAdapter()
-    raise ValueError(f"engine {engine!r} has no adapter yet")
+    return LlamaCppAdapter()
