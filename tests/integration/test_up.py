@@ -45,7 +45,9 @@ def get_json(url: str, path: str) -> dict[str, object]:
         connection.close()
 
 
-def wait_serving(client: OpenAI, up: Service, children: list[psutil.Process]) -> None:
+def wait_serving(
+    client: OpenAI, up: Service, children: list[psutil.Process], model: str = MODEL
+) -> None:
     """Poll with a chat request until the gateway answers one (bounded), recording the
     children of `up` on the way so that they can be cleaned up whatever happens."""
     deadline = time.monotonic() + READY_TIMEOUT_S
@@ -58,7 +60,7 @@ def wait_serving(client: OpenAI, up: Service, children: list[psutil.Process]) ->
             )
         try:
             client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+                model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2
             )
         except (openai.APIConnectionError, openai.APIStatusError):
             if time.monotonic() >= deadline:
