@@ -18,8 +18,9 @@ from fleetserve.clock import Clock
 from fleetserve.config import GatewaySettings
 from fleetserve.errors import ApiError, MethodNotAllowedError, ModelNotFoundError
 from fleetserve.fleet.fleet import Fleet
-from fleetserve.gateway.asgi_io import (
-    ClientGone,
+from fleetserve.gateway.proxy import Proxy
+from fleetserve.protocol.asgi import (
+    ClientGoneError,
     Receive,
     Scope,
     Send,
@@ -27,7 +28,6 @@ from fleetserve.gateway.asgi_io import (
     read_body,
     send_error,
 )
-from fleetserve.gateway.proxy import Proxy
 from fleetserve.protocol.inspect import inspect_request
 from fleetserve.telemetry.metrics import GatewayMetrics
 
@@ -93,7 +93,9 @@ class GatewayApp:
         model = "-"
         status = 500
         try:
-            body = await read_body(scope, receive, self.settings.max_body_bytes)
+            body = await read_body(
+                receive, self.settings.max_body_bytes, header(scope, b"content-length")
+            )
             info = inspect_request(body, chat=chat)
             model = info.model
             if not self.fleet.serves(model):
@@ -101,7 +103,7 @@ class GatewayApp:
                     f"the model {model!r} does not exist; served: {sorted(self.fleet.models())}",
                     param="model",
                 )
-        except ClientGone:
+        except ClientGoneError:
             return
         except ApiError as err:
             await send_error(send, err)

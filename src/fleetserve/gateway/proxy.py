@@ -23,8 +23,8 @@ from fleetserve.errors import (
     UpstreamTimeoutError,
 )
 from fleetserve.fleet.fleet import Fleet
-from fleetserve.gateway.asgi_io import Send, send_bytes
 from fleetserve.gateway.upstream import UpstreamClient
+from fleetserve.protocol.asgi import Send, send_bytes
 from fleetserve.protocol.inspect import RequestInfo
 from fleetserve.protocol.sse import encode_error_event
 from fleetserve.routing.picker import Picker

@@ -16,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,13 +26,23 @@ from fleetserve.engines.sim.api import Job, PlanCache, completion_body, stream_e
 from fleetserve.engines.sim.batching import CapacityError
 from fleetserve.engines.sim.engine import SeqHandle, SimEngine
 from fleetserve.engines.sim.text import TextSource
-from fleetserve.errors import ApiError, InvalidRequestError, PayloadTooLargeError
+from fleetserve.errors import (
+    ApiError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+)
+from fleetserve.protocol.asgi import (
+    ClientGoneError,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    send_bytes,
+    send_error,
+)
 from fleetserve.protocol.envelope import api_error_body
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 OWNED_BY = "fleetserve-sim"
@@ -54,65 +63,14 @@ class EngineUnavailableError(ApiError):
     code = "engine_unavailable"
 
 
-class RouteNotFoundError(ApiError):
-    status = 404
-    error_type = "invalid_request_error"
-    code = "not_found"
-
-
-class MethodNotAllowedError(ApiError):
-    status = 405
-    error_type = "invalid_request_error"
-    code = "method_not_allowed"
-
-
-class ClientGoneError(Exception):
-    """The client disconnected before its request body arrived."""
-
-
-async def _read_body(receive: Receive) -> bytes:
-    message = await receive()
-    if message["type"] == "http.disconnect":
-        raise ClientGoneError
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body", False):
-        return body
-    parts = [body]
-    size = len(body)
-    while message.get("more_body", False):
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGoneError
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise PayloadTooLargeError(f"request body is larger than {MAX_BODY_BYTES} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
 async def _respond(
     send: Send, status: int, body: bytes, content_type: bytes = JSON_TYPE[1]
 ) -> None:
-    headers = [
-        (b"content-type", content_type),
-        (b"content-length", str(len(body)).encode()),
-        SERVER_HEADER,
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_bytes(send, status, body, content_type, [SERVER_HEADER])
 
 
 async def _respond_error(send: Send, err: ApiError) -> None:
-    body = api_error_body(err)
-    headers = [
-        JSON_TYPE,
-        (b"content-length", str(len(body)).encode()),
-        SERVER_HEADER,
-        *((k.encode(), v.encode()) for k, v in err.headers.items()),
-    ]
-    await send({"type": "http.response.start", "status": err.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, err, [SERVER_HEADER])
 
 
 class SimServer:
@@ -166,7 +124,7 @@ class SimServer:
             return
         handler = self._get_routes.get(path)
         if handler is None:
-            await _respond_error(send, RouteNotFoundError(f"no route {path}"))
+            await _respond_error(send, NotFoundError(f"no route {path}"))
         elif method not in ("GET", "HEAD"):
             await _respond_error(send, _method_not_allowed(method, path))
         else:
@@ -217,7 +175,7 @@ class SimServer:
         try:
             if not engine.ready:
                 raise _starting(engine.cold_start_left_s())
-            body = await _read_body(receive)
+            body = await read_body(receive, MAX_BODY_BYTES)
             plan = self._plans.plan(body, chat=chat)
             prefix = "chatcmpl-" if chat else "cmpl-"
             job = Job(plan, f"{prefix}{self._id_prefix}{next(self._ids):x}", int(clock.wall()))

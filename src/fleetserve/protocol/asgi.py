@@ -1,4 +1,5 @@
-"""Small ASGI plumbing for the raw hot path: reading a bounded body, answering JSON or errors."""
+"""Raw ASGI plumbing shared by the gateway and the simulated engine, whose hot paths use no
+framework: reading a bounded body, answering bytes or an OpenAI error."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-class ClientGone(Exception):  # noqa: N818 - a condition, not an error of ours
+class ClientGoneError(Exception):
     """The client disconnected before its request body arrived."""
 
 
@@ -25,13 +26,13 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    declared = header(scope, b"content-length")
+async def read_body(receive: Receive, limit: int, declared: bytes | None = None) -> bytes:
+    """The whole body, or PayloadTooLargeError as soon as it (or its Content-Length) is over."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes")
     message = await receive()
     if message["type"] == "http.disconnect":
-        raise ClientGone
+        raise ClientGoneError
     body: bytes = message.get("body", b"")
     if not message.get("more_body", False):
         if len(body) > limit:
@@ -42,7 +43,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     while message.get("more_body", False):
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ClientGone
+            raise ClientGoneError
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -65,6 +66,8 @@ async def send_bytes(
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_error(send: Send, err: ApiError) -> None:
-    extra = [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
-    await send_bytes(send, err.status, api_error_body(err), extra=extra)
+async def send_error(
+    send: Send, err: ApiError, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    headers = [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    await send_bytes(send, err.status, api_error_body(err), extra=headers + (extra or []))
