@@ -10,7 +10,7 @@ In one run it prints:
 Every request asks for exactly --max-tokens tokens (`ignore_eos`, a llama.cpp field that the
 gateway passes through unchanged), so tokens/s compares like with like.
 
-    .venv/bin/python benchmarks/engine_llamacpp.py [--duration 10] [--repeat 1] [--quick]
+    .venv/bin/python -m benchmarks.engine_llamacpp [--duration 10] [--repeat 1] [--quick]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -47,6 +47,7 @@ class LoadResult:
     requests: int
     errors: int
     seconds: float
+    error_kinds: dict[str, int] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -54,8 +55,9 @@ class LoadResult:
 
 
 async def _one(
-    session: aiohttp.ClientSession, url: str, model: str, i: int, max_tokens: int
-) -> int:
+    session: aiohttp.ClientSession, url: str, model: str, i: int, max_tokens: int, into: LoadResult
+) -> None:
+    """One stream; every token is counted into `into` as it arrives."""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
@@ -65,7 +67,6 @@ async def _one(
         "temperature": 0.7,
         "seed": i,
     }
-    tokens = 0
     async with session.post(url + "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for raw in response.content:
@@ -77,31 +78,34 @@ async def _one(
                 raise RuntimeError(event["error"])
             for choice in event.get("choices", ()):
                 if choice.get("delta", {}).get("content"):
-                    tokens += 1  # llama-server streams one token per chunk
-    return tokens
+                    into.tokens += 1  # llama-server streams one token per chunk
+    into.requests += 1
 
 
 async def closed_loop(
     url: str, model: str, users: int, duration_s: float, max_tokens: int
 ) -> LoadResult:
-    """`users` clients each sending one stream after another until the time is up."""
-    result = LoadResult(0, 0, 0, 0.0)
-    timeout = aiohttp.ClientTimeout(total=duration_s + 120)
+    """`users` clients each sending one stream after another; tokens that arrive within
+    exactly `duration_s` count (streams still running at the end are cut there)."""
+    result = LoadResult(0, 0, 0, duration_s)
+    timeout = aiohttp.ClientTimeout(total=duration_s + 60)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        start = time.monotonic()
-        deadline = start + duration_s
         counter = iter(range(10**9))
 
         async def user() -> None:
-            while time.monotonic() < deadline:
+            while True:
                 try:
-                    result.tokens += await _one(session, url, model, next(counter), max_tokens)
-                    result.requests += 1
-                except (aiohttp.ClientError, RuntimeError):
+                    await _one(session, url, model, next(counter), max_tokens, result)
+                except (aiohttp.ClientError, RuntimeError) as exc:
                     result.errors += 1
+                    kind = f"{type(exc).__name__}: {str(exc)[:80]}"
+                    result.error_kinds[kind] = result.error_kinds.get(kind, 0) + 1
 
-        await asyncio.gather(*(user() for _ in range(users)))
-        result.seconds = time.monotonic() - start
+        tasks = [asyncio.create_task(user()) for _ in range(users)]
+        await asyncio.sleep(duration_s)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     return result
 
 
@@ -222,9 +226,10 @@ def main() -> None:
         d = statistics.median(run[c].tokens_per_s for run in direct_runs)
         g = statistics.median(run[c].tokens_per_s for run in gateway_runs)
         errors = sum(run[c].errors for run in direct_runs + gateway_runs)
+        kinds = "; ".join(sorted({k for r in direct_runs + gateway_runs for k in r[c].error_kinds}))
         print(
             f"{c:>8} | {d:>24.1f} tok/s | {g:>16.1f} tok/s | {g / d:.2f}"
-            + (f"  ({errors} errors)" if errors else "")
+            + (f"  ({errors} errors: {kinds})" if errors else "")
         )
     print(f"\nresident memory per replica: direct {', '.join(f'{m:.0f}' for m in memories)} MiB; "
           f"behind the gateway {', '.join(f'{m:.0f}' for m in gw_memories)} MiB")  # fmt: skip
