@@ -1,0 +1,590 @@
+"""Shared benchmark plumbing: pinned processes, readiness, free ports, wrk, open-loop load.
+
+Every process is started in its own session (so its whole group can be stopped by PID),
+pinned with `taskset`, and stopped by `Processes` on exit, on an error or on Ctrl-C. Every
+load run is bounded in count and in time. Everything talks to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import gc
+import math
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import aiohttp
+import orjson
+import psutil
+import uvloop
+
+LOCALHOST = "127.0.0.1"
+STOP_GRACE_S = 10.0
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class Processes:
+    """Starts pinned processes and stops all of them (reverse order) when the block ends."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._procs: list[ManagedProcess] = []
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop_all()
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        core: int | None,
+        env: dict[str, str] | None = None,
+    ) -> ManagedProcess:
+        pinned = ["taskset", "-c", str(core), *argv] if core is not None else list(argv)
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("wb") as log:
+            # taskset execs the command, so the PID (and the group) is the server itself.
+            popen = subprocess.Popen(
+                pinned,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )
+        proc = ManagedProcess(name, popen, log_path)
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc: ManagedProcess) -> None:
+        stop_process_group(proc.popen)
+        if proc in self._procs:
+            self._procs.remove(proc)
+
+    def stop_all(self) -> None:
+        while self._procs:
+            self.stop(self._procs[-1])
+
+
+def stop_process_group(popen: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM the process group led by `popen`, then SIGKILL it after `grace_s`."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        if popen.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            popen.wait(timeout=wait_s)
+    # Children left behind by a process that already exited share its group id.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(popen.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit so that `finally` blocks stop what was started."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOCALHOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def pin_self(core: int) -> None:
+    """Pin this process (the load generator and orchestrator) to `core`."""
+    os.sched_setaffinity(0, {core})
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def wait_ready(url: str, proc: ManagedProcess, timeout_s: float) -> None:
+    """Poll `url` until it answers 200; fail early, with its log, if the process exits."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(
+                f"{proc.name} exited with {proc.popen.returncode} before it was ready:\n"
+                f"{proc.log_tail()}"
+            )
+        try:
+            with _NO_PROXY.open(url, timeout=1.0) as response:
+                if response.status == 200:
+                    return
+                last = f"status {response.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"status {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(exc)
+        time.sleep(0.05)
+    raise RuntimeError(f"{proc.name} not ready at {url} after {timeout_s:.0f} s ({last})")
+
+
+# --- loopback round trip (the machine's own floor) ------------------------------------------
+
+_ECHO_SERVER = """
+import socket, sys
+srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+while True:
+    conn, _ = srv.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while data := conn.recv(4096):
+        conn.sendall(data)
+    conn.close()
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RoundTrip:
+    p50_us: float
+    p99_us: float
+
+
+def loopback_round_trip(
+    procs: Processes, python: str, server_core: int, rounds: int, gap_s: float = 0.002
+) -> RoundTrip:
+    """TCP ping-pong of 200 bytes from this process to an echo server pinned on `server_core`.
+
+    The gap lets both cores go idle between rounds, as they do between requests at a fixed
+    rate; what one hop between two processes costs here bounds any added latency from below.
+    """
+    port = free_port()
+    name = f"echo-core{server_core}"
+    proc = procs.start(name, [python, "-c", _ECHO_SERVER, str(port)], server_core)
+    try:
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                conn = socket.create_connection((LOCALHOST, port), timeout=2.0)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.popen.poll() is not None:
+                    raise RuntimeError(f"{name} did not start:\n{proc.log_tail()}") from None
+                time.sleep(0.02)
+        samples = []
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            payload = b"x" * 200
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                conn.sendall(payload)
+                got = 0
+                while got < len(payload):
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        raise RuntimeError(f"{name} closed the connection")
+                    got += len(chunk)
+                samples.append(time.perf_counter() - t0)
+                time.sleep(gap_s)
+    finally:
+        procs.stop(proc)
+    p50, p99 = percentile(samples, 50), percentile(samples, 99)
+    if p50 is None or p99 is None:
+        raise RuntimeError(f"no round trips to {name}")
+    return RoundTrip(p50 * 1e6, p99 * 1e6)
+
+
+# --- CPU accounting ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CpuUsage:
+    core_busy_pct: tuple[float, ...]  # per core, over the window
+    process_pct: dict[str, float]  # per named process; 100 = one core
+
+
+class CpuWindow:
+    """Core busy% and per-process CPU% between `start()` and `stop()`."""
+
+    def __init__(self, procs: Sequence[ManagedProcess]) -> None:
+        self._procs = {p.name: psutil.Process(p.pid) for p in procs}
+        self._t0 = 0.0
+        self._cores0: list[tuple[float, float]] = []
+        self._proc0: dict[str, float] = {}
+
+    @staticmethod
+    def _cores() -> list[tuple[float, float]]:
+        out = []
+        for t in psutil.cpu_times(percpu=True):
+            idle = t.idle + getattr(t, "iowait", 0.0)
+            out.append((idle, sum(t)))
+        return out
+
+    def _proc_times(self) -> dict[str, float]:
+        times = {}
+        for name, proc in self._procs.items():
+            with contextlib.suppress(psutil.Error):
+                cpu = proc.cpu_times()
+                times[name] = cpu.user + cpu.system
+        return times
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._cores0 = self._cores()
+        self._proc0 = self._proc_times()
+
+    def stop(self) -> CpuUsage:
+        wall = max(time.monotonic() - self._t0, 1e-9)
+        busy = []
+        for (idle0, total0), (idle1, total1) in zip(self._cores0, self._cores(), strict=True):
+            total = max(total1 - total0, 1e-9)
+            busy.append(100.0 * (1.0 - (idle1 - idle0) / total))
+        proc1 = self._proc_times()
+        pct = {n: 100.0 * (proc1[n] - t0) / wall for n, t0 in self._proc0.items() if n in proc1}
+        return CpuUsage(tuple(busy), pct)
+
+
+# --- wrk (closed loop, max throughput) ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WrkResult:
+    requests: int
+    rps: float
+    p50_ms: float | None
+    p99_ms: float | None
+    non_2xx: int
+    socket_errors: int
+    raw: str
+
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _wrk_ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if match is None:
+        raise ValueError(f"not a wrk duration: {text!r}")
+    return float(match.group(1)) * _UNITS_MS[match.group(2)]
+
+
+def parse_wrk(raw: str) -> WrkResult:
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", raw)
+    total = re.search(r"(\d+) requests in", raw)
+    if rps is None or total is None:
+        raise RuntimeError(f"cannot read wrk output:\n{raw}")
+    pcts = dict(re.findall(r"^\s+(50|99)\.000%\s+(\S+)$", raw, re.MULTILINE))
+    pcts |= dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", raw, re.MULTILINE))
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", raw)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", raw)
+    return WrkResult(
+        requests=int(total.group(1)),
+        rps=float(rps.group(1)),
+        p50_ms=_wrk_ms(pcts["50"]) if "50" in pcts else None,
+        p99_ms=_wrk_ms(pcts["99"]) if "99" in pcts else None,
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=sum(int(g) for g in sock.groups()) if sock else 0,
+        raw=raw,
+    )
+
+
+def wrk_post_script(path: Path, body: bytes) -> Path:
+    """A wrk lua script that POSTs `body` as JSON on every request."""
+    lua_body = body.decode().replace("\\", "\\\\").replace("'", "\\'")
+    path.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = '{lua_body}'\n"
+    )
+    return path
+
+
+def run_wrk(
+    url: str,
+    script: Path,
+    duration_s: float,
+    connections: int,
+    core: int | None,
+    threads: int = 1,
+) -> WrkResult:
+    """One closed-loop wrk run, pinned to `core`; killed if it outlives its duration."""
+    seconds = max(1, round(duration_s))
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    argv += ["--timeout", "5s", "-s", str(script), url]
+    if core is not None:
+        argv = ["taskset", "-c", str(core), *argv]
+    popen = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        out, _ = popen.communicate(timeout=seconds + 15)
+    finally:
+        stop_process_group(popen, grace_s=2.0)
+    if popen.returncode != 0:
+        raise RuntimeError(f"wrk failed ({popen.returncode}):\n{out.decode(errors='replace')}")
+    return parse_wrk(out.decode(errors="replace"))
+
+
+# --- open loop (fixed rate) --------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], pct: float) -> float | None:
+    """Nearest-rank percentile of unsorted values; None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class OpenLoopSpec:
+    url: str
+    body: bytes
+    rate_rps: float
+    duration_s: float
+    stream: bool
+    expect_content_chunks: int  # content deltas a valid answer carries (= max_tokens)
+    chat: bool = True
+    timeout_s: float = 10.0
+    max_connections: int = 512
+
+    @property
+    def count(self) -> int:
+        return max(1, round(self.rate_rps * self.duration_s))
+
+
+@dataclass
+class OpenLoopResult:
+    spec: OpenLoopSpec
+    sent: int = 0
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    e2e_s: list[float] = field(default_factory=list)
+    ttft_s: list[float] = field(default_factory=list)
+    send_lag_s: list[float] = field(default_factory=list)
+    reads_per_stream: list[int] = field(default_factory=list)  # body reads per valid stream
+    send_wall_s: float = 0.0
+    cpu: CpuUsage | None = None
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def ms(self, values: Sequence[float], pct: float) -> float | None:
+        value = percentile(values, pct)
+        return None if value is None else value * 1000.0
+
+
+def merge_results(parts: Sequence[OpenLoopResult]) -> OpenLoopResult:
+    """One result from equal-length slices of the same point (CPU usage averaged)."""
+    first = parts[0]
+    spec = dataclasses.replace(first.spec, duration_s=sum(p.spec.duration_s for p in parts))
+    out = OpenLoopResult(spec)
+    for part in parts:
+        out.sent += part.sent
+        out.ok += part.ok
+        for kind, n in part.errors.items():
+            out.errors[kind] = out.errors.get(kind, 0) + n
+        out.e2e_s += part.e2e_s
+        out.ttft_s += part.ttft_s
+        out.send_lag_s += part.send_lag_s
+        out.reads_per_stream += part.reads_per_stream
+        out.send_wall_s += part.send_wall_s
+    usages = [p.cpu for p in parts if p.cpu is not None]
+    if usages:
+        cores = tuple(
+            statistics.fmean(c) for c in zip(*(u.core_busy_pct for u in usages), strict=True)
+        )
+        names = set.intersection(*(set(u.process_pct) for u in usages))
+        procs = {n: statistics.fmean(u.process_pct[n] for u in usages) for n in names}
+        out.cpu = CpuUsage(cores, procs)
+    return out
+
+
+class SseCheck:
+    """Counts content deltas of an OpenAI SSE stream as bytes arrive; notes `[DONE]`."""
+
+    def __init__(self, chat: bool) -> None:
+        self.chat = chat
+        self.content_chunks = 0
+        self.done = False
+        self.after_done = False
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> bool:
+        """Returns whether `data` completed an event carrying content."""
+        self._buffer += data
+        saw_content = False
+        while True:
+            end = self._buffer.find(b"\n\n")
+            if end < 0:
+                return saw_content
+            event, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    saw_content |= self._data(line[5:].strip())
+
+    def _data(self, payload: bytes) -> bool:
+        if self.done:
+            self.after_done = True
+            return False
+        if payload == b"[DONE]":
+            self.done = True
+            return False
+        choices = orjson.loads(payload).get("choices") or []
+        found = False
+        for choice in choices:
+            text = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
+            if text:
+                self.content_chunks += 1
+                found = True
+        return found
+
+    @property
+    def valid(self) -> bool:
+        return self.done and not self.after_done and not self._buffer.strip()
+
+
+def _content_of(body: bytes, chat: bool) -> str:
+    choices = orjson.loads(body).get("choices") or [{}]
+    choice = choices[0]
+    text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
+    return text if isinstance(text, str) else ""
+
+
+async def _one_request(
+    session: aiohttp.ClientSession, spec: OpenLoopSpec, t_sched: float, res: OpenLoopResult
+) -> None:
+    res.send_lag_s.append(time.perf_counter() - t_sched)
+    try:
+        async with session.post(spec.url, data=spec.body) as response:
+            if not 200 <= response.status < 300:
+                await response.read()
+                res.error(f"http_{response.status}")
+                return
+            if not spec.stream:
+                data = await response.read()
+                t_end = time.perf_counter()
+                if not _content_of(data, spec.chat):
+                    res.error("bad_body")
+                    return
+                res.e2e_s.append(t_end - t_sched)
+                res.ok += 1
+                return
+            check = SseCheck(spec.chat)
+            ttft: float | None = None
+            reads = 0
+            async for chunk in response.content.iter_any():
+                reads += 1
+                if check.feed(chunk) and ttft is None:
+                    ttft = time.perf_counter() - t_sched
+            t_end = time.perf_counter()
+            if not check.valid or ttft is None:
+                res.error("bad_stream")
+            elif check.content_chunks != spec.expect_content_chunks:
+                res.error(f"chunks_{check.content_chunks}")
+            else:
+                res.ttft_s.append(ttft)
+                res.e2e_s.append(t_end - t_sched)
+                res.reads_per_stream.append(reads)
+                res.ok += 1
+    except TimeoutError:
+        res.error("timeout")
+    except aiohttp.ClientError as exc:
+        res.error(f"client_{type(exc).__name__}")
+    except ValueError:  # orjson.JSONDecodeError: not an OpenAI answer
+        res.error("bad_json")
+
+
+async def open_loop(spec: OpenLoopSpec) -> OpenLoopResult:
+    """Send `spec.count` requests at fixed intended times t0 + i/rate, latency from those.
+
+    A sender that falls behind sends at once and is charged for it (no coordinated omission).
+    The run takes at most duration + timeout + 1 s; requests still open then count as errors.
+    """
+    res = OpenLoopResult(spec)
+    interval = 1.0 / spec.rate_rps
+    connector = aiohttp.TCPConnector(limit=spec.max_connections)
+    timeout = aiohttp.ClientTimeout(total=spec.timeout_s)
+    headers = {"Content-Type": "application/json"}
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers=headers, auto_decompress=False
+    ) as session:
+        tasks: list[asyncio.Task[None]] = []
+        t0 = time.perf_counter() + 0.01
+        for i in range(spec.count):
+            t_sched = t0 + i * interval
+            delay = t_sched - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(loop.create_task(_one_request(session, spec, t_sched, res)))
+        res.sent = len(tasks)
+        res.send_wall_s = time.perf_counter() - t0
+        _, pending = await asyncio.wait(tasks, timeout=spec.timeout_s + 1.0)
+        for task in pending:
+            task.cancel()
+            res.error("unfinished")
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+    return res
+
+
+def run_open_loop(
+    spec: OpenLoopSpec, warmup_s: float = 0.0, cpu: CpuWindow | None = None
+) -> OpenLoopResult:
+    """Warm up at the same rate, then measure on a fresh uvloop with the GC paused.
+
+    `cpu`, when given, covers the measured part only; its usage lands in the result.
+    """
+    if warmup_s > 0:
+        uvloop.run(open_loop(dataclasses.replace(spec, duration_s=warmup_s)))
+    gc.collect()
+    gc.disable()  # the client's own GC pauses would land in every latency figure
+    try:
+        if cpu is not None:
+            cpu.start()
+        res: OpenLoopResult = uvloop.run(open_loop(spec))
+        if cpu is not None:
+            res.cpu = cpu.stop()
+        return res
+    finally:
+        gc.enable()
