@@ -89,7 +89,10 @@ async def closed_loop(
     exactly `duration_s` count (streams still running at the end are cut there)."""
     result = LoadResult(0, 0, 0, duration_s)
     timeout = aiohttp.ClientTimeout(total=duration_s + 60)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    # A fresh connection per request on both paths: llama-server (cpp-httplib) closes idle
+    # keep-alive connections, and aiohttp does not retry a POST on one it finds closed.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         counter = iter(range(10**9))
 
         async def user() -> None:
