@@ -17,9 +17,9 @@ rate before each measured window. Capacity is measured once per invocation: comp
 requests/s of a saturated closed loop under least_outstanding, the cache-blind balancer.
 Latency counts from each request's intended send time (no coordinated omission).
 
-    .venv/bin/python -m benchmarks.routing_compare              # one run, about 6 minutes
+    .venv/bin/python -m benchmarks.routing_compare              # one run, about 7 minutes
     .venv/bin/python -m benchmarks.routing_compare --repeat 2   # min/median over 2 runs
-    .venv/bin/python -m benchmarks.routing_compare --quick      # smoke run, about 1.5 minutes
+    .venv/bin/python -m benchmarks.routing_compare --quick      # smoke run, about 2-3 minutes
 """
 
 from __future__ import annotations
