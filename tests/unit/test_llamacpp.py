@@ -95,3 +95,26 @@ def test_any_gguf_file_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "tiny-model.gguf"
     path.write_bytes(b"GGUF" + b"\0" * 60)
     assert load_model(path).name == "tiny-model"
+
+
+def test_build_names_what_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached: a build is needed
+    monkeypatch.setattr(build.shutil, "which", lambda *_a, **_k: None)
+    with pytest.raises(EngineError) as info:
+        build.ensure_llama_server(lambda _line: None)
+    message = str(info.value)
+    assert "a C++ compiler" in message
+    assert "cmake" in message
+    assert "ninja" in message
+
+
+def test_cached_build_is_reused_without_building(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cached = build.cached_binary()
+    cached.parent.mkdir(parents=True)
+    cached.write_text("#!/bin/sh\n")
+    said: list[str] = []
+    assert build.ensure_llama_server(said.append) == cached
+    assert said == []
