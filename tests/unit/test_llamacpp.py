@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,7 @@ def test_any_gguf_file_is_accepted(tmp_path: Path) -> None:
 
 def test_build_names_what_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached: a build is needed
-    monkeypatch.setattr(build.shutil, "which", lambda *_a, **_k: None)
+    monkeypatch.setattr(shutil, "which", lambda *_a, **_k: None)
     with pytest.raises(EngineError) as info:
         build.ensure_llama_server(lambda _line: None)
     message = str(info.value)
