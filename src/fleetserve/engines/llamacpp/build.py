@@ -100,7 +100,9 @@ def _run(cmd: list[str], cwd: Path, say: Say) -> None:
 def _fetch_sources(work: Path, say: Say) -> Path:
     say(f"downloading llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sources (PyPI sdist)")
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+         # Source for this package only: ":all:" would also build its build tools from source.
+         "--no-binary", "llama-cpp-python",
          f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(work)],
         check=True,
     )  # fmt: skip
