@@ -118,5 +118,5 @@ def _print_ready(endpoint: str, model: str) -> None:
     err_console.print(
         f"try:\n  curl {endpoint}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
         f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", '
-        f'"content": "Which city is the capital of France?"}}]}}\'\n'
+        f'"content": "Which city is the capital of France?"}}], "temperature": 0}}\'\n'
     )
