@@ -31,6 +31,8 @@ import orjson
 import psutil
 import uvloop
 
+from fleetserve.fleet.processes import free_port, stop_process_group
+
 LOCALHOST = "127.0.0.1"
 STOP_GRACE_S = 10.0
 
@@ -102,20 +104,6 @@ class Processes:
             self.stop(self._procs[-1])
 
 
-def stop_process_group(popen: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM the process group led by `popen`, then SIGKILL it after `grace_s`."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        if popen.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(popen.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            popen.wait(timeout=wait_s)
-    # Children left behind by a process that already exited share its group id.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(popen.pid, signal.SIGKILL)
-
-
 @contextlib.contextmanager
 def sigterm_as_exit() -> Iterator[None]:
     """Turn SIGTERM into SystemExit so that `finally` blocks stop what was started."""
@@ -128,13 +116,6 @@ def sigterm_as_exit() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOCALHOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def pin_self(core: int) -> None:

@@ -29,9 +29,10 @@ import aiohttp
 import orjson
 import psutil
 
-from benchmarks._harness import Processes, free_port, sigterm_as_exit, wait_ready
+from benchmarks._harness import Processes, sigterm_as_exit, wait_ready
 from fleetserve.engines.llamacpp.build import find_llama_server
 from fleetserve.engines.llamacpp.model import DEFAULT_MODEL_NAME, packaged_model_path
+from fleetserve.fleet.processes import free_port
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",

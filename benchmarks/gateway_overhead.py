@@ -42,7 +42,6 @@ from benchmarks._harness import (
     OpenLoopSpec,
     Processes,
     RoundTrip,
-    free_port,
     loopback_round_trip,
     merge_results,
     pin_self,
@@ -52,6 +51,7 @@ from benchmarks._harness import (
     wait_ready,
     wrk_post_script,
 )
+from fleetserve.fleet.processes import free_port
 
 MODEL = "bench-model"
 CHAT_PATH = "/v1/chat/completions"

@@ -50,7 +50,7 @@ import uvloop
 
 from benchmarks._harness import CpuWindow, SseCheck, percentile, sigterm_as_exit
 from fleetserve.engines.sim.text import count_tokens
-from fleetserve.testing.processes import free_port
+from fleetserve.fleet.processes import free_port
 from fleetserve.testing.stack import (
     SimStack,
     fleetserve_argv,

@@ -6,11 +6,7 @@ PID (SIGTERM to its process group, SIGKILL after a grace period), also on errors
 
 from __future__ import annotations
 
-import contextlib
 import http.client
-import os
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,17 +19,10 @@ import psutil
 from fleetserve.config import FleetFile, GatewaySettings, ModelSpec, PickerName
 from fleetserve.engines.adapter import EngineAdapter, LaunchSpec
 from fleetserve.errors import EngineError
+from fleetserve.fleet.processes import STOP_GRACE_S, free_port, stop_process_group
 from fleetserve.gateway.serve import run_gateway, terminate_as_interrupt
 
-STOP_GRACE_S = 10.0
 LOG_TAIL_LINES = 20
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -53,16 +42,7 @@ class EngineProcess:
         return "\n".join(lines[-LOG_TAIL_LINES:])
 
     def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=STOP_GRACE_S)
+        stop_process_group(self.process, STOP_GRACE_S)
 
 
 def launch(adapter: EngineAdapter, spec: LaunchSpec, name: str, log_dir: Path) -> EngineProcess:

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from fleetserve.stack import free_port
+from fleetserve.fleet.processes import free_port
 from fleetserve.testing.fake_engine import fake_engines
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ from openai import OpenAI
 
 from fleetserve.engines.llamacpp.build import find_llama_server
 from fleetserve.engines.llamacpp.model import DEFAULT_MODEL_NAME
-from fleetserve.testing.processes import free_port, port_is_free
+from fleetserve.fleet.processes import free_port, port_is_free
 from fleetserve.testing.stack import fleetserve_argv, services
 from tests.integration.test_up import get_json, reap_on_exit, wait_serving
 

@@ -16,7 +16,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
-from fleetserve.testing.processes import free_port
+from fleetserve.fleet.processes import free_port
 from fleetserve.testing.stack import Service, SimStack, gateway_argv, services, sim_stack
 
 pytestmark = pytest.mark.integration

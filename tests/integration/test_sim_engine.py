@@ -13,7 +13,8 @@ import pytest
 
 from fleetserve.engines.sim.text import count_tokens
 from fleetserve.engines.vllm import parse_vllm_signals
-from fleetserve.testing.processes import ManagedProcess, free_port, port_is_free, wait_port_open
+from fleetserve.fleet.processes import free_port, port_is_free
+from fleetserve.testing.processes import ManagedProcess, wait_port_open
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,8 @@ import pytest
 
 from fleetserve.engines.sim.profiles import PROFILES
 from fleetserve.engines.vllm import parse_vllm_signals
-from fleetserve.testing.processes import ManagedProcess, free_port
+from fleetserve.fleet.processes import free_port
+from fleetserve.testing.processes import ManagedProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from fleetserve.testing.processes import LOOPBACK, free_port, port_is_free
+from fleetserve.fleet.processes import LOOPBACK, free_port, port_is_free
 from fleetserve.testing.stack import Service, fleetserve_argv, services
 
 pytestmark = pytest.mark.integration

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import errno
-import socket
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -12,6 +10,7 @@ from typing import NoReturn, ParamSpec, TypeVar
 from rich.console import Console
 
 from fleetserve.errors import FleetserveError
+from fleetserve.fleet.processes import port_is_free
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -41,13 +40,9 @@ def ensure_port_free(host: str, port: int, what: str) -> None:
     """Fail early with a clear message rather than deep inside the server's start-up."""
     if port == 0:
         return
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                fail(
-                    f"port {port} on {host} is already in use; choose another with --port ({what})"
-                )
-            fail(f"cannot bind {host}:{port} for {what}: {exc.strerror}")
+    try:
+        free = port_is_free(port, host)
+    except OSError as exc:
+        fail(f"cannot bind {host}:{port} for {what}: {exc.strerror}")
+    if not free:
+        fail(f"port {port} on {host} is already in use; choose another with --port ({what})")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Callable
 
 import uvicorn
 
 from fleetserve.config import FleetFile, GatewaySettings
 from fleetserve.fleet.fleet import Fleet
+from fleetserve.fleet.processes import free_port
 from fleetserve.gateway.app import build_gateway
 from fleetserve.gateway.asgi import GatewayApp
 
@@ -24,13 +24,6 @@ async def wait_until(
     async with asyncio.timeout(timeout_s):
         while not condition():  # noqa: ASYNC110 - the condition is not an event we own
             await asyncio.sleep(poll_s)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class RunningGateway:
@@ -48,7 +41,7 @@ async def running_gateway(
     fleet_file: FleetFile, settings: GatewaySettings | None = None
 ) -> AsyncIterator[RunningGateway]:
     settings = settings or GatewaySettings()
-    port = _free_port()
+    port = free_port()
     settings = settings.model_copy(update={"port": port, "host": "127.0.0.1"})
     app = build_gateway(settings, fleet_file)
     config = uvicorn.Config(

@@ -8,11 +8,6 @@ so nothing it spawned outlives the test. Every wait here is bounded.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import os
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,28 +17,7 @@ from typing import Self
 
 import aiohttp
 
-LOOPBACK = "127.0.0.1"
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def port_is_free(port: int, host: str = LOOPBACK) -> bool:
-    """True if a listening socket could bind host:port now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return False
-            raise
-        return True
+from fleetserve.fleet.processes import LOOPBACK, stop_process_group
 
 
 async def wait_port_open(
@@ -166,20 +140,9 @@ class ManagedProcess:
 
     def stop(self) -> int | None:
         """SIGTERM the process group, SIGKILL it after `stop_timeout_s`; returns the exit status."""
-        proc = self._proc
-        if proc is None:
+        if self._proc is None:
             return None
-        if proc.poll() is not None:
-            return proc.returncode
-        self._signal_group(signal.SIGTERM)
-        try:
-            proc.wait(timeout=self.stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            self._signal_group(signal.SIGKILL)
-            proc.wait(timeout=self.stop_timeout_s)
-        # Children that outlived their parent keep the group (and so its id) alive: end them.
-        self._signal_group(signal.SIGKILL)
-        return proc.returncode
+        return stop_process_group(self._proc, self.stop_timeout_s)
 
     async def wait_http_ok(self, url: str, timeout_s: float) -> None:
         """Like `wait_http_ok`, failing at once (with the log's tail) if the process exits."""
@@ -187,10 +150,6 @@ class ManagedProcess:
             await wait_http_ok(url, timeout_s, alive=lambda: self.running)
         except (TimeoutError, RuntimeError) as exc:
             raise type(exc)(f"{exc}\n--- {self.log_path} ---\n{self.log_text()}") from exc
-
-    def _signal_group(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, sig)
 
     def _started(self) -> subprocess.Popen[bytes]:
         if self._proc is None:

@@ -23,7 +23,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetserve.testing.processes import LOOPBACK, ManagedProcess, free_port
+from fleetserve.fleet.processes import LOOPBACK, free_port
+from fleetserve.testing.processes import ManagedProcess
 
 START_TIMEOUT_S = 30.0
 # Health checks fast enough that the gateway notices a dead replica well within a second.
