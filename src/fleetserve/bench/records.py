@@ -1,0 +1,59 @@
+"""What `fleetserve bench` records for each request: the one contract between the client that
+measures and the stats and report that read it.
+
+Every time is in seconds from the run's start (one monotonic clock for the whole run).
+Latency is counted from `intended_s`, the schedule's send time, not from `sent_s`: when the
+generator falls behind, its lag is latency the user would have seen (coordinated omission).
+In a closed loop there is no schedule, so `intended_s == sent_s`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Why a request failed. None on a record means it succeeded.
+ErrorKind = Literal[
+    "connect",  # TCP connect refused or timed out
+    "timeout",  # no response head, first token or next chunk within the client's timeout
+    "http_4xx",  # the server answered 4xx (rate limited, bad request, unknown model ...)
+    "http_5xx",  # the server answered 5xx (503 no replica, 502, 504 ...)
+    "stream_error",  # the stream carried an error event or ended without [DONE]
+    "disconnect",  # the connection closed mid-response
+    "protocol",  # the response could not be parsed (not SSE, not JSON)
+    "cancelled",  # still in flight when the run's duration ended
+]
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One request as the client saw it."""
+
+    index: int  # position in the run's send order
+    intended_s: float  # when the schedule meant to send it
+    sent_s: float  # when it was actually written to the socket
+    end_s: float  # last byte received, or the moment it failed
+    stream: bool
+    first_token_s: float | None = None  # first chunk carrying generated text (None: none came)
+    # Arrival times of every chunk that carried generated text, first one included: ITL is
+    # the gaps between them (vLLM's benchmark definition).
+    token_times_s: list[float] = field(default_factory=list)
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    # True when the token counts came from the server's `usage`; False when bench counted
+    # content chunks itself (flagged in the report: one chunk may carry several tokens).
+    tokens_from_usage: bool = False
+    status: int | None = None  # HTTP status of the response head (None: no head came)
+    error_kind: ErrorKind | None = None
+    error: str | None = None  # a short human-readable message for the report
+    replica: str | None = None  # x-fleetserve-replica header, when a fleetserve gateway serves
+    group: str | None = None  # workload group, e.g. the shared-prefix group of its prompt
+
+    @property
+    def ok(self) -> bool:
+        return self.error_kind is None
+
+    @property
+    def lag_s(self) -> float:
+        """How far the actual send trailed the schedule."""
+        return self.sent_s - self.intended_s
