@@ -57,3 +57,20 @@ class RequestRecord:
     def lag_s(self) -> float:
         """How far the actual send trailed the schedule."""
         return self.sent_s - self.intended_s
+
+
+@dataclass(slots=True, frozen=True)
+class FleetSample:
+    """The target fleet's state at one moment, sampled while bench runs.
+
+    Read from a fleetserve gateway's admin endpoint or any Prometheus `/metrics`; a field the
+    target does not expose is None (unknown), never 0.
+    """
+
+    t_s: float  # seconds from the run's start
+    replicas_ready: int | None = None
+    replicas_desired: int | None = None  # the autoscaler's target, when one runs
+    replicas_starting: int | None = None
+    replicas_draining: int | None = None
+    in_flight: int | None = None  # requests in flight at the gateway (or engines' running)
+    queue_depth: int | None = None  # engines' waiting requests plus requests held by the gateway
