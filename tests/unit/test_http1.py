@@ -23,10 +23,10 @@ from fleetserve.errors import (
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
-from fleetserve.gateway.http1 import Http1Client
-from fleetserve.gateway.http1_connection import PAUSE_AT_BYTES, Connection
 from fleetserve.gateway.upstream import UpstreamClient
 from fleetserve.testing.gateway import wait_until
+from fleetserve.transport.http1 import Http1Client
+from fleetserve.transport.http1_connection import PAUSE_AT_BYTES, Connection
 
 Run = Callable[[Coroutine[Any, Any, None]], None]
 SCENARIO_LIMIT_S = 10.0

@@ -26,7 +26,7 @@ from fleetserve.errors import (
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
-from fleetserve.gateway.http1 import Http1Client, Response
+from fleetserve.transport.http1 import Http1Client, Response
 
 JSON = "application/json"
 SSE = "text/event-stream"

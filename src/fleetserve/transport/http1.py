@@ -25,7 +25,7 @@ import asyncio
 from urllib.parse import urlsplit
 
 from fleetserve.errors import TimeoutPhase, UpstreamConnectError, UpstreamTimeoutError
-from fleetserve.gateway.http1_connection import Connection
+from fleetserve.transport.http1_connection import Connection
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # buffered responses; streams are handed on as they come
 _MAX_TARGETS = 4096  # cached request heads (replicas x paths), cleared when exceeded
