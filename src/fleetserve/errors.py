@@ -3,6 +3,8 @@
 FleetserveError
 ├── ConfigError                  bad settings or fleet file (raised at start-up)
 ├── EngineError                  an engine replica failed to launch or become ready
+├── ActuatorError                scaling failed: a replica could not be started or stopped,
+│                                or the Kubernetes API refused or could not be reached
 ├── ApiError                     answered to a client in OpenAI's error envelope
 │   ├── InvalidRequestError      400 invalid_request_error
 │   ├── AuthenticationError      401
@@ -36,6 +38,10 @@ class ConfigError(FleetserveError):
 
 class EngineError(FleetserveError):
     """An engine replica could not be launched or did not become ready."""
+
+
+class ActuatorError(FleetserveError):
+    """An actuator could not carry out a scaling step; the message names what it scaled."""
 
 
 class ApiError(FleetserveError):
