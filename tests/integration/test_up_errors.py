@@ -10,8 +10,8 @@ import psutil
 import pytest
 
 from fleetserve.errors import EngineError
+from fleetserve.fleet.engine_process import EngineProcess, check_memory
 from fleetserve.fleet.processes import free_port
-from fleetserve.stack import EngineProcess, check_memory
 from fleetserve.testing.stack import fleetserve_argv
 
 pytestmark = pytest.mark.integration
