@@ -1,8 +1,10 @@
 """A pooled keep-alive HTTP/1.1 client for plain-http replicas, on asyncio.Protocol + httptools.
 
-It does only what the gateway needs: POST a JSON body and read the answer whole or as it
-arrives. Against pyqwest (buffered) and aiohttp (streams) it cuts the gateway's CPU per
-request by 40-65 % (README, "HTTP stack, chosen by measurement"). Failures are raised as
+It does only what the gateway and bench need: POST a JSON body and read the answer whole or
+as it arrives. Bench also asks for extra request headers (an API key), arrival times of each
+read (`stamp`) and chosen response headers (`capture_headers`); the gateway passes none.
+Against pyqwest (buffered) and aiohttp (streams) it cuts the gateway's CPU per request by
+40-65 % (README, "HTTP stack, chosen by measurement"). Failures are raised as
 `fleetserve.errors.Upstream*Error`, named by the phase that decides failover:
 
 - connect: the TCP connect timed out (`UpstreamTimeoutError("connect")`) or failed
@@ -22,6 +24,7 @@ makes vLLM and llama.cpp stop generating for a client that left.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
 from fleetserve.errors import TimeoutPhase, UpstreamConnectError, UpstreamTimeoutError
@@ -48,6 +51,30 @@ class Response:
         self._conn = conn
         self.status = conn.status
         self.content_type = conn.content_type
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The response headers named in the client's `capture_headers` (lower-case names)."""
+        return self._conn.headers
+
+    async def next_parts(
+        self, timeout_s: float, phase: TimeoutPhase
+    ) -> tuple[list[bytes], list[float]]:
+        """Like `next_chunk`, but the pieces as read, each with its arrival time on the
+        client's `stamp` clock (the times are empty without one); empty lists at the end."""
+        conn = self._conn
+        deadline = 0.0
+        while True:
+            if conn.unread:
+                return conn.take_parts()
+            if conn.error is not None:
+                raise conn.error
+            if conn.complete:
+                return [], []
+            if not deadline:
+                deadline = conn.loop.time() + timeout_s
+            if not await conn.wait(deadline):
+                raise UpstreamTimeoutError(phase, timeout_s)
 
     def body(self) -> bytes:
         """The whole body of a buffered response (complete when `request` returned it)."""
@@ -99,8 +126,16 @@ class Http1Client:
         max_idle_per_origin: int = 256,
         idle_expiry_s: float = 30.0,
         max_body_bytes: int = MAX_BODY_BYTES,
+        headers: Mapping[str, str] | None = None,
+        stamp: Callable[[], float] | None = None,
+        capture_headers: Iterable[str] = (),
     ) -> None:
+        """`headers` go on every request; `stamp` (a clock) times each read of a body;
+        `capture_headers` names the response headers that `Response.headers` keeps."""
         self.connect_timeout_s = connect_timeout_s
+        self._extra_head = _header_lines(headers or {})
+        self._stamp = stamp
+        self._capture = frozenset(name.lower().encode("latin-1") for name in capture_headers)
         self.max_body_bytes = max_body_bytes
         self.max_idle_per_origin = max_idle_per_origin
         self.idle_expiry_s = idle_expiry_s
@@ -161,9 +196,13 @@ class Http1Client:
             authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             head = (
-                f"POST {path} HTTP/1.1\r\nHost: {authority}\r\n"
-                "Content-Type: application/json\r\nConnection: keep-alive\r\nX-Request-Id: "
-            ).encode("latin-1")
+                (
+                    f"POST {path} HTTP/1.1\r\nHost: {authority}\r\n"
+                    "Content-Type: application/json\r\nConnection: keep-alive\r\n"
+                ).encode("latin-1")
+                + self._extra_head
+                + b"X-Request-Id: "
+            )
             if len(self._targets) >= _MAX_TARGETS:
                 self._targets.clear()
             target = self._targets[url] = ((host, port), head)
@@ -190,7 +229,8 @@ class Http1Client:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, conn = await loop.create_connection(
-                    lambda: Connection(loop, self._open.discard), *origin
+                    lambda: Connection(loop, self._open.discard, self._stamp, self._capture),
+                    *origin,
                 )
         except TimeoutError as exc:
             raise UpstreamTimeoutError("connect", self.connect_timeout_s) from exc
@@ -220,3 +260,12 @@ class Http1Client:
             conn.abort()
         self._idle.clear()
         await asyncio.sleep(0)  # the transports report connection_lost on the next turn
+
+
+def _header_lines(headers: Mapping[str, str]) -> bytes:
+    lines = []
+    for name, value in headers.items():
+        if any(c in name + value for c in "\r\n\0") or not name or ":" in name:
+            raise ValueError(f"invalid request header {name!r}")
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines).encode("latin-1")

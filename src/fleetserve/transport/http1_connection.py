@@ -23,9 +23,21 @@ PAUSE_AT_BYTES = 256 * 1024  # unread stream bytes at which the socket stops bei
 class Connection(asyncio.Protocol):
     """One TCP connection to a replica, parsing one response at a time."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, forget: Callable[[Connection], None]):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        forget: Callable[[Connection], None],
+        stamp: Callable[[], float] | None = None,
+        capture: frozenset[bytes] = frozenset(),
+    ):
         self.loop = loop
         self._forget = forget
+        # Bench's options; the gateway passes neither and pays one check per read and header.
+        self._stamp = stamp  # clock read as each read arrives: per-chunk arrival times
+        self._arrival = 0.0
+        self.stamps: list[float] = []  # arrival time of each entry of _chunks, when stamping
+        self._capture = capture  # lower-case names of response headers to keep
+        self.headers: dict[str, str] = {}
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[bool] | None = None
@@ -57,6 +69,8 @@ class Connection(asyncio.Protocol):
             self.abort()  # bytes nobody asked for: the connection cannot be trusted
             return
         self._received += len(data)
+        if self._stamp is not None:
+            self._arrival = self._stamp()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -95,6 +109,10 @@ class Connection(asyncio.Protocol):
             size == 17 and name.lower() == b"transfer-encoding"
         ):
             self._framed = True
+        if self._capture:
+            lowered = name.lower()
+            if lowered in self._capture:
+                self.headers[lowered.decode("latin-1")] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
@@ -109,6 +127,8 @@ class Connection(asyncio.Protocol):
         if not body or self.error is not None:
             return
         self._chunks.append(body)
+        if self._stamp is not None:
+            self.stamps.append(self._arrival)
         self.unread += len(body)
         if self.body_limit:
             if self.unread > self.body_limit:
@@ -133,6 +153,8 @@ class Connection(asyncio.Protocol):
         self._received = self._head_bytes = 0
         self.status = 0
         self.content_type = None
+        if self.headers:
+            self.headers = {}
         self.body_limit = body_limit
         self._transport.write(request)
 
@@ -141,10 +163,20 @@ class Connection(asyncio.Protocol):
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
+        self.stamps.clear()
         self.unread = 0
         if self._paused:
             self._resume()
         return data
+
+    def take_parts(self) -> tuple[list[bytes], list[float]]:
+        """The unread body pieces as they came, with their arrival times (when stamping)."""
+        chunks, stamps = self._chunks, self.stamps
+        self._chunks, self.stamps = [], []
+        self.unread = 0
+        if self._paused:
+            self._resume()
+        return chunks, stamps
 
     def buffer(self, limit: int) -> None:
         """From now on keep the body (up to `limit` bytes) until the response is complete."""
