@@ -52,6 +52,19 @@ class HealthSettings(BaseModel):
     eject_max_s: float = Field(60.0, gt=0)
 
 
+class HoldSettings(BaseModel):
+    """Holding requests while a model that can scale has no ready replica (scale from zero)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    timeout_s: float = Field(120.0, gt=0, description="longest a request waits for a replica")
+    max_held: int = Field(1000, ge=1, description="held requests per model; more get 503")
+    stream_head_after_s: float = Field(
+        1.0, ge=0, description="held streams get the 200 SSE head after this long"
+    )
+    keepalive_s: float = Field(5.0, gt=0, description="SSE comment period while a stream waits")
+
+
 class GatewaySettings(BaseSettings):
     """Settings of the gateway process. Every field can be set as FLEETSERVE_<NAME>."""
 
@@ -67,6 +80,10 @@ class GatewaySettings(BaseSettings):
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503")
     timeouts: TimeoutSettings = TimeoutSettings()
     health: HealthSettings = HealthSettings()
+    hold: HoldSettings = HoldSettings()
+    load_window_s: float = Field(
+        30.0, ge=1.0, description="span of the rolling load window the autoscaler reads"
+    )
     admin_key: str | None = Field(
         None, description="bearer token required by /admin/* (None: admin is open on loopback)"
     )
