@@ -30,6 +30,9 @@ class Flat:
     def area(self) -> float:
         return 0.0 if self.rate_rps == 0 else self.rate_rps * (self.t1 - self.t0)
 
+    def value(self, t: float) -> float:
+        return self.rate_rps
+
     def solve(self, d: float, lo: float) -> float:
         """The earliest t in the piece where the integral from t0 reaches d."""
         return self.t0 if d <= 0 else self.t0 + d / self.rate_rps
@@ -47,6 +50,9 @@ class Linear:
     def area(self) -> float:
         span = self.t1 - self.t0
         return self.r0_rps * span + self.slope * span * span / 2
+
+    def value(self, t: float) -> float:
+        return self.r0_rps + self.slope * (t - self.t0)
 
     def solve(self, d: float, lo: float) -> float:
         if d <= 0:
@@ -76,6 +82,10 @@ class Sine:
 
     def area(self) -> float:
         return self._integral(self.t1)
+
+    def value(self, t: float) -> float:
+        w = 2 * math.pi / self.period_s
+        return self.mean_rps + self.amplitude_rps * math.sin(w * (t - self.origin))
 
     def solve(self, d: float, lo: float) -> float:
         if d <= 0:
@@ -244,6 +254,17 @@ class Stages:
 
 
 Pattern = Steady | Ramp | Spike | Wave | Burst | Stages
+
+
+def value_at(pattern: Pattern, t: float) -> float:
+    """The pattern's value at `t` >= 0 (a rate, or a number of users); 0 after its last stage.
+
+    Each piece covers [t0, t1), so at a step the value is the new level.
+    """
+    for piece in pattern.pieces():
+        if t < piece.t1:
+            return max(0.0, piece.value(max(t, piece.t0)))
+    return 0.0
 
 
 def steady(rate_rps: float) -> Steady:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from fleetserve.bench.patterns import Pattern
+from fleetserve.bench.patterns import Pattern, value_at
 from fleetserve.errors import ConfigError
 
 Arrivals = Literal["constant", "poisson"]
@@ -84,10 +84,17 @@ def schedule(
 
 @dataclass(frozen=True, slots=True)
 class ClosedLoop:
-    """Not a schedule: each user sends, waits for the response, thinks, and sends again."""
+    """Not a schedule: each user sends, waits for the response, thinks, and sends again.
+
+    With a `pattern`, the number of active users follows it over time: at t it is the
+    pattern's value at t, rounded (`spike:base=2,peak=40,at=30,for=60` goes from 2 to 40
+    users and back), never more than `users`. A user above the count finishes its request
+    and stops; one below it that is not running starts.
+    """
 
     users: int
     think_time_s: float = 0.0
+    pattern: Pattern | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.users, bool) or self.users < 1:
@@ -96,6 +103,13 @@ class ClosedLoop:
             raise ConfigError(
                 f"closed loop think_time_s must be a finite number >= 0, got {self.think_time_s!r}"
             )
+
+
+def active_users(loop: ClosedLoop, t: float) -> int:
+    """How many users of `loop` are active `t` seconds into the run."""
+    if loop.pattern is None:
+        return loop.users
+    return min(loop.users, max(0, round(value_at(loop.pattern, t))))
 
 
 # --- trace replay ------------------------------------------------------------------------------

@@ -1,0 +1,317 @@
+"""Drive a bench run: open loop (send at intended times) or closed loop (users), bounded.
+
+Open loop: one sender task sleeps to the next intended time and launches every request that
+is due as its own task, never waiting for earlier ones; lag (sent - intended) is recorded and
+latency counts from the intended time. Concurrency is bounded only by a high safety cap;
+a request due while the cap is reached is recorded as `cancelled` ("skipped"), never dropped.
+
+Closed loop: N users each send, wait for the answer, think, and send again; with a pattern
+the number of active users follows it over time (`schedule.active_users`).
+
+Every run is bounded by a duration and a request count. At the end, requests in flight get
+`drain_s` to finish and are then cancelled and recorded as `cancelled`. Every request that
+was due has exactly one record in `RunResult.records`, in index order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal, Protocol, TypeVar
+
+import uvloop
+
+from fleetserve.bench.records import RequestRecord
+from fleetserve.bench.schedule import DEFAULT_MAX_REQUESTS, ClosedLoop, active_users
+from fleetserve.bench.workload import BuiltRequest
+from fleetserve.clock import Clock
+from fleetserve.errors import ConfigError
+
+DEFAULT_MAX_IN_FLIGHT = 10_000
+LAUNCH_BATCH = 256  # requests launched before the sender lets the loop run once
+USER_TICK_S = 0.1  # how often a user pattern is re-read
+
+T = TypeVar("T")
+Settled = Literal["cancelled", "protocol"]
+
+
+class Sender(Protocol):
+    async def send(self, request: BuiltRequest, record: RequestRecord) -> None:
+        """Send `request` and fill `record` in place; raises only CancelledError."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+Connect = Callable[[float], Sender]  # the run's start on the clock -> a sender timing from it
+
+
+@dataclass(frozen=True, slots=True)
+class RunLimits:
+    duration_s: float
+    max_requests: int = DEFAULT_MAX_REQUESTS
+    drain_s: float = 30.0  # after the duration, for requests in flight; then cancelled
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    progress_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("duration_s", "progress_interval_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+        if not math.isfinite(self.drain_s) or self.drain_s < 0:
+            raise ConfigError(f"drain_s must be a finite number >= 0, got {self.drain_s!r}")
+        if self.max_requests < 1 or self.max_in_flight < 1:
+            raise ConfigError("max_requests and max_in_flight must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Live counters for the console, about once per `progress_interval_s`."""
+
+    t_s: float
+    sent: int
+    done: int
+    ok: int
+    errors: int
+    in_flight: int
+    rate_rps: float  # completions per second over the last interval
+    lag_p99_s: float | None  # of the requests finished so far
+
+
+@dataclass(slots=True)
+class RunResult:
+    """A finished run as plain data: the stats and report read it."""
+
+    mode: Literal["open", "closed"]
+    records: list[RequestRecord]
+    started_wall_s: float  # Unix time of the run's start (t = 0 of every record)
+    duration_s: float  # from the start to the end of the drain
+    scheduled: int  # requests the schedule meant to send (open loop); sent (closed loop)
+    skipped: int  # due while max_in_flight were in flight: recorded as cancelled, not sent
+    cancelled: int  # every record with error_kind "cancelled", skipped ones included
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class _Run:
+    """The bookkeeping both loops share: records, tasks in flight, counters, the drain."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        connect: Connect,
+        limits: RunLimits,
+        on_progress: ProgressCallback | None,
+    ) -> None:
+        self.clock = clock
+        self.limits = limits
+        self.on_progress = on_progress
+        self.started_wall_s = clock.wall()
+        self.t0 = clock.now()
+        self.sender = connect(self.t0)
+        self.records: list[RequestRecord] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.in_flight = 0
+        self.done = self.ok = self.skipped = 0
+        self.lags: list[float] = []
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def now(self) -> float:
+        return self.clock.now() - self.t0
+
+    def new_record(self, intended_s: float, request: BuiltRequest) -> RequestRecord:
+        record = RequestRecord(
+            len(self.records), intended_s, math.nan, math.nan, request.stream, group=request.group
+        )
+        self.records.append(record)
+        return record
+
+    def started(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def finished(self, record: RequestRecord) -> None:
+        self.in_flight -= 1
+        self.done += 1
+        if record.error_kind is None:
+            self.ok += 1
+        if not math.isnan(record.sent_s):
+            self.lags.append(record.sent_s - record.intended_s)
+        if not self.in_flight:
+            self.idle.set()
+
+    def launch(self, request: BuiltRequest, record: RequestRecord) -> None:
+        """Send in a task of its own (open loop), or record it skipped when at the cap."""
+        if self.in_flight >= self.limits.max_in_flight:
+            now = self.now()
+            record.sent_s = record.end_s = now
+            record.error_kind = "cancelled"
+            record.error = f"skipped: {self.limits.max_in_flight} requests already in flight"
+            self.skipped += 1
+            self.done += 1
+            return
+        self.started()
+        task = asyncio.get_running_loop().create_task(self.sender.send(request, record))
+        self.tasks.add(task)
+        task.add_done_callback(partial(self._task_done, record))
+
+    def _task_done(self, record: RequestRecord, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            settle(record, "protocol", f"internal error in bench: {error!r}", self.now())
+        settle(record, "cancelled", "cancelled before it was sent", self.now())
+        self.finished(record)
+
+    async def drain(self, until_s: float) -> None:
+        """Wait for requests in flight until `until_s`, then cancel the rest."""
+        remaining = until_s - self.now()
+        if self.in_flight and remaining > 0:
+            idle = asyncio.ensure_future(self.idle.wait())
+            timer = asyncio.ensure_future(self.clock.sleep(remaining))
+            await asyncio.wait((idle, timer), return_when=asyncio.FIRST_COMPLETED)
+            idle.cancel()
+            timer.cancel()
+
+    async def cancel(self, tasks: Sequence[asyncio.Task[None]]) -> None:
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def report_progress(self) -> None:
+        if self.on_progress is None:
+            return
+        interval = self.limits.progress_interval_s
+        previous = 0
+        while True:
+            await self.clock.sleep(interval)
+            self.on_progress(self.progress((self.done - previous) / interval))
+            previous = self.done
+
+    def progress(self, rate_rps: float) -> Progress:
+        lags = sorted(self.lags)
+        p99 = lags[max(0, math.ceil(0.99 * len(lags)) - 1)] if lags else None
+        errors = self.done - self.ok
+        sent = len(self.records) - self.skipped
+        return Progress(self.now(), sent, self.done, self.ok, errors, self.in_flight, rate_rps, p99)
+
+    def result(self, mode: Literal["open", "closed"], scheduled: int) -> RunResult:
+        now = self.now()
+        for record in self.records:  # every record is settled; this only guards the contract
+            settle(record, "cancelled", "never finished", now)
+        cancelled = sum(r.error_kind == "cancelled" for r in self.records)
+        return RunResult(
+            mode, self.records, self.started_wall_s, now, scheduled, self.skipped, cancelled
+        )
+
+
+def settle(
+    record: RequestRecord, kind: Literal["cancelled", "protocol"], why: str, now: float
+) -> None:
+    """Give a record that has no outcome yet this one (a task that never ran, or crashed)."""
+    if math.isnan(record.sent_s):
+        record.sent_s = now
+    if math.isnan(record.end_s) or (kind == "protocol" and record.error_kind is None):
+        record.end_s = now
+        if record.error_kind is None:
+            record.error_kind, record.error = kind, why
+
+
+async def run_open_loop(
+    intended_s: Sequence[float],
+    build: Callable[[int], BuiltRequest],
+    *,
+    clock: Clock,
+    connect: Connect,
+    limits: RunLimits,
+    on_progress: ProgressCallback | None = None,
+) -> RunResult:
+    """Send request k (`build(k)`) at `intended_s[k]` from the start, within the limits."""
+    offsets = [t for t in intended_s if t < limits.duration_s][: limits.max_requests]
+    run = _Run(clock, connect, limits, on_progress)
+    progress = asyncio.ensure_future(run.report_progress())
+    try:
+        count, index = len(offsets), 0
+        while index < count:
+            now = run.now()
+            due = offsets[index]
+            if due > now:
+                await clock.sleep(due - now)
+                continue
+            batch_end = min(count, index + LAUNCH_BATCH)
+            while index < batch_end and offsets[index] <= now:
+                request = build(index)
+                run.launch(request, run.new_record(offsets[index], request))
+                index += 1
+            await clock.sleep(0)  # let the launched tasks write their requests
+        await run.drain(limits.duration_s + limits.drain_s)
+    finally:
+        await run.cancel(list(run.tasks))
+        progress.cancel()
+        await run.sender.close()
+    return run.result("open", len(offsets))
+
+
+async def run_closed_loop(
+    users: ClosedLoop,
+    build: Callable[[int], BuiltRequest],
+    *,
+    clock: Clock,
+    connect: Connect,
+    limits: RunLimits,
+    on_progress: ProgressCallback | None = None,
+) -> RunResult:
+    """Users send one request at a time until the duration or the request count runs out."""
+    run = _Run(clock, connect, limits, on_progress)
+    workers: dict[int, asyncio.Task[None]] = {}
+
+    async def user(number: int) -> None:
+        while True:
+            now = run.now()
+            if now >= limits.duration_s or len(run.records) >= limits.max_requests:
+                return
+            if number >= active_users(users, now):
+                return
+            request = build(len(run.records))
+            record = run.new_record(now, request)
+            run.started()
+            try:
+                await run.sender.send(request, record)
+            finally:
+                settle(record, "cancelled", "cancelled before it was sent", run.now())
+                record.intended_s = record.sent_s  # no schedule: intended is the send
+                run.finished(record)
+            if users.think_time_s:
+                await clock.sleep(users.think_time_s)
+
+    def staff() -> None:
+        wanted = active_users(users, run.now())
+        for number in range(wanted):
+            if number not in workers or workers[number].done():
+                workers[number] = asyncio.ensure_future(user(number))
+
+    progress = asyncio.ensure_future(run.report_progress())
+    try:
+        staff()
+        while run.now() < limits.duration_s and len(run.records) < limits.max_requests:
+            if users.pattern is None and all(w.done() for w in workers.values()):
+                break
+            await clock.sleep(min(USER_TICK_S, limits.duration_s - run.now()))
+            staff()
+        await run.drain(max(run.now(), limits.duration_s) + limits.drain_s)
+    finally:
+        await run.cancel(list(workers.values()))
+        progress.cancel()
+        await run.sender.close()
+    return run.result("closed", len(run.records))
+
+
+def run_with_uvloop(main: Coroutine[object, object, T]) -> T:
+    """Run a bench coroutine on uvloop (the runner's throughput figures assume it)."""
+    return uvloop.run(main)
