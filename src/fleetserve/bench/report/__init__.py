@@ -1,0 +1,1 @@
+"""bench's report: one data model (`model.py`) and its renderers (console, JSON, CSV, HTML)."""
