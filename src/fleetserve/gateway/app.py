@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Protocol
 
 import orjson
 from starlette.applications import Starlette
@@ -18,13 +19,15 @@ from fleetserve.fleet.discovery import populate_static
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.replica import EjectionPolicy
 from fleetserve.gateway.asgi import GatewayApp
+from fleetserve.gateway.hold import DemandHook, HoldQueue
 from fleetserve.gateway.monitor import FleetMonitor, SignalParser
 from fleetserve.gateway.proxy import Proxy
-from fleetserve.gateway.routes import build_routes_app
+from fleetserve.gateway.routes import AdminView, build_routes_app
 from fleetserve.gateway.upstream import UpstreamClient
 from fleetserve.routing.picker import Picker
 from fleetserve.routing.pickers import make_picker
 from fleetserve.telemetry.metrics import GatewayMetrics
+from fleetserve.telemetry.window import LoadWindow
 
 log = logging.getLogger("fleetserve.gateway")
 
@@ -33,15 +36,46 @@ log = logging.getLogger("fleetserve.gateway")
 CONFIG_ENV = "FLEETSERVE_GATEWAY_CONFIG"
 
 
+class BackgroundService(Protocol):
+    """Something that runs beside the gateway in its event loop (the autoscaler loop, a
+    discovery watch): started after the fleet monitor, stopped before it."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 def build_gateway(
-    settings: GatewaySettings, fleet_file: FleetFile, clock: Clock | None = None
+    settings: GatewaySettings,
+    fleet_file: FleetFile,
+    clock: Clock | None = None,
+    *,
+    fleet: Fleet | None = None,
+    window: LoadWindow | None = None,
+    services: Sequence[BackgroundService] = (),
+    on_demand: DemandHook | None = None,
+    admin_views: Mapping[str, AdminView] | None = None,
+    hold_models: Iterable[str] = (),
 ) -> GatewayApp:
+    """One gateway worker. The keyword hooks are for a composition root in the same process:
+
+    - `fleet`: a Fleet it also writes (actuators, discovery); the fleet file's models are
+      declared in it and its listed replicas added unless a replica with that URL is there.
+    - `window`: the load window to fill (else one of `settings.load_window_s`).
+    - `services`: started in the app's lifespan after the monitor, stopped before it.
+    - `on_demand(model)`: called when requests start being held for a model.
+    - `admin_views`: more JSON views at `/admin/<name>`, behind the admin key.
+    - `hold_models`: models that hold requests while they have no ready replica, on top of
+      those with an `autoscale` section in the fleet file.
+    """
     clock = clock or RealClock()
     health = settings.health
-    fleet = Fleet(
-        EjectionPolicy(health.eject_after_failures, health.eject_base_s, health.eject_max_s)
-    )
-    populate_static(fleet, fleet_file.models, clock.now())
+    if fleet is None:
+        fleet = Fleet(
+            EjectionPolicy(health.eject_after_failures, health.eject_base_s, health.eject_max_s)
+        )
+    _add_static(fleet, fleet_file, clock.now())
+    window = window or LoadWindow(settings.load_window_s)
     pickers: dict[str, Picker] = {
         spec.name: make_picker(spec.picker, load_factor=spec.prefix_load_factor)
         for spec in fleet_file.models
@@ -52,19 +86,42 @@ def build_gateway(
     metrics = GatewayMetrics()
     upstream = UpstreamClient(settings.timeouts)
     monitor = FleetMonitor(fleet, health, clock, parsers)
+    autoscaled = {spec.name for spec in fleet_file.models if spec.autoscale is not None}
+    holds = HoldQueue(
+        fleet, settings.hold, clock, window, metrics,
+        retry_after_s=settings.retry_after_s,
+        autoscaled=autoscaled | set(hold_models),
+        on_demand=on_demand,
+    )  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await monitor.start()
         try:
-            yield
+            async with contextlib.AsyncExitStack() as running:
+                for service in services:
+                    await service.start()
+                    running.push_async_callback(service.stop)
+                yield
         finally:
             await monitor.stop()
             await upstream.close()
 
-    cold = build_routes_app(fleet, metrics, clock, lifespan, settings.admin_key)
-    proxy = Proxy(fleet, pickers, upstream, settings, metrics, clock)
-    return GatewayApp(proxy, fleet, settings, metrics, clock, cold)
+    cold = build_routes_app(
+        fleet, metrics, clock, lifespan, window, holds, settings.admin_key, admin_views
+    )
+    proxy = Proxy(fleet, pickers, upstream, settings, metrics, clock, window, holds)
+    return GatewayApp(proxy, fleet, settings, metrics, clock, cold, window, holds)
+
+
+def _add_static(fleet: Fleet, fleet_file: FleetFile, now: float) -> None:
+    """The fleet file's models and replicas, skipping replicas the fleet already has."""
+    known = {r.url for r in fleet.replicas()}
+    specs = [
+        spec.model_copy(update={"replicas": [u for u in spec.replicas if u not in known]})
+        for spec in fleet_file.models
+    ]
+    populate_static(fleet, specs, now)
 
 
 def encode_config(settings: GatewaySettings, fleet_file: FleetFile) -> str:

@@ -18,6 +18,7 @@ from fleetserve.clock import Clock
 from fleetserve.config import GatewaySettings
 from fleetserve.errors import ApiError, MethodNotAllowedError, ModelNotFoundError
 from fleetserve.fleet.fleet import Fleet
+from fleetserve.gateway.hold import HoldQueue
 from fleetserve.gateway.proxy import Proxy
 from fleetserve.protocol.asgi import (
     ClientGoneError,
@@ -30,6 +31,7 @@ from fleetserve.protocol.asgi import (
 )
 from fleetserve.protocol.inspect import inspect_request
 from fleetserve.telemetry.metrics import GatewayMetrics
+from fleetserve.telemetry.window import LoadWindow, estimate_demand_tokens
 
 log = logging.getLogger("fleetserve.gateway")
 
@@ -65,6 +67,8 @@ class GatewayApp:
         metrics: GatewayMetrics,
         clock: Clock,
         cold: ASGIApp,
+        window: LoadWindow,
+        holds: HoldQueue,
     ) -> None:
         self.proxy = proxy
         self.fleet = fleet
@@ -72,6 +76,8 @@ class GatewayApp:
         self.metrics = metrics
         self.clock = clock
         self.cold = cold
+        self.window = window  # the autoscaler reads load here (same process) or at /admin/load
+        self.holds = holds
         self._ids = itertools.count(1)
         self._id_prefix = f"fs-{os.getpid():x}-"
 
@@ -117,6 +123,7 @@ class GatewayApp:
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, task, guard))
         gauge = self.metrics.in_flight_child(model)
         gauge.inc()
+        self.window.arrived(model, t0, estimate_demand_tokens(len(body), info.max_tokens))
         try:
             outcome = await self.proxy.forward(info, scope["path"], body, request_id, send, t0)
             guard.finishing = True
@@ -133,4 +140,6 @@ class GatewayApp:
         finally:
             watcher.cancel()
             gauge.dec()
-            self.metrics.finished(model, status, self.clock.now() - t0)
+            now = self.clock.now()
+            self.window.finished(model, now)
+            self.metrics.finished(model, status, now - t0)

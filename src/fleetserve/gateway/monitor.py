@@ -4,6 +4,11 @@ Probes run every `interval_s`; an ejected replica is probed only when its ejecti
 passed (the half-open probe). Scrapes read each ready replica's /metrics into engine signals;
 a failed scrape does not eject (the probe decides health) but stale signals are dropped so
 pickers fall back to the gateway's own in-flight counts.
+
+Each round reads the live Fleet, so replicas that actuators or discovery add at run time are
+probed and scraped from the next round on, and removed ones are not probed again. Starting
+replicas are also probed every `STARTING_PROBE_S`: a replica started to serve held requests
+is routed to within that long of its engine becoming healthy, not a whole probe period.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ log = logging.getLogger("fleetserve.gateway.monitor")
 
 SignalParser = Callable[[str], EngineSignals]
 STALE_AFTER_SCRAPES = 3
+STARTING_PROBE_S = 0.25
 
 
 class FleetMonitor:
@@ -53,6 +59,9 @@ class FleetMonitor:
         self._tasks = [
             asyncio.create_task(self._loop(self.probe_all, self.settings.interval_s)),
             asyncio.create_task(self._loop(self.scrape_all, self.settings.scrape_interval_s)),
+            asyncio.create_task(
+                self._loop(self.probe_starting, min(STARTING_PROBE_S, self.settings.interval_s))
+            ),
         ]
 
     async def stop(self) -> None:
@@ -81,6 +90,10 @@ class FleetMonitor:
             if r.state is not ReplicaState.DRAINING and r.probe_due(now)
         ]
         await asyncio.gather(*(self._probe(r) for r in due))
+
+    async def probe_starting(self) -> None:
+        starting = [r for r in self.fleet.replicas() if r.state is ReplicaState.STARTING]
+        await asyncio.gather(*(self._probe(r) for r in starting))
 
     async def _probe(self, replica: Replica) -> None:
         assert self._session is not None

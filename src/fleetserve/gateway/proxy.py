@@ -4,6 +4,10 @@ Failures before anything reached the client (connect errors, 5xx, timeouts befor
 byte) are retried on another replica, up to `max_attempts`. Once a stream has started, a
 failure ends it with an SSE error event in OpenAI's shape. Upstream 4xx answers are the
 client's problem and pass through unchanged.
+
+When the model has no ready replica but can get one, the request is held (gateway/hold.py)
+and then routed as usual. A held stream gets its 200 SSE head after `stream_head_after_s` and
+comment lines while it waits; from then on any failure is told in-stream, as above.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fleetserve.clock import Clock
-from fleetserve.config import GatewaySettings
+from fleetserve.config import DEFAULT_PICKER, GatewaySettings
 from fleetserve.errors import (
     ApiError,
     GatewayTimeoutError,
@@ -23,16 +27,19 @@ from fleetserve.errors import (
     UpstreamTimeoutError,
 )
 from fleetserve.fleet.fleet import Fleet
+from fleetserve.gateway.hold import HoldQueue
+from fleetserve.gateway.keepalive import SSE_HEADERS_BASE, StreamKeepAlive, answer_as_event
 from fleetserve.gateway.upstream import UpstreamClient
 from fleetserve.protocol.asgi import Send, send_bytes
 from fleetserve.protocol.inspect import RequestInfo
 from fleetserve.protocol.sse import encode_error_event
 from fleetserve.routing.picker import Picker
+from fleetserve.routing.pickers import make_picker
 from fleetserve.routing.snapshot import ReplicaSnapshot, RouteRequest
 from fleetserve.telemetry.metrics import GatewayMetrics
+from fleetserve.telemetry.window import LoadWindow
 
 REPLICA_HEADER = b"x-fleetserve-replica"  # which replica served: for debugging and fault tests
-SSE_HEADERS_BASE = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
 @dataclass(slots=True)
@@ -43,6 +50,9 @@ class Outcome:
     replica: str | None = None
     attempts: int = 0
     stream_failed: bool = False
+    head_sent: bool = False  # a held stream's 200 head is out: errors go in-stream now
+    hold_started: float | None = None
+    hold_s: float = 0.0  # time spent held, left out of the load window's TTFT
 
 
 def _error_kind(err: UpstreamError) -> str:
@@ -76,6 +86,8 @@ class Proxy:
         settings: GatewaySettings,
         metrics: GatewayMetrics,
         clock: Clock,
+        window: LoadWindow,
+        holds: HoldQueue | None = None,
     ) -> None:
         self.fleet = fleet
         self.pickers = pickers
@@ -83,13 +95,36 @@ class Proxy:
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
+        self.window = window
+        self.holds = holds
 
     def _pick(self, info: RequestInfo, tried: set[str]) -> ReplicaSnapshot | None:
         ready = self.fleet.ready(info.model)
         if not ready:
             return None
         route = RouteRequest(info.model, info.prefix_key, frozenset(tried))
-        return self.pickers[info.model].pick(route, ready)
+        picker = self.pickers.get(info.model)
+        if picker is None:  # a model declared in the fleet at run time
+            picker = self.pickers[info.model] = make_picker(DEFAULT_PICKER)
+        return picker.pick(route, ready)
+
+    async def _hold(self, info: RequestInfo, send: Send, outcome: Outcome) -> None:
+        assert self.holds is not None
+        now = self.clock.now()
+        if outcome.hold_started is None:
+            outcome.hold_started = now
+        started = outcome.hold_started
+        ticker = None
+        if info.stream:
+            ticker = StreamKeepAlive(send, self.holds.settings, started, outcome.head_sent)
+            ticker.next_at = max(ticker.next_at, now)  # a second hold: tick on from now
+        try:
+            await self.holds.hold(info.model, started, ticker)
+        finally:
+            outcome.hold_s = self.clock.now() - started
+            if ticker is not None and ticker.head_sent:
+                outcome.head_sent = True
+                outcome.status = 200
 
     def _no_replica(self, model: str) -> NoReplicaError:
         retry = {"Retry-After": str(self.settings.retry_after_s)}
@@ -112,16 +147,45 @@ class Proxy:
     ) -> Outcome:
         """Serve the request from some replica, or raise the ApiError to answer with."""
         outcome = Outcome()
+        try:
+            await self._forward(info, path, body, request_id, send, t0, outcome)
+        except ApiError as err:
+            if not outcome.head_sent:
+                raise
+            # A held stream's head is out: the failure can only be told in-stream.
+            outcome.status = err.status
+            outcome.stream_failed = True
+            await send(
+                {"type": "http.response.body", "body": encode_error_event(err), "more_body": True}
+            )
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return outcome
+
+    async def _forward(
+        self,
+        info: RequestInfo,
+        path: str,
+        body: bytes,
+        request_id: str,
+        send: Send,
+        t0: float,
+        outcome: Outcome,
+    ) -> None:
         tried: set[str] = set()
         last: UpstreamError | None = None
-        for attempt in range(self.settings.max_attempts):
+        attempt = 0
+        while attempt < self.settings.max_attempts:
             replica = self._pick(info, tried)
             if replica is None:
-                break
+                if tried or self.holds is None or not self.holds.should_hold(info.model):
+                    break
+                await self._hold(info, send, outcome)
+                continue
             if attempt:
                 self.metrics.retries.labels(info.model, _error_kind(last) if last else "").inc()
             tried.add(replica.id)
-            outcome.attempts = attempt + 1
+            attempt += 1
+            outcome.attempts = attempt
             outcome.replica = replica.id
             url = replica.url + path
             tag = [(REPLICA_HEADER, replica.id.encode())]
@@ -137,11 +201,9 @@ class Proxy:
                     outcome.status = response.status
             except UpstreamStatusError as err:
                 if not err.retryable:  # 4xx: the request's fault, not the replica's
-                    content_type = (err.content_type or "application/json").encode()
-                    await send_bytes(send, err.status, err.body, content_type, tag)
-                    outcome.status = err.status
+                    await self._pass_on(send, err, tag, outcome)
                     self.fleet.record_success(replica.id, self.clock.now())
-                    return outcome
+                    return
                 last = err
                 self._failed(info.model, replica.id, err)
                 continue
@@ -153,16 +215,32 @@ class Proxy:
                 self.fleet.end(replica.id)
             if not outcome.stream_failed:
                 self.fleet.record_success(replica.id, self.clock.now())
-            return outcome
+            return
         if not tried:
             raise self._no_replica(info.model)
         if isinstance(last, UpstreamStatusError):  # pass the engine's own 5xx answer on
-            content_type = (last.content_type or "application/json").encode()
             tag = [(REPLICA_HEADER, (outcome.replica or "").encode())]
-            await send_bytes(send, last.status, last.body, content_type, tag)
-            outcome.status = last.status
-            return outcome
+            await self._pass_on(send, last, tag, outcome)
+            return
         raise _final_error(last, info.model, len(tried))
+
+    async def _pass_on(
+        self,
+        send: Send,
+        err: UpstreamStatusError,
+        tag: list[tuple[bytes, bytes]],
+        outcome: Outcome,
+    ) -> None:
+        """Answer with the replica's own error, or end the held stream with it as an event."""
+        outcome.status = err.status
+        if outcome.head_sent:
+            outcome.stream_failed = True
+            event = answer_as_event(err.status, err.body)
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        content_type = (err.content_type or "application/json").encode()
+        await send_bytes(send, err.status, err.body, content_type, tag)
 
     def _failed(self, model: str, replica_id: str, err: UpstreamError) -> None:
         self.metrics.upstream_errors.labels(model, _error_kind(err)).inc()
@@ -182,15 +260,23 @@ class Proxy:
         clock = self.clock
         first_byte_s = self.settings.timeouts.first_byte_s
         async with self.upstream.stream(url, body, request_id) as stream:
-            remaining = max(first_byte_s - (clock.now() - t0), 0.001)
+            waited_s = clock.now() - t0 - outcome.hold_s  # a hold does not eat the budget
+            remaining = max(first_byte_s - waited_s, 0.001)
             first = await stream.next_chunk(timeout_s=remaining)
             if not first:
                 raise UpstreamClosedError("replica ended the stream before sending anything")
             # Committed: from here on a failure cannot be retried, only reported in-stream.
             now = clock.now()
             self.metrics.observe_ttft(info.model, now - t0)
-            headers = [(b"content-type", stream.content_type.encode()), *SSE_HEADERS_BASE, *tag]
-            await send({"type": "http.response.start", "status": stream.status, "headers": headers})
+            # The autoscaler's window leaves the hold out: more replicas cannot shorten it.
+            self.window.observe_ttft(info.model, now, now - t0 - outcome.hold_s)
+            if not outcome.head_sent:
+                headers = [
+                    (b"content-type", stream.content_type.encode()), *SSE_HEADERS_BASE, *tag
+                ]  # fmt: skip
+                await send(
+                    {"type": "http.response.start", "status": stream.status, "headers": headers}
+                )
             await send({"type": "http.response.body", "body": first, "more_body": True})
             outcome.status = stream.status
             itl = self.metrics.itl_child(info.model)

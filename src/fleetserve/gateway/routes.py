@@ -1,9 +1,14 @@
-"""The gateway's cold routes: liveness, readiness, models, metrics and the admin fleet view."""
+"""The gateway's cold routes: liveness, readiness, models, metrics and the admin views.
+
+Admin views (`/admin/fleet`, `/admin/load` and any the composition root adds, such as the
+autoscaler's `/admin/autoscaler`) answer JSON behind the same admin key.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 
 import orjson
@@ -16,9 +21,15 @@ from starlette.routing import Route
 from fleetserve.clock import Clock
 from fleetserve.errors import ApiError, AuthenticationError, MethodNotAllowedError, NotFoundError
 from fleetserve.fleet.fleet import Fleet
+from fleetserve.gateway.hold import HoldQueue
 from fleetserve.protocol.envelope import api_error_body
 from fleetserve.routing.snapshot import ReplicaState
 from fleetserve.telemetry.metrics import GatewayMetrics, exposition
+from fleetserve.telemetry.window import LoadWindow
+
+AdminView = Callable[[], object]
+"""Returns what `/admin/<name>` answers, as JSON-serialisable data (orjson: dataclasses too)."""
+BUILT_IN_VIEWS = frozenset({"fleet", "load", "replicas"})
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -39,8 +50,14 @@ def build_routes_app(
     metrics: GatewayMetrics,
     clock: Clock,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]],
+    window: LoadWindow,
+    holds: HoldQueue,
     admin_key: str | None = None,
+    admin_views: Mapping[str, AdminView] | None = None,
 ) -> Starlette:
+    views = dict(admin_views or {})
+    if clash := BUILT_IN_VIEWS & views.keys():
+        raise ValueError(f"admin views {sorted(clash)} would hide built-in admin routes")
     started = int(clock.wall())
     expected_auth = f"Bearer {admin_key}" if admin_key else None
 
@@ -56,9 +73,12 @@ def build_routes_app(
         return _json({"status": "ok"})
 
     async def ready(_: Request) -> Response:
+        """Ready when some model has a ready replica or can hold requests until it has one."""
         ready_models = [m for m in fleet.models() if fleet.ready(m)]
-        body = {"ready": bool(ready_models), "models_ready": ready_models}
-        return _json(body, 200 if ready_models else 503)
+        holding = [m for m in fleet.models() if m not in ready_models and holds.can_hold(m)]
+        ok = bool(ready_models or holding)
+        body = {"ready": ok, "models_ready": ready_models, "models_can_hold": holding}
+        return _json(body, 200 if ok else 503)
 
     async def models(_: Request) -> Response:
         data = [
@@ -99,8 +119,25 @@ def build_routes_app(
             for r in fleet.replicas()
         ]
         by_state = {s.value: n for s, n in fleet.count_by_state().items()}
+        held = {m: holds.held(m) for m in fleet.models()}
         return _json({"replicas": replicas, "by_state": by_state, "ready": by_state.get(
-            ReplicaState.READY.value, 0)})  # fmt: skip
+            ReplicaState.READY.value, 0), "held": held})  # fmt: skip
+
+    async def admin_load(request: Request) -> Response:
+        """The rolling load window per model: what a standalone autoscaler polls."""
+        if denied := admin_denied(request):
+            return denied
+        now = clock.now()
+        models = {m: dataclasses.asdict(window.snapshot(m, now)) for m in fleet.models()}
+        return _json({"window_s": window.window_s, "models": models})
+
+    def admin_view(name: str, view: AdminView) -> Route:
+        async def endpoint(request: Request) -> Response:
+            if denied := admin_denied(request):
+                return denied
+            return _json(view())
+
+        return Route(f"/admin/{name}", endpoint, name=f"admin_{name}")
 
     async def admin_drain(request: Request) -> Response:
         """Stop routing new requests to a replica; in-flight ones finish."""
@@ -132,6 +169,8 @@ def build_routes_app(
             Route("/v1/models", models),
             Route("/metrics", metrics_page),
             Route("/admin/fleet", admin_fleet),
+            Route("/admin/load", admin_load),
+            *(admin_view(name, view) for name, view in views.items()),
             Route("/admin/replicas/{replica_id:path}/drain", admin_drain, methods=["POST"]),
         ],
         exception_handlers={HTTPException: not_found},

@@ -14,6 +14,7 @@ import uvicorn
 
 from fleetserve.config import FleetFile, GatewaySettings
 from fleetserve.gateway.app import CONFIG_ENV, build_gateway, encode_config
+from fleetserve.gateway.asgi import GatewayApp
 
 UVICORN_FAST = {"loop": "uvloop", "http": "httptools", "access_log": False, "lifespan": "on"}
 
@@ -43,14 +44,34 @@ def run_gateway(settings: GatewaySettings, fleet_file: FleetFile) -> None:
         _run(settings, fleet_file)
 
 
-def _run(settings: GatewaySettings, fleet_file: FleetFile) -> None:
-    common = {
+def serve_app(app: GatewayApp, settings: GatewaySettings) -> None:
+    """Serve a pre-built app (one worker, this process) until SIGINT/SIGTERM, then raise
+    KeyboardInterrupt. Blocks; for a composition root that built the app with its hooks."""
+    with terminate_as_interrupt():
+        uvicorn.run(app, **_common(settings))  # type: ignore[arg-type]
+
+
+def make_server(app: GatewayApp, settings: GatewaySettings) -> uvicorn.Server:
+    """A uvicorn server for a pre-built app, to `await server.serve()` in a running loop.
+
+    Set `server.should_exit = True` to stop it; the app's lifespan then stops its services.
+    """
+    config = uvicorn.Config(app, **_common(settings))  # type: ignore[arg-type]
+    return uvicorn.Server(config)
+
+
+def _common(settings: GatewaySettings) -> dict[str, object]:
+    return {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
         "timeout_graceful_shutdown": 10,
         **UVICORN_FAST,
     }
+
+
+def _run(settings: GatewaySettings, fleet_file: FleetFile) -> None:
+    common = _common(settings)
     if settings.workers == 1:
         app = build_gateway(settings, fleet_file)
         uvicorn.run(app, **common)  # type: ignore[arg-type]

@@ -23,6 +23,10 @@ ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15
 E2E_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5,
                5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0,
                1920.0, 7680.0)  # fmt: skip
+# Holds last from a request's wait for a warm replica (ms) to a cold start (tens of seconds)
+# up to the hold timeout (120 s by default).
+HOLD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0,
+                90.0, 120.0, 180.0, 300.0, 600.0)  # fmt: skip
 
 StateCounts = Callable[[], Iterable[tuple[str, str, int]]]
 
@@ -66,6 +70,19 @@ class GatewayMetrics:
             "fleetserve_upstream_errors", "Failed attempts against replicas, by kind.",
             ["model", "kind"], registry=reg,
         )  # fmt: skip
+        self.held = Gauge(
+            "fleetserve_held_requests", "Requests held now, waiting for a replica of their model.",
+            ["model"], registry=reg, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.hold = Histogram(
+            "fleetserve_hold_seconds", "Time requests were held waiting for a ready replica.",
+            ["model"], buckets=HOLD_BUCKETS, registry=reg,
+        )  # fmt: skip
+        # Set by the autoscaler, which runs in one process: the most recent value wins.
+        self.desired_replicas = Gauge(
+            "fleetserve_desired_replicas", "Replicas the autoscaler wants, by model.",
+            ["model"], registry=reg, multiprocess_mode="mostrecent",
+        )  # fmt: skip
         self._ttft: dict[str, Histogram] = {}
         self._itl: dict[str, Histogram] = {}
         self._e2e: dict[str, Histogram] = {}
@@ -94,6 +111,10 @@ class GatewayMetrics:
         if child is None:
             child = self._e2e[model] = self.e2e.labels(model)
         child.observe(e2e_s)
+
+    def set_desired_replicas(self, model: str, replicas: int) -> None:
+        """The autoscaler's latest target for `model` (the composition root wires this)."""
+        self.desired_replicas.labels(model).set(replicas)
 
     def in_flight_child(self, model: str) -> Gauge:
         child = self._in_flight.get(model)
