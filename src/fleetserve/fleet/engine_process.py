@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import psutil
 
 from fleetserve.errors import EngineError
@@ -77,6 +78,30 @@ def http_ok(base_url: str, path: str, timeout_s: float = 1.0) -> bool:
         return False
     finally:
         connection.close()
+
+
+class HttpProbe:
+    """Asynchronous GET probes (200 is healthy) over one pooled session, made on first use."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    async def ok(self, url: str) -> bool:
+        if self._session is None:
+            timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+            self._session = aiohttp.ClientSession(timeout=timeout)
+        try:
+            async with self._session.get(url) as response:
+                await response.read()
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 def wait_ready(
