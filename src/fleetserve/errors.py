@@ -5,6 +5,7 @@ FleetserveError
 ├── EngineError                  an engine replica failed to launch or become ready
 ├── ActuatorError                scaling failed: a replica could not be started or stopped,
 │                                or the Kubernetes API refused or could not be reached
+├── ObserveError                 the autoscaler could not read the fleet (its step is skipped)
 ├── ApiError                     answered to a client in OpenAI's error envelope
 │   ├── InvalidRequestError      400 invalid_request_error
 │   ├── AuthenticationError      401
@@ -42,6 +43,10 @@ class EngineError(FleetserveError):
 
 class ActuatorError(FleetserveError):
     """An actuator could not carry out a scaling step; the message names what it scaled."""
+
+
+class ObserveError(FleetserveError):
+    """The autoscaler could not observe the fleet or gateway; it skips the step, never guesses."""
 
 
 class ApiError(FleetserveError):
