@@ -22,12 +22,14 @@ from fleetserve.bench.patterns import (
     spike,
     stages,
     steady,
+    value_at,
     wave,
 )
 from fleetserve.bench.schedule import (
     ClosedLoop,
     TraceEntry,
     TraceFormat,
+    active_users,
     bound_trace,
     parse_trace,
     read_trace,
@@ -310,3 +312,41 @@ def test_bound_trace_applies_duration_and_max_requests() -> None:
     entries = [TraceEntry(float(i)) for i in range(10)]
     assert [e.offset_s for e in bound_trace(entries, duration_s=5)] == [0, 1, 2, 3, 4]
     assert [e.offset_s for e in bound_trace(entries, duration_s=5, max_requests=2)] == [0, 1]
+
+
+# --- the value of a pattern at a time (closed-loop user counts) --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "times", "values"),
+    [
+        pytest.param(steady(3.0), [0.0, 1e6], [3.0, 3.0], id="steady"),
+        pytest.param(ramp(0, 10, 10), [0.0, 2.5, 10.0, 99.0], [0.0, 2.5, 10.0, 10.0], id="ramp"),
+        pytest.param(spike(2, 40, 30, 60), [0.0, 29.999, 30.0, 89.999, 90.0],
+                     [2.0, 2.0, 40.0, 40.0, 2.0], id="spike-steps-at-its-edges"),
+        pytest.param(spike(2, 40, 0, 5), [0.0, 5.0], [40.0, 2.0], id="spike-at-zero"),
+        pytest.param(wave(10, 5, 4), [0.0, 1.0, 2.0, 3.0, 4.0], [10.0, 15.0, 10.0, 5.0, 10.0],
+                     id="wave"),
+        pytest.param(burst(1, 9, 10, 2), [0.0, 10.0, 11.9, 12.0, 20.5], [1.0, 9.0, 9.0, 1.0, 9.0],
+                     id="burst"),
+        pytest.param(stages([(10.0, steady(2.0)), (5.0, ramp(0, 10, 5))]),
+                     [9.99, 10.0, 12.5, 15.0], [2.0, 0.0, 5.0, 0.0], id="stages-then-zero"),
+    ],
+)  # fmt: skip
+def test_value_at(pattern: Pattern, times: list[float], values: list[float]) -> None:
+    assert [value_at(pattern, t) for t in times] == pytest.approx(values, abs=EXACT)
+
+
+@pytest.mark.parametrize(
+    ("loop", "t", "users"),
+    [
+        pytest.param(ClosedLoop(8), 100.0, 8, id="no-pattern"),
+        pytest.param(ClosedLoop(40, pattern=spike(2, 40, 30, 60)), 10.0, 2, id="spike-base"),
+        pytest.param(ClosedLoop(40, pattern=spike(2, 40, 30, 60)), 30.0, 40, id="spike-peak"),
+        pytest.param(ClosedLoop(20, pattern=spike(2, 40, 30, 60)), 30.0, 20, id="capped"),
+        pytest.param(ClosedLoop(9, pattern=ramp(0, 9, 9)), 2.4, 2, id="rounded-down"),
+        pytest.param(ClosedLoop(9, pattern=ramp(0, 9, 9)), 2.6, 3, id="rounded-up"),
+    ],
+)
+def test_active_users(loop: ClosedLoop, t: float, users: int) -> None:
+    assert active_users(loop, t) == users

@@ -711,3 +711,52 @@ def test_https_replicas_go_through_aiohttp(run: Run) -> None:
             await upstream.close()
 
     run(scenario())
+
+
+def test_bench_options_extra_headers_read_stamps_and_captured_headers(run: Run) -> None:
+    """Bench's options: headers on every request, each read timed, chosen headers kept."""
+    stamps = iter([10.0, 20.0, 30.0, 40.0, 50.0])
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+        b"X-Fleetserve-Replica: r-2\r\nX-Other: no\r\n\r\n"
+    )
+
+    async def answer(req: Request, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(head)
+        await w.drain()
+        await asyncio.sleep(0.01)
+        await dribble(w, b"5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n", [10])
+        return True
+
+    async def scenario() -> None:
+        async with (
+            ScriptedServer(answer) as server,
+            client(
+                headers={"Authorization": "Bearer k"},
+                stamp=lambda: next(stamps),
+                capture_headers=("x-fleetserve-replica",),
+            ) as http,
+        ):
+            response = await http.request(server.url, b"{}", "rid", 2.0, stream=True)
+            assert response.headers == {"x-fleetserve-replica": "r-2"}
+            parts: list[tuple[bytes, float]] = []
+            while True:
+                chunks, times = await response.next_parts(2.0, "idle")
+                if not chunks:
+                    break
+                parts += zip(chunks, times, strict=True)
+            response.finish()
+            assert b"".join(c for c, _ in parts) == b"helloworld"
+            assert [t for _, t in parts] == sorted(t for _, t in parts)  # one stamp per read
+            assert parts[0] == (b"hello", 20.0)  # the head came in the first read (10.0)
+            assert (
+                b"\r\nAuthorization: Bearer k\r\nX-Request-Id: rid\r\n" in server.requests[0].head
+            )
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("header", [{"Bad\r\nName": "x"}, {"A": "b\r\nInjected: 1"}, {"": "x"}])
+def test_request_headers_cannot_inject_lines(header: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="invalid request header"):
+        Http1Client(1.0, headers=header)
