@@ -164,7 +164,7 @@ def test_errors_by_kind_and_status() -> None:
     assert report.errors.by_status == {"503": 2, "none": 2, "429": 1}
     assert report.errors.examples[0].count == 2
     assert close(report.totals.error_rate, 5 / 8)
-    assert any("1 requests were still in flight" in note for note in report.notes)
+    assert any("1 requests were cancelled" in note for note in report.notes)
 
 
 def test_tokens_counted_from_chunks_are_flagged() -> None:

@@ -58,6 +58,9 @@ def summarize(
     """Build the report of one run. `duration_s` is the run's measured duration (> 0)."""
     if not math.isfinite(duration_s) or duration_s <= 0:
         raise ConfigError(f"duration_s must be a finite number > 0, got {duration_s!r}")
+    for record in records:
+        if not all(map(math.isfinite, (record.intended_s, record.sent_s, record.end_s))):
+            raise ValueError(f"request {record.index} has a time that is not a finite number")
     window_s = max([duration_s, *(r.end_s for r in records)])
     ok = [r for r in records if r.ok]
     ok_times = [request_times(r) for r in ok]
@@ -224,7 +227,8 @@ def _notes(
     cancelled = sum(1 for r in records if r.error_kind == "cancelled")
     if cancelled:
         notes.append(
-            f"{cancelled} requests were still in flight when the run ended; they count as errors."
+            f"{cancelled} requests were cancelled (skipped at the in-flight cap, or still in "
+            "flight when the run ended); they count as errors."
         )
     not_streamed = sum(1 for r in records if r.ok and not r.stream)
     if not_streamed:
