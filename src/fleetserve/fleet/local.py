@@ -46,6 +46,7 @@ from fleetserve.routing.snapshot import ReplicaState
 log = logging.getLogger("fleetserve.fleet.local")
 
 KEPT = 50  # cold starts and exits remembered for status
+PORT_TRIES = 20
 
 
 class EngineLauncher(Protocol):
@@ -201,7 +202,7 @@ class LocalActuator:
 
     def _launch(self) -> None:
         settings = self.settings
-        port = free_port(settings.host)
+        port = self._free_port()
         url = f"http://{settings.host}:{port}"
         name = f"{settings.name_prefix}-{next(self._names)}"
         command = self.launcher.command(settings.host, port)
@@ -225,6 +226,15 @@ class LocalActuator:
         )
         owned.task = self._spawn(self._await_ready(owned))
         log.info("launched %s (pid %d) at %s", name, engine.pid, url)
+
+    def _free_port(self) -> int:
+        """A free port whose replica id is not taken: a draining replica that has closed its
+        socket but not yet exited still holds its id in the Fleet."""
+        for _ in range(PORT_TRIES):
+            port = free_port(self.settings.host)
+            if self.fleet.get(replica_id(f"http://{self.settings.host}:{port}")) is None:
+                return port
+        raise ActuatorError(f"no free port for a replica of model {self.settings.model}")
 
     def _scale_down(self, active: list[_Owned], count: int) -> None:
         now = self.clock.now()
