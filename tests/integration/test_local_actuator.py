@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import psutil
@@ -16,6 +18,7 @@ import pytest
 
 from fleetserve.clock import RealClock
 from fleetserve.engines.sim.adapter import SimAdapter
+from fleetserve.errors import ActuatorError
 from fleetserve.fleet.actuators import ActuatorStatus
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.local import LocalActuator, LocalActuatorSettings
@@ -189,5 +192,64 @@ async def test_cold_start_includes_the_engines_own(tmp_path: Path) -> None:
         await eventually(lambda: len(ready_ids(fleet)) == 1, "ready after its cold start")
         (cold_start_s,) = (await local.describe()).cold_starts_s
         assert cold_start_s >= 1.0
+    finally:
+        await local.close()
+
+
+class Sleeper:
+    """A launcher of a process that never serves: it sleeps, or is no program at all."""
+
+    health_path = "/health"
+
+    def __init__(self, program: str = sys.executable) -> None:
+        self.program = program
+
+    def command(self, host: str, port: int) -> list[str]:
+        return [self.program, "-c", "import time; time.sleep(60)"]
+
+
+@pytest.mark.timeout(60)
+async def test_a_replica_not_ready_in_time_is_stopped_and_reported(tmp_path: Path) -> None:
+    fleet = Fleet()
+    settings = LocalActuatorSettings(model=MODEL, log_dir=tmp_path, ready_timeout_s=0.5)
+    local = LocalActuator(fleet, Sleeper(), RealClock(), settings)
+    try:
+        await local.set_replicas(1)
+        (pid,) = pids_by_id(await local.describe()).values()
+        await eventually(lambda: len(fleet) == 0, "the replica given up on")
+        assert gone([pid])
+        (exit_,) = (await local.describe()).exits
+        assert (exit_.while_starting, exit_.reason) == (True, "not ready after 0.5s")
+        assert await local.current() == 0
+    finally:
+        await local.close()
+
+
+async def test_a_launcher_that_cannot_start_raises_actuator_error(tmp_path: Path) -> None:
+    fleet = Fleet()
+    settings = LocalActuatorSettings(model=MODEL, log_dir=tmp_path)
+    local = LocalActuator(fleet, Sleeper(str(tmp_path / "no-such-engine")), RealClock(), settings)
+    try:
+        with pytest.raises(ActuatorError, match=r"cannot start replica-0 of model sim-local"):
+            await local.set_replicas(1)
+        assert len(fleet) == 0
+        assert await local.current() == 0
+    finally:
+        await local.close()
+
+
+@pytest.mark.timeout(60)
+async def test_replicas_beyond_free_memory_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet = Fleet()
+    local = actuator(fleet, tmp_path, profile="instant")
+    try:
+        await local.set_replicas(1)
+        await eventually(lambda: len(ready_ids(fleet)) == 1, "one replica ready")
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=0))
+        with pytest.raises(ActuatorError, match=r"started 0 of 2 more replicas .* not enough"):
+            await local.set_replicas(3)
+        assert await local.current() == 1
     finally:
         await local.close()
