@@ -6,16 +6,37 @@ PID (SIGTERM to its process group, SIGKILL after a grace period), also on errors
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleetserve.config import FleetFile, GatewaySettings, ModelSpec, PickerName
+from fleetserve.autoscale.decision import Decision
+from fleetserve.autoscale.loop import AutoscaleLoop
+from fleetserve.autoscale.observers import FleetObserver, GatewayFigures
+from fleetserve.clock import RealClock
+from fleetserve.config import (
+    AutoscaleSettings,
+    EngineName,
+    FleetFile,
+    GatewaySettings,
+    ModelSpec,
+    PickerName,
+)
 from fleetserve.engines.adapter import EngineAdapter, LaunchSpec
+from fleetserve.errors import EngineError
 from fleetserve.fleet.engine_process import EngineProcess, check_memory, launch, wait_ready
+from fleetserve.fleet.fleet import Fleet
+from fleetserve.fleet.local import LocalActuator, LocalActuatorSettings
 from fleetserve.fleet.processes import LOOPBACK, free_port
-from fleetserve.gateway.serve import run_gateway, terminate_as_interrupt
+from fleetserve.fleet.replica import EjectionPolicy
+from fleetserve.gateway.app import build_gateway
+from fleetserve.gateway.asgi import GatewayApp
+from fleetserve.gateway.serve import run_gateway, serve_app, terminate_as_interrupt
+from fleetserve.routing.snapshot import ReplicaState
+from fleetserve.telemetry.window import LoadWindow
 
 
 @dataclass(frozen=True)
@@ -89,3 +110,161 @@ def run_local_stack(
     finally:
         for engine in engines:
             engine.stop()
+
+
+# -- an autoscaled local fleet (`fleetserve up --replicas MIN:MAX`) ------------------------
+
+
+@dataclass(frozen=True)
+class AutoscaledStackSpec:
+    adapter: EngineAdapter
+    model: str
+    options: dict[str, str]
+    engine_name: EngineName
+    picker: PickerName
+    autoscale: AutoscaleSettings
+    ready_timeout_s: float = 120.0
+    drain_grace_s: float = 30.0
+
+
+class _StartFleet:
+    """Starts the floor of replicas with the gateway and stops every replica with it.
+
+    Runs as the gateway's first background service, so the autoscaler loop (the next one)
+    starts from a fleet that is already up; `up` fails at start, with the engine's log, when
+    the first replicas cannot start.
+    """
+
+    def __init__(self, actuator: LocalActuator, fleet: Fleet, spec: AutoscaledStackSpec) -> None:
+        self.actuator = actuator
+        self.fleet = fleet
+        self.spec = spec
+
+    async def start(self) -> None:
+        floor = self.spec.autoscale.min_replicas
+        if floor == 0:
+            return
+        await self.actuator.set_replicas(floor)
+        deadline = time.monotonic() + self.spec.ready_timeout_s
+        while self.fleet.count_by_state(self.spec.model)[ReplicaState.READY] < floor:
+            status = await self.actuator.describe()
+            if status.exits:
+                failed = status.exits[-1]
+                await self.actuator.close()
+                raise EngineError(
+                    f"{failed.id} {failed.reason} while starting; last lines of its log:\n"
+                    f"{failed.log_tail}"
+                )
+            if time.monotonic() > deadline:
+                await self.actuator.close()
+                raise EngineError(
+                    f"{floor} replica(s) were not ready after {self.spec.ready_timeout_s:g}s"
+                )
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        await self.actuator.close()
+
+
+class _Announce:
+    """Calls `on_ready` once the gateway's port accepts connections (after the lifespan)."""
+
+    def __init__(self, host: str, port: int, on_ready: Callable[[], None]) -> None:
+        self.host, self.port, self.on_ready = host, port, on_ready
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._wait())
+
+    async def _wait(self) -> None:
+        for _ in range(500):  # 10 s at most
+            try:
+                _, writer = await asyncio.open_connection(self.host, self.port)
+            except OSError:
+                await asyncio.sleep(0.02)
+                continue
+            writer.close()
+            self.on_ready()
+            return
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+def build_autoscaled_gateway(
+    spec: AutoscaledStackSpec,
+    settings: GatewaySettings,
+    on_ready: Callable[[], None] = lambda: None,
+    log_dir: Path | None = None,
+) -> GatewayApp:
+    """The gateway with a local actuator and the autoscaler loop in its process."""
+    clock = RealClock()
+    health = settings.health
+    fleet = Fleet(
+        EjectionPolicy(health.eject_after_failures, health.eject_base_s, health.eject_max_s)
+    )
+    window = LoadWindow(settings.load_window_s)
+    actuator = LocalActuator(
+        fleet,
+        AdapterLauncher(spec.adapter, spec.model, spec.options),
+        clock,
+        LocalActuatorSettings(
+            model=spec.model,
+            log_dir=log_dir or Path(tempfile.mkdtemp(prefix="fleetserve-up-")),
+            ready_timeout_s=spec.ready_timeout_s,
+            drain_grace_s=spec.drain_grace_s,
+        ),
+    )
+
+    def figures(model: str, now: float) -> GatewayFigures:
+        load = window.snapshot(model, now)
+        return GatewayFigures(
+            held=load.held,
+            ttft_p95_s=load.ttft_p95_s,
+            arrival_rps=load.arrival_rps,
+            arrival_tps=load.demand_tps,
+        )
+
+    app_ref: list[GatewayApp] = []
+
+    def on_decision(decision: Decision) -> None:
+        if app_ref:
+            app_ref[0].metrics.set_desired_replicas(spec.model, decision.desired)
+
+    loop = AutoscaleLoop(
+        spec.model,
+        FleetObserver(fleet, spec.model, figures),
+        actuator,
+        spec.autoscale,
+        clock,
+        on_decision=on_decision,
+    )
+    model = ModelSpec(
+        name=spec.model, engine=spec.engine_name, picker=spec.picker, autoscale=spec.autoscale
+    )
+    app = build_gateway(
+        settings,
+        FleetFile(models=[model]),
+        clock,
+        fleet=fleet,
+        window=window,
+        services=[
+            _StartFleet(actuator, fleet, spec),
+            loop,
+            _Announce(settings.host, settings.port, on_ready),
+        ],
+        on_demand=lambda _model: loop.wake(),
+        admin_views={"autoscaler": loop.view},
+    )
+    app_ref.append(app)
+    return app
+
+
+def run_autoscaled_stack(
+    spec: AutoscaledStackSpec,
+    settings: GatewaySettings,
+    on_ready: Callable[[], None] = lambda: None,
+) -> None:
+    """Serve the gateway with the autoscaler until SIGINT/SIGTERM; every replica is stopped."""
+    serve_app(build_autoscaled_gateway(spec, settings, on_ready), settings)

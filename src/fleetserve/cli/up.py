@@ -8,16 +8,30 @@ from pathlib import Path
 import typer
 
 from fleetserve.cli.common import clear_errors, ensure_port_free, err_console
-from fleetserve.config import DEFAULT_PICKER, EngineName, GatewaySettings, ModelSpec, PickerName
+from fleetserve.config import (
+    DEFAULT_PICKER,
+    AutoscaleSettings,
+    EngineName,
+    GatewaySettings,
+    ModelSpec,
+    PickerName,
+    load_fleet_file,
+)
 from fleetserve.engines.llamacpp.adapter import threads_per_replica
 from fleetserve.engines.llamacpp.build import find_llama_server
 from fleetserve.engines.llamacpp.model import load_model
 from fleetserve.engines.registry import adapter_for
 from fleetserve.errors import ConfigError
-from fleetserve.stack import LocalStackSpec, run_local_stack
+from fleetserve.stack import (
+    AutoscaledStackSpec,
+    LocalStackSpec,
+    run_autoscaled_stack,
+    run_local_stack,
+)
 
 DEFAULT_SIM_MODEL = "sim-llama-3.1-8b"
 ENGINES: tuple[EngineName, ...] = ("llamacpp", "sim", "vllm")
+MAX_REPLICAS = 64
 
 
 def _engine_setup(
@@ -58,7 +72,24 @@ def up_command(
         help="llamacpp: a .gguf file (default: the packaged SmolLM2-135M-Instruct); "
         "sim: a model name; vllm: a model id.",
     ),
-    replicas: int = typer.Option(2, "--replicas", "-n", min=1, max=64, help="Engine replicas."),
+    replicas: str = typer.Option(
+        "2",
+        "--replicas",
+        "-n",
+        help="Engine replicas: N for a fixed fleet, MIN:MAX to autoscale (MIN may be 0).",
+    ),
+    fleet_file: Path | None = typer.Option(
+        None,
+        "--fleet-file",
+        "-f",
+        help="A fleet file whose model's `autoscale:` section sets the policy (with MIN:MAX).",
+    ),
+    ttft_slo_s: float | None = typer.Option(
+        None, "--ttft-slo", min=0.001, help="Autoscale: keep the gateway's TTFT p95 under this (s)."
+    ),
+    drain_grace_s: float = typer.Option(
+        30.0, min=0.0, help="Autoscale: seconds a removed replica may finish its requests."
+    ),
     port: int = typer.Option(8000, "--port", "-p", help="Gateway port."),
     host: str = typer.Option("127.0.0.1", help="Gateway address."),
     picker: str = typer.Option(
@@ -74,36 +105,106 @@ def up_command(
 ) -> None:
     """Start engine replicas and the gateway on this machine; Ctrl-C stops everything.
 
-    Example: fleetserve up --replicas 2 --port 8000   (llama.cpp serving SmolLM2 on the CPU)
+    Examples:
+
+      fleetserve up --replicas 2 --port 8000      (llama.cpp serving SmolLM2 on the CPU)
+
+      fleetserve up --engine sim --profile a10g --replicas 1:8 --ttft-slo 2   (autoscaled)
     """
+    low, high = _replica_range(replicas)
+    autoscale = _autoscale(low, high, fleet_file, ttft_slo_s) if low != high else None
+    if autoscale is not None and workers != 1:
+        raise ConfigError(
+            "the autoscaler runs inside the gateway process: use --workers 1 with --replicas "
+            "MIN:MAX"
+        )
     options = {
         "threads": str(threads) if threads else "",
         "slots": str(slots),
         "profile": profile,
         "cold_start_s": str(cold_start_s),
     }
-    engine_name, served, launch_options, note = _engine_setup(engine, model, replicas, options)
+    engine_name, served, launch_options, note = _engine_setup(engine, model, high, options)
     ensure_port_free(host, port, "the gateway")
-    spec = LocalStackSpec(
-        adapter=adapter_for(engine_name),
-        model=served,
-        replicas=replicas,
-        options=launch_options,
-        engine_name=engine_name,
-        picker=_picker(picker),
-    )
 
     def say(line: str) -> None:
         err_console.print(f"[dim]fleetserve[/] {line}")
 
-    err_console.print(f"[bold]fleetserve up[/]: {replicas} replica(s) of [cyan]{served}[/]: {note}")
     endpoint = f"http://{host}:{port}"
     settings = GatewaySettings(host=host, port=port, workers=workers)
+
+    def announce() -> None:
+        _print_ready(endpoint, served)
+
     try:
-        run_local_stack(spec, settings, say, on_ready=lambda: _print_ready(endpoint, served))
+        if autoscale is None:
+            err_console.print(
+                f"[bold]fleetserve up[/]: {low} replica(s) of [cyan]{served}[/]: {note}"
+            )
+            spec = LocalStackSpec(
+                adapter=adapter_for(engine_name),
+                model=served,
+                replicas=low,
+                options=launch_options,
+                engine_name=engine_name,
+                picker=_picker(picker),
+            )
+            run_local_stack(spec, settings, say, on_ready=announce)
+        else:
+            err_console.print(
+                f"[bold]fleetserve up[/]: {low} to {high} replicas of [cyan]{served}[/], "
+                f"autoscaled: {note}"
+            )
+            scaled = AutoscaledStackSpec(
+                adapter=adapter_for(engine_name),
+                model=served,
+                options=launch_options,
+                engine_name=engine_name,
+                picker=_picker(picker),
+                autoscale=autoscale,
+                drain_grace_s=drain_grace_s,
+            )
+            run_autoscaled_stack(scaled, settings, on_ready=announce)
     except KeyboardInterrupt:
         err_console.print("stopping")
     err_console.print("all replicas stopped")
+
+
+def _replica_range(text: str) -> tuple[int, int]:
+    """`N` -> (N, N); `MIN:MAX` -> (MIN, MAX), with 0 <= MIN <= MAX, 1 <= MAX <= 64."""
+    low_text, sep, high_text = text.partition(":")
+    try:
+        low = int(low_text)
+        high = int(high_text) if sep else low
+    except ValueError:
+        raise ConfigError(f"--replicas takes N or MIN:MAX (e.g. 2 or 1:8), not {text!r}") from None
+    if not sep and low < 1:
+        raise ConfigError("--replicas N needs N >= 1 (use 0:MAX to autoscale from zero)")
+    if not 0 <= low <= high or not 1 <= high <= MAX_REPLICAS:
+        raise ConfigError(f"--replicas {text}: need 0 <= MIN <= MAX and 1 <= MAX <= {MAX_REPLICAS}")
+    return low, high
+
+
+def _autoscale(
+    low: int, high: int, fleet_file: Path | None, ttft_slo_s: float | None
+) -> AutoscaleSettings:
+    """The policy: the fleet file's `autoscale:` section (if any), bounds from --replicas."""
+    base: dict[str, object] = {}
+    if fleet_file is not None:
+        specs = [m for m in load_fleet_file(fleet_file).models if m.autoscale is not None]
+        if len(specs) != 1:
+            raise ConfigError(
+                f"{fleet_file}: `up` needs exactly one model with an `autoscale:` section, "
+                f"found {len(specs)}"
+            )
+        base = specs[0].autoscale.model_dump() if specs[0].autoscale else {}
+    base.update(min_replicas=low, max_replicas=high)
+    if ttft_slo_s is not None:
+        base["ttft_slo_s"] = ttft_slo_s
+    try:
+        return AutoscaleSettings.model_validate(base)
+    except ValueError as exc:
+        raise ConfigError(f"autoscale settings are invalid: {exc}") from exc
 
 
 def _picker(name: str) -> PickerName:
