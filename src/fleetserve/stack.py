@@ -7,15 +7,24 @@ PID (SIGTERM to its process group, SIGKILL after a grace period), also on errors
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
 from fleetserve.autoscale.decision import Decision
 from fleetserve.autoscale.loop import AutoscaleLoop
-from fleetserve.autoscale.observers import FleetObserver, GatewayFigures
+from fleetserve.autoscale.observers import FleetObserver, GatewayFigures, GatewayObserver
 from fleetserve.clock import RealClock
 from fleetserve.config import (
     AutoscaleSettings,
@@ -27,8 +36,10 @@ from fleetserve.config import (
 )
 from fleetserve.engines.adapter import EngineAdapter, LaunchSpec
 from fleetserve.errors import EngineError
+from fleetserve.fleet.actuators import Actuator
 from fleetserve.fleet.engine_process import EngineProcess, check_memory, launch, wait_ready
 from fleetserve.fleet.fleet import Fleet
+from fleetserve.fleet.kubernetes import KubernetesActuator, KubernetesTarget
 from fleetserve.fleet.local import LocalActuator, LocalActuatorSettings
 from fleetserve.fleet.processes import LOOPBACK, free_port
 from fleetserve.fleet.replica import EjectionPolicy
@@ -268,3 +279,89 @@ def run_autoscaled_stack(
 ) -> None:
     """Serve the gateway with the autoscaler until SIGINT/SIGTERM; every replica is stopped."""
     serve_app(build_autoscaled_gateway(spec, settings, on_ready), settings)
+
+
+# -- the autoscaler alone (`fleetserve autoscaler`) ----------------------------------------
+
+
+@dataclass(frozen=True)
+class RemoteAutoscalerSpec:
+    gateway_url: str
+    model: str
+    target: KubernetesTarget
+    autoscale: AutoscaleSettings
+    admin_key: str | None = None
+    kubeconfig: Path | None = None
+    context: str | None = None
+    host: str = LOOPBACK
+    port: int = 8081  # its own /admin/autoscaler, /metrics and /health
+
+
+def build_remote_autoscaler(
+    spec: RemoteAutoscalerSpec, actuator: Actuator | None = None
+) -> tuple[AutoscaleLoop, Starlette]:
+    """The loop reading a gateway over HTTP and scaling a Deployment, and its small HTTP app."""
+    clock = RealClock()
+    observer = GatewayObserver(spec.gateway_url, spec.model, spec.admin_key)
+    if actuator is None:
+        actuator = KubernetesActuator.connect(
+            spec.target, kubeconfig=spec.kubeconfig, context=spec.context
+        )
+    registry = CollectorRegistry()
+    desired = Gauge(
+        "fleetserve_desired_replicas", "Replicas the autoscaler wants, by model.", ["model"],
+        registry=registry,
+    )  # fmt: skip
+    replicas = Gauge(
+        "fleetserve_replicas", "Replicas by state, as the autoscaler last observed them.",
+        ["model", "state"], registry=registry,
+    )  # fmt: skip
+
+    def on_decision(decision: Decision) -> None:
+        desired.labels(spec.model).set(decision.desired)
+        latest = loop.timeline.latest
+        if latest is not None:
+            for state in ("ready", "starting", "draining"):
+                value = getattr(latest, state)
+                if value is not None:
+                    replicas.labels(spec.model, state).set(value)
+
+    loop = AutoscaleLoop(
+        spec.model, observer, actuator, spec.autoscale, clock, on_decision=on_decision
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        await loop.start()
+        try:
+            yield
+        finally:
+            await loop.stop()
+            await observer.close()
+            await actuator.close()
+
+    async def view(_: Request) -> Response:
+        return Response(orjson.dumps(loop.view()), media_type="application/json")
+
+    async def health(_: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    async def metrics(_: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app = Starlette(
+        routes=[
+            Route("/admin/autoscaler", view),
+            Route("/health", health),
+            Route("/metrics", metrics),
+        ],
+        lifespan=lifespan,
+    )
+    return loop, app
+
+
+def run_remote_autoscaler(spec: RemoteAutoscalerSpec) -> None:
+    """Run until SIGINT/SIGTERM (then KeyboardInterrupt)."""
+    _, app = build_remote_autoscaler(spec)
+    with terminate_as_interrupt():
+        uvicorn.run(app, host=spec.host, port=spec.port, log_level="warning", lifespan="on")

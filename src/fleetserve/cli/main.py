@@ -5,8 +5,10 @@ from __future__ import annotations
 import typer
 
 from fleetserve import __version__
+from fleetserve.cli.autoscaler import autoscaler_command
 from fleetserve.cli.engine import engine_app
 from fleetserve.cli.gateway import gateway_command
+from fleetserve.cli.status import status_command
 from fleetserve.cli.up import up_command
 
 app = typer.Typer(
@@ -19,6 +21,8 @@ app = typer.Typer(
 app.add_typer(engine_app, name="engine")
 app.command("gateway")(gateway_command)
 app.command("up")(up_command)
+app.command("status")(status_command)
+app.command("autoscaler")(autoscaler_command)
 
 
 def _version(value: bool) -> None:
