@@ -205,7 +205,9 @@ def fleet_timeline(report: BenchReport) -> go.Figure:
                 secondary_y=True,
             )
     fig.update_yaxes(secondary_y=False, dtick=1)
-    fig.update_yaxes(title_text="requests", secondary_y=True, rangemode="tozero", showgrid=False)
+    fig.update_yaxes(
+        title_text="requests", secondary_y=True, rangemode="tozero", showgrid=False, tickmode="auto"
+    )
     return fig
 
 
