@@ -9,6 +9,9 @@ Routes: POST /v1/chat/completions and /v1/completions, GET /v1/models and /healt
 until the simulated cold start is over, when a real vLLM would not listen yet), /metrics
 (vLLM's names) and /version. A client that disconnects aborts its request inside the engine,
 freeing its batch slot and KV blocks, as vLLM does.
+
+Simulation only: `GET /sim/requests` (`?since=ID&limit=N`) is the server's own timing of each
+finished request and `DELETE /sim/requests` clears it (`fleetserve.engines.sim.request_log`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import urllib.parse
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -25,6 +29,7 @@ from fleetserve import __version__
 from fleetserve.engines.sim.api import Job, PlanCache, completion_body, stream_end, stream_events
 from fleetserve.engines.sim.batching import CapacityError
 from fleetserve.engines.sim.engine import SeqHandle, SimEngine
+from fleetserve.engines.sim.request_log import DEFAULT_CAPACITY, RequestLog
 from fleetserve.engines.sim.text import TextSource
 from fleetserve.errors import (
     ApiError,
@@ -45,6 +50,7 @@ from fleetserve.protocol.asgi import (
 from fleetserve.protocol.envelope import api_error_body
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+REQUEST_LOG_PATH = "/sim/requests"
 OWNED_BY = "fleetserve-sim"
 SERVER_HEADER = (b"server", b"fleetserve-sim (simulated vLLM)")
 JSON_TYPE = (b"content-type", b"application/json")
@@ -76,9 +82,16 @@ async def _respond_error(send: Send, err: ApiError) -> None:
 class SimServer:
     """ASGI app over one SimEngine. Its lifespan starts and stops the engine."""
 
-    def __init__(self, engine: SimEngine, *, engine_seed: int = 0) -> None:
+    def __init__(
+        self,
+        engine: SimEngine,
+        *,
+        engine_seed: int = 0,
+        request_log_capacity: int = DEFAULT_CAPACITY,
+    ) -> None:
         self.engine = engine
         self.engine_seed = engine_seed
+        self.requests = RequestLog(request_log_capacity)
         self._id_prefix = os.urandom(6).hex()
         self._ids = itertools.count()
         self._created = int(engine.clock.wall())
@@ -121,6 +134,9 @@ class SimServer:
                 await _respond_error(send, _method_not_allowed(method, path))
                 return
             await self._completion(path == "/v1/chat/completions", receive, send)
+            return
+        if path == REQUEST_LOG_PATH:
+            await self._request_log(method, scope.get("query_string", b""), send)
             return
         handler = self._get_routes.get(path)
         if handler is None:
@@ -169,6 +185,35 @@ class SimServer:
         body = orjson.dumps({"version": f"fleetserve-sim {__version__}", "simulated": True})
         await _respond(send, 200, body)
 
+    async def _request_log(self, method: str, query: bytes, send: Send) -> None:
+        if method == "DELETE":
+            await _respond(send, 200, orjson.dumps({"cleared": self.requests.clear()}))
+        elif method in ("GET", "HEAD"):
+            try:
+                since, limit = _log_query(query)
+            except InvalidRequestError as err:
+                await _respond_error(send, err)
+                return
+            await _respond(send, 200, orjson.dumps(self.requests.page(since, limit)))
+        else:
+            await _respond_error(send, _method_not_allowed(method, REQUEST_LOG_PATH))
+
+    def _log_request(
+        self,
+        job: Job,
+        handle: SeqHandle,
+        arrival_s: float,
+        writes: tuple[float | None, float | None, int],
+        output_tokens: int,
+        finish_reason: str,
+    ) -> None:
+        seq = handle.seq
+        first_write, last_write, n_writes = writes
+        self.requests.record(
+            arrival_s, first_write, last_write, n_writes, seq.first_token_s, seq.finished_s,
+            len(job.plan.prompt), output_tokens, finish_reason, job.plan.stream,
+        )  # fmt: skip
+
     async def _completion(self, chat: bool, receive: Receive, send: Send) -> None:
         engine = self.engine
         clock = engine.clock
@@ -176,6 +221,7 @@ class SimServer:
             if not engine.ready:
                 raise _starting(engine.cold_start_left_s())
             body = await read_body(receive, MAX_BODY_BYTES)
+            arrival_s = clock.now()
             plan = self._plans.plan(body, chat=chat)
             prefix = "chatcmpl-" if chat else "cmpl-"
             job = Job(plan, f"{prefix}{self._id_prefix}{next(self._ids):x}", int(clock.wall()))
@@ -191,14 +237,20 @@ class SimServer:
         except ClientGoneError:
             return
         if plan.stream:
-            await self._stream(job, handle, receive, send)
+            await self._stream(job, handle, receive, send, arrival_s)
             return
         if not handle.finished and not await self._until_finished(handle, receive):
+            self._log_request(job, handle, arrival_s, (None, None, 0), 0, "disconnect")
             return
         if handle.seq.finish_reason == "abort":
             await _respond_error(send, EngineUnavailableError("the engine is shutting down"))
+            self._log_request(job, handle, arrival_s, (None, None, 0), 0, "abort")
             return
         await _respond(send, 200, completion_body(job))
+        written = clock.now()
+        pieces = len(plan.output.pieces)
+        reason = plan.output.finish_reason
+        self._log_request(job, handle, arrival_s, (written, written, 1), pieces, reason)
 
     async def _until_finished(self, handle: SeqHandle, receive: Receive) -> bool:
         """Wait for the request to finish; False (and abort it) if the client leaves first."""
@@ -215,19 +267,28 @@ class SimServer:
         finally:
             disconnect.cancel()
 
-    async def _stream(self, job: Job, handle: SeqHandle, receive: Receive, send: Send) -> None:
+    async def _stream(
+        self, job: Job, handle: SeqHandle, receive: Receive, send: Send, arrival_s: float
+    ) -> None:
         """One SSE event per token, sent as the engine produces them.
 
-        Tokens that arrived together (all of them, under `instant`) go out in one write.
+        Tokens that arrived together (all of them, under `instant`) go out in one write. The
+        first and the last write times go to the request log.
         """
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        now = self.engine.clock.now
         events = job.plan.events
         sent = 0
+        first_write: float | None = None
+        last_write: float | None = None
+        writes = 0
+        reason = "disconnect"
         disconnect: asyncio.Future[Message] | None = None
         try:
             while True:
                 finished = handle.finished
                 if finished and handle.seq.finish_reason == "abort":
+                    reason = "abort"
                     err = EngineUnavailableError("the engine is shutting down")
                     body = b"data: " + api_error_body(err) + b"\n\n"
                     await send({"type": "http.response.body", "body": body})
@@ -238,8 +299,15 @@ class SimServer:
                     sent = ready
                     if sent == events:
                         await send({"type": "http.response.body", "body": chunk + stream_end(job)})
+                        last_write = now()
+                        first_write = last_write if first_write is None else first_write
+                        writes += 1
+                        reason = job.plan.output.finish_reason
                         return
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    last_write = now()
+                    first_write = last_write if first_write is None else first_write
+                    writes += 1
                     continue
                 if disconnect is None:
                     disconnect = asyncio.ensure_future(receive())
@@ -254,6 +322,25 @@ class SimServer:
                 disconnect.cancel()
             if not handle.finished:
                 self.engine.abort(handle)
+            tokens = min(sent, len(job.plan.output.pieces))
+            self._log_request(
+                job, handle, arrival_s, (first_write, last_write, writes), tokens, reason
+            )
+
+
+def _log_query(query: bytes) -> tuple[int, int | None]:
+    """`since` and `limit` from the request log's query string (both optional integers)."""
+    since, limit = 0, None
+    for name, raw in urllib.parse.parse_qsl(query.decode("latin-1")):
+        if name not in ("since", "limit"):
+            continue
+        if not raw.isdigit():
+            raise InvalidRequestError(f"{name} must be a non-negative integer", param=name)
+        if name == "since":
+            since = int(raw)
+        else:
+            limit = int(raw)
+    return since, limit
 
 
 def _method_not_allowed(method: str, path: str) -> ApiError:
