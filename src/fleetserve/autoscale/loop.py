@@ -37,6 +37,7 @@ class Observer(Protocol):
 
 
 DecisionListener = Callable[[Decision], None]
+STATUS_REFRESH_S = 1.0
 
 
 class AutoscaleLoop:
@@ -64,19 +65,30 @@ class AutoscaleLoop:
         self._applied: int | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._status_task: asyncio.Task[None] | None = None
         self.actuator_status: ActuatorStatus | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"autoscaler-{self.model}")
+            self._status_task = asyncio.create_task(self._refresh_status())
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        tasks = (self._task, self._status_task)
+        self._task = self._status_task = None
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _refresh_status(self) -> None:
+        """Keep the actuator's status (replica states, cold starts) fresh between decisions."""
+        while True:
+            await self.clock.sleep(STATUS_REFRESH_S)
+            with contextlib.suppress(ActuatorError):
+                self.actuator_status = await self.actuator.describe()
 
     def wake(self) -> None:
         """Decide now rather than at the next period (the gateway holds a request)."""
