@@ -107,8 +107,9 @@ def build_gateway(
             await monitor.stop()
             await upstream.close()
 
+    simulated = frozenset(spec.name for spec in fleet_file.models if spec.engine == "sim")
     cold = build_routes_app(
-        fleet, metrics, clock, lifespan, window, holds, settings.admin_key, admin_views
+        fleet, metrics, clock, lifespan, window, holds, settings.admin_key, admin_views, simulated
     )
     proxy = Proxy(fleet, pickers, upstream, settings, metrics, clock, window, holds)
     return GatewayApp(proxy, fleet, settings, metrics, clock, cold, window, holds)

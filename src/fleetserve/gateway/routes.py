@@ -54,6 +54,7 @@ def build_routes_app(
     holds: HoldQueue,
     admin_key: str | None = None,
     admin_views: Mapping[str, AdminView] | None = None,
+    simulated_models: frozenset[str] = frozenset(),
 ) -> Starlette:
     views = dict(admin_views or {})
     if clash := BUILT_IN_VIEWS & views.keys():
@@ -81,8 +82,11 @@ def build_routes_app(
         return _json(body, 200 if ok else 503)
 
     async def models(_: Request) -> Response:
+        # A model served by simulated engines says so, as the engines themselves do, so that
+        # clients such as `fleetserve bench` label their figures as a simulation.
         data = [
             {"id": m, "object": "model", "created": started, "owned_by": "fleetserve"}
+            | ({"simulated": True} if m in simulated_models else {})
             for m in fleet.models()
         ]
         return _json({"object": "list", "data": data})
