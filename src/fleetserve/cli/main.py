@@ -6,6 +6,7 @@ import typer
 
 from fleetserve import __version__
 from fleetserve.cli.autoscaler import autoscaler_command
+from fleetserve.cli.bench import bench_app
 from fleetserve.cli.engine import engine_app
 from fleetserve.cli.gateway import gateway_command
 from fleetserve.cli.status import status_command
@@ -19,6 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(engine_app, name="engine")
+app.add_typer(bench_app, name="bench")
 app.command("gateway")(gateway_command)
 app.command("up")(up_command)
 app.command("status")(status_command)

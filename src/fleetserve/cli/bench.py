@@ -1,0 +1,293 @@
+"""`fleetserve bench`: load tests against any OpenAI-compatible endpoint, with honest timing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from fleetserve.bench.lengths import parse_length
+from fleetserve.bench.patterns import parse_pattern, steady
+from fleetserve.bench.report.compare import compare_table
+from fleetserve.bench.report.console import print_summary, progress_line
+from fleetserve.bench.report.json_out import load_report
+from fleetserve.bench.runner import Progress, run_with_uvloop
+from fleetserve.bench.saturation import Saturation
+from fleetserve.bench.schedule import ClosedLoop, read_trace
+from fleetserve.bench.session import (
+    BenchPlan,
+    ClosedLoad,
+    FleetSourceName,
+    Load,
+    OpenLoad,
+    SweepStep,
+    TraceLoad,
+    run_bench,
+    run_sweep,
+    sweep_rates,
+    users_pattern_peak,
+    write_outputs,
+)
+from fleetserve.bench.slo import parse_slos
+from fleetserve.bench.workload import Api, WorkloadSpec, read_dataset
+from fleetserve.cli.common import clear_errors, err_console
+from fleetserve.clock import RealClock
+from fleetserve.errors import ConfigError
+
+bench_app = typer.Typer(
+    help="Load-test an OpenAI-compatible endpoint: TTFT, ITL, TPOT, goodput, fleet timeline.",
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+SOURCES: tuple[FleetSourceName, ...] = ("auto", "fleetserve", "prometheus", "none")
+
+
+def _number_or_pattern(text: str, what: str) -> tuple[float | None, str]:
+    """('10' -> 10.0) or (None, pattern text) for `spike:base=2,...`."""
+    if not text.strip():
+        raise ConfigError(f"{what} must not be empty")
+    try:
+        return float(text), text
+    except ValueError:
+        return None, text
+
+
+def build_load(
+    rate: str | None,
+    users: str | None,
+    trace: Path | None,
+    arrivals: str,
+    think_time_s: float,
+    duration_s: float,
+    trace_speedup: float,
+) -> Load:
+    chosen = [name for name, value in (("--rate", rate), ("--users", users), ("--trace", trace))
+              if value is not None]  # fmt: skip
+    if len(chosen) != 1:
+        raise ConfigError("give exactly one of --rate (open loop), --users (closed loop), --trace")
+    if arrivals not in ("constant", "poisson"):
+        raise ConfigError(f"--arrivals is constant or poisson, not {arrivals!r}")
+    if trace is not None:
+        entries = read_trace(trace, speedup=trace_speedup)
+        return TraceLoad(tuple(entries), f"trace replay of {trace.name} ({len(entries)} requests)")
+    if rate is not None:
+        value, text = _number_or_pattern(rate, "--rate")
+        pattern = steady(value) if value is not None else parse_pattern(text)
+        shape = f"steady {value:g} req/s" if value is not None else text
+        return OpenLoad(pattern, "poisson" if arrivals == "poisson" else "constant",
+                        f"open loop, {arrivals} arrivals, {shape}")  # fmt: skip
+    assert users is not None
+    value, text = _number_or_pattern(users, "--users")
+    if value is not None:
+        if value != int(value) or value < 1:
+            raise ConfigError(f"--users takes a whole number >= 1 or a pattern, not {users!r}")
+        loop = ClosedLoop(int(value), think_time_s)
+        shape = f"{int(value)} users"
+    else:
+        pattern = parse_pattern(text)
+        loop = ClosedLoop(users_pattern_peak(pattern, duration_s), think_time_s, pattern)
+        shape = f"users {text}"
+    think = f", think {think_time_s:g}s" if think_time_s else ""
+    return ClosedLoad(loop, f"closed loop, {shape}{think}")
+
+
+def _live_progress(console: Console, duration_s: float) -> tuple[Live, Callable[[Progress], None]]:
+    live = Live(console=console, refresh_per_second=4, transient=True)
+
+    def update(progress: Progress) -> None:
+        live.update(progress_line(progress, duration_s))
+
+    return live, update
+
+
+@bench_app.callback(invoke_without_command=True)
+@clear_errors
+def bench_command(
+    ctx: typer.Context,
+    url: str | None = typer.Option(None, "--url", help="Base URL (with or without /v1)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model name to ask for."),
+    api_key: str | None = typer.Option(None, envvar="OPENAI_API_KEY", help="Bearer API key."),
+    rate: str | None = typer.Option(
+        None,
+        help="Open loop: req/s, or a pattern (ramp:from=1,to=50,over=60; "
+        "spike:base=2,peak=40,at=30,for=60; wave:mean=10,amplitude=8,period=60; "
+        "burst:base=1,burst=50,every=30,for=5; stages:30@steady:5;30@steady:20).",
+    ),
+    users: str | None = typer.Option(
+        None, help="Closed loop: concurrent users, or a pattern of users over time."
+    ),
+    trace: Path | None = typer.Option(None, help="Replay a timestamped CSV/JSONL request file."),
+    trace_speedup: float = typer.Option(1.0, min=0.001, help="Replay the trace this much faster."),
+    arrivals: str = typer.Option("poisson", help="Open loop arrivals: poisson or constant."),
+    think_time: float = typer.Option(0.0, min=0.0, help="Closed loop: seconds between requests."),
+    duration: float = typer.Option(60.0, min=0.1, help="Seconds of load."),
+    max_requests: int = typer.Option(100_000, min=1, help="Stop after this many requests."),
+    api: str = typer.Option("chat", help="chat (/v1/chat/completions) or completions."),
+    stream: bool = typer.Option(True, help="Stream responses (TTFT and ITL need it)."),
+    prompt_tokens: str = typer.Option(
+        "128",
+        help="Prompt length: N, uniform:lo=,hi=, "
+        "normal:mean=,sd=, lognormal:mean=,sd=, choice:a,b.",
+    ),
+    output_tokens: str = typer.Option("128", help="Output length (max_tokens), same syntax."),
+    shared_prefix: str | None = typer.Option(
+        None, help="GROUPS:TOKENS: requests share one of GROUPS system prompts of TOKENS."
+    ),
+    dataset: Path | None = typer.Option(None, help="Prompts from a JSONL or CSV file."),
+    temperature: float | None = typer.Option(None, help="Sampling temperature to send."),
+    slo: str | None = typer.Option(
+        None, help="SLOs for goodput, e.g. ttft_p95=2s,tpot=100ms,e2e=30s."
+    ),
+    out: Path | None = typer.Option(
+        None, help="Write report.json, report.csv, requests.csv, report.html here."
+    ),
+    fleet_source: str = typer.Option(
+        "auto", help="Sample the fleet from: auto, fleetserve (admin API), prometheus, none."
+    ),
+    admin_key: str | None = typer.Option(
+        None, envvar="FLEETSERVE_ADMIN_KEY", help="Admin key of a fleetserve gateway."
+    ),
+    timeout: float = typer.Option(600.0, min=0.1, help="Per-request total timeout (s)."),
+    seed: int = typer.Option(0, help="Seed for arrivals and prompts."),
+    sweep: str | None = typer.Option(
+        None,
+        help="START:FACTOR:MAX req/s: open-loop runs of --duration each at rising "
+        "rates until throughput stops rising or the SLOs break.",
+    ),
+) -> None:
+    """Run a load test and report it; `bench compare A.json B.json` compares two runs.
+
+    Examples:
+
+      fleetserve bench --url http://127.0.0.1:8000 --model llama --rate 10 --duration 60
+
+      fleetserve bench --url http://127.0.0.1:8000 --model llama
+      --users spike:base=2,peak=40,at=30,for=60 --duration 150 --slo ttft_p95=2s --out run1
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if not url or not model:
+        raise ConfigError("bench needs --url and --model (see fleetserve bench --help)")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"--url must start with http:// or https://, not {url!r}")
+    if fleet_source not in SOURCES:
+        raise ConfigError(f"--fleet-source is one of {', '.join(SOURCES)}")
+    if api not in ("chat", "completions"):
+        raise ConfigError(f"--api is chat or completions, not {api!r}")
+    api_name: Api = "chat" if api == "chat" else "completions"
+    groups = tokens = 0
+    if shared_prefix:
+        try:
+            groups_text, _, tokens_text = shared_prefix.partition(":")
+            groups, tokens = int(groups_text), int(tokens_text)
+        except ValueError:
+            raise ConfigError("--shared-prefix takes GROUPS:TOKENS, e.g. 8:1024") from None
+    workload = WorkloadSpec(
+        model=model,
+        api=api_name,
+        stream=stream,
+        prompt_tokens=parse_length(prompt_tokens),
+        output_tokens=parse_length(output_tokens),
+        prefix_groups=groups,
+        prefix_tokens=tokens,
+        dataset=read_dataset(dataset) if dataset else (),
+        extra_body={"temperature": temperature} if temperature is not None else {},
+    )
+    load = build_load(rate, users, trace, arrivals, think_time, duration, trace_speedup)
+    source: FleetSourceName = next(s for s in SOURCES if s == fleet_source)
+    plan = BenchPlan(
+        url=url,
+        workload=workload,
+        load=load,
+        duration_s=duration,
+        max_requests=max_requests,
+        seed=seed,
+        api_key=api_key,
+        timeout_s=timeout,
+        slos=tuple(parse_slos(slo)) if slo else (),
+        fleet_source=source,
+        admin_key=admin_key,
+        options={"prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "api": api,
+                 "seed": str(seed), **({"shared_prefix": shared_prefix} if shared_prefix else {})},
+    )  # fmt: skip
+    console = Console()
+    if sweep:
+        _sweep(plan, sweep, console, out)
+        return
+    err_console.print(f"[bold]fleetserve bench[/]: {load.description}, {duration:g}s -> {url}")
+    live, update = _live_progress(err_console, duration)
+    with live:
+        result, report = run_with_uvloop(run_bench(plan, RealClock(), update))
+    print_summary(report, console)
+    if out is not None:
+        paths = write_outputs(report, result, out)
+        err_console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _sweep(plan: BenchPlan, text: str, console: Console, out: Path | None) -> None:
+    try:
+        start, factor, top = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise ConfigError("--sweep takes START:FACTOR:MAX, e.g. 2:1.5:200") from None
+    rates = sweep_rates(start, factor, top)
+    listed = ", ".join(f"{r:g}" for r in rates)
+    err_console.print(
+        f"[bold]fleetserve bench sweep[/]: up to {len(rates)} steps of "
+        f"{plan.duration_s:g}s at {listed} req/s"
+    )
+
+    def on_step(step: SweepStep, saturation: Saturation) -> None:
+        t = step.report.totals
+        p95 = step.report.latency.ttft_s.p95
+        err_console.print(
+            f"  {step.rate_rps:8.2f} req/s -> {t.request_rate_rps:8.2f} ok req/s, "
+            f"TTFT p95 {'-' if p95 is None else f'{p95 * 1000:.0f} ms'}, "
+            f"errors {t.error_rate:.1%}"
+        )
+        if out is not None:
+            write_outputs(step.report, None, out / f"rate-{step.rate_rps:g}")
+
+    steps, saturation = run_with_uvloop(run_sweep(plan, rates, RealClock(), on_step))
+    table = Table(title="sweep", title_justify="left")
+    for column in ("rate asked", "throughput", "TTFT p95", "TPOT p50", "errors", "SLOs"):
+        table.add_column(column, justify="right")
+    for step in steps:
+        r = step.report
+        verdicts = [s.passed for s in r.slo.results if s.passed is not None]
+        table.add_row(
+            f"{step.rate_rps:g}", f"{r.totals.request_rate_rps:.2f}",
+            _ms(r.latency.ttft_s.p95), _ms(r.latency.tpot_s.p50), f"{r.totals.error_rate:.1%}",
+            "-" if not verdicts else ("pass" if all(verdicts) else "FAIL"),
+        )  # fmt: skip
+    console.print(table)
+    verdict = "saturated" if saturation.saturated else "not saturated"
+    point = "-" if saturation.rate_rps is None else f"{saturation.rate_rps:g} req/s"
+    console.print(
+        f"{verdict}: saturation point {point}, max throughput "
+        f"{saturation.max_throughput_rps:.2f} req/s ({saturation.reason})"
+    )
+
+
+def _ms(value_s: float | None) -> str:
+    return "-" if value_s is None else f"{value_s * 1000:.1f} ms"
+
+
+@bench_app.command("compare")
+@clear_errors
+def compare_command(
+    a: Path = typer.Argument(..., help="report.json of run A (or its directory)."),
+    b: Path = typer.Argument(..., help="report.json of run B (or its directory)."),
+) -> None:
+    """Show two runs side by side, with deltas and ratios (B against A).
+
+    Example: fleetserve bench compare before/report.json after/report.json
+    """
+    first = load_report(a / "report.json" if a.is_dir() else a)
+    second = load_report(b / "report.json" if b.is_dir() else b)
+    Console().print(compare_table(first, second, str(a), str(b)))
