@@ -259,3 +259,14 @@ async def test_the_route_pages_clears_and_refuses(slow: tuple[SimServer, FakeClo
     status, body = await call(app, "DELETE", "/sim/requests")
     assert (status, orjson.loads(body)) == (200, {"cleared": 3})
     assert await requests_logged(app) == []
+
+
+def test_cleared_entries_are_not_reported_as_missed() -> None:
+    log = log_of(5, capacity=3)
+    assert log.page()["missed"] == 2
+    log.clear()
+    for i in range(4):
+        log.record(float(i), None, None, 0, None, None, 1, 0, "disconnect", True)
+    page = log.page()
+    assert [r["id"] for r in page["requests"]] == [7, 8, 9]
+    assert page["missed"] == 1  # id 6 fell out of the ring; 1-5 were cleared

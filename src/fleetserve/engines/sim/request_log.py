@@ -58,6 +58,8 @@ class RequestLog:
         self.capacity = capacity
         self._entries: deque[Entry] = deque(maxlen=capacity)
         self._ids = itertools.count(1)
+        self._last_id = 0
+        self._cleared_to = 0  # ids up to this one were cleared on purpose, not dropped
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -75,8 +77,9 @@ class RequestLog:
         finish_reason: str,
         stream: bool,
     ) -> None:
+        self._last_id = entry_id = next(self._ids)
         self._entries.append((
-            next(self._ids), arrival_s, first_write_s, last_write_s, writes,
+            entry_id, arrival_s, first_write_s, last_write_s, writes,
             engine_first_token_s, engine_finished_s, prompt_tokens, output_tokens,
             finish_reason, stream,
         ))  # fmt: skip
@@ -85,6 +88,7 @@ class RequestLog:
         """Forget every entry (ids go on counting); returns how many there were."""
         n = len(self._entries)
         self._entries.clear()
+        self._cleared_to = self._last_id
         return n
 
     def since(self, after_id: int, limit: int | None = None) -> list[Entry]:
@@ -102,8 +106,8 @@ class RequestLog:
         """The JSON answer of `GET /sim/requests`."""
         entries = self.since(after_id, limit)
         oldest = self._entries[0][0] if self._entries else None
-        # Entries after `after_id` that the ring dropped before anyone read them.
-        missed = 0 if oldest is None else max(0, oldest - after_id - 1)
+        # Entries after `after_id` that the ring dropped (not cleared) before they were read.
+        missed = 0 if oldest is None else max(0, oldest - max(after_id, self._cleared_to) - 1)
         return {
             "simulated": True,
             "note": "fleetserve engine sim: the SIMULATED engine's own per-request timing "

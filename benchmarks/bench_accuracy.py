@@ -1,0 +1,367 @@
+"""Does `fleetserve bench` measure what the server did? Bench's TTFT and TPOT against the
+simulated engine's own per-request measurement (issue 4's accuracy check).
+
+Setup: N simulated engines (`fleetserve engine sim`, profile a10g by default: its latency model
+is known) pinned to one core, driven directly (no gateway) by bench's own runner and client
+(`fleetserve.bench.runner.run_closed_loop`, `bench.client.BenchClient`) from this process,
+pinned to the other core, on uvloop with the GC paused. Requests go round robin over the
+engines. For each concurrency (closed loop, C users, no think time):
+
+1. a warm-up run opens the client's connections (a new connection's connect time is latency
+   the client sees and the server cannot);
+2. every engine's log is cleared (`DELETE /sim/requests`), then the measured run;
+3. each engine's log is read (`GET /sim/requests`, paged): per request, TTFT = first chunk
+   written - request body read, TPOT = (last chunk written - first) / (tokens - 1);
+4. bench's figures come from its records through `bench.samples` (the same code and percentile
+   method the report uses); the engines' through the same `percentile`.
+
+Printed per concurrency: count, p50 and p99 of TTFT and TPOT on both sides, the difference
+(bench - engine) in ms at p50 and in % at p99, and PASS/FAIL against issue 4's targets:
+|diff| <= 1 ms at the median and <= 5 % at p99. Exit status 1 if any request failed or a
+target was missed.
+
+    .venv/bin/python -m benchmarks.bench_accuracy                  # 10 and 500 streams, ~2 min
+    .venv/bin/python -m benchmarks.bench_accuracy --quick          # smoke run, ~40 s
+    .venv/bin/python -m benchmarks.bench_accuracy --streams 10 --duration-s 60
+
+The difference is what bench adds: the loopback hop both ways, the server's HTTP parsing
+before the body is read, and this process's own event-loop delay in reading and stamping
+chunks (which grows with the streams it holds). TTFT is the figure it touches most; TPOT is a
+difference of two client-side stamps of one request, so most of it cancels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import uvloop
+
+from benchmarks._harness import Processes, pin_self, sigterm_as_exit, wait_ready
+from fleetserve.bench.client import BenchClient, ClientSettings
+from fleetserve.bench.lengths import Fixed
+from fleetserve.bench.patterns import ramp
+from fleetserve.bench.records import RequestRecord
+from fleetserve.bench.runner import RunLimits, run_closed_loop
+from fleetserve.bench.samples import collect_samples, percentile, request_times
+from fleetserve.bench.schedule import ClosedLoop
+from fleetserve.bench.workload import BuiltRequest, Workload, WorkloadSpec
+from fleetserve.clock import RealClock
+from fleetserve.fleet.processes import free_port
+
+MODEL = "sim-llama"
+ENGINE_CORE = 1
+CLIENT_CORE = 0
+P50_TARGET_MS = 1.0
+P99_TARGET_PCT = 5.0
+LOG_PAGE = 20_000  # entries per GET /sim/requests
+READY_TIMEOUT_S = 30.0
+
+
+class RoundRobin:
+    """A runner `Sender` over one bench client per engine, taking them in turn."""
+
+    def __init__(self, clients: Sequence[BenchClient]) -> None:
+        self.clients = list(clients)
+        self._turn = itertools.cycle(self.clients)
+        self.t0 = 0.0
+
+    def bind(self, t0: float) -> RoundRobin:
+        """Time the next run from `t0` (the runner's start), keeping the pooled connections."""
+        self.t0 = t0
+        for client in self.clients:
+            client.t0 = t0
+        return self
+
+    async def send(self, request: BuiltRequest, record: RequestRecord) -> None:
+        await next(self._turn).send(request, record)
+
+    async def close(self) -> None:
+        """Kept open between runs; `close_all` ends them."""
+
+    async def close_all(self) -> None:
+        for client in self.clients:
+            await client.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Side:
+    """One side's TTFT and TPOT samples, in seconds, ascending."""
+
+    ttft_s: list[float]
+    tpot_s: list[float]
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    streams: int
+    bench: Side
+    engine: Side
+    requests_ok: int
+    requests_failed: int
+    engine_requests: int
+    engine_missed: int
+    duration_s: float
+    # Where bench and the engines part, matched by rank on the shared monotonic clock:
+    # engine arrival - bench send (the request's way in, the engine's queue before it reads
+    # the body included), and bench's first token - engine's first write (the way out).
+    request_path_s: list[float]
+    response_path_s: list[float]
+
+
+async def engine_log(http: aiohttp.ClientSession, url: str) -> tuple[list[dict[str, Any]], int]:
+    """Every entry of one engine's request log, and how many the ring dropped unread."""
+    rows: list[dict[str, Any]] = []
+    since, missed = 0, 0
+    for _ in range(1000):  # bounded: 20 M entries
+        params = {"since": str(since), "limit": str(LOG_PAGE)}
+        async with http.get(f"{url}/sim/requests", params=params) as response:
+            response.raise_for_status()
+            page = await response.json()
+        missed += page["missed"] if since == 0 else 0
+        rows += page["requests"]
+        if not page["requests"]:
+            return rows, missed
+        since = page["next"]
+    raise RuntimeError(f"{url}/sim/requests did not end")
+
+
+def engine_side(rows: Sequence[dict[str, Any]]) -> Side:
+    done = [r for r in rows if r["stream"] and r["finish_reason"] in ("length", "stop")]
+    ttft = sorted(r["ttft_s"] for r in done if r["ttft_s"] is not None)
+    tpot = sorted(r["tpot_s"] for r in done if r["tpot_s"] is not None)
+    return Side(ttft, tpot)
+
+
+def bench_side(records: Sequence[RequestRecord]) -> Side:
+    samples = collect_samples(request_times(r) for r in records if r.ok)
+    return Side(samples.ttft_s, samples.tpot_s)
+
+
+async def measure(
+    urls: Sequence[str],
+    streams: int,
+    args: argparse.Namespace,
+    workload: WorkloadSpec,
+) -> Point:
+    """One closed-loop run: users join over the warm-up (or all at once), then the measured
+    window. Both sides keep the requests that started inside the window: bench's by send
+    time, the engines' by arrival time, both on the machine's monotonic clock (the engines
+    are processes on this machine, and Python's monotonic clock is the system-wide one)."""
+    clock = RealClock()
+    settings = [ClientSettings(url, total_timeout_s=120.0, idle_timeout_s=60.0) for url in urls]
+    sender = RoundRobin([BenchClient(s, clock, t0=clock.now()) for s in settings])
+    warmup_s, lockstep = args.warmup_s, args.start == "lockstep"
+    # Users joining over the warm-up keep their requests spread over the engines' steps; all
+    # joining at once (lockstep) makes every wave of requests reach an engine together.
+    pattern = None if lockstep else ramp(1, streams, max(warmup_s / 2, 0.1))
+    users = ClosedLoop(users=streams, pattern=pattern)
+    build = Workload(workload, seed=streams).next
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            for url in urls:
+                async with http.delete(f"{url}/sim/requests") as response:
+                    response.raise_for_status()
+            gc.collect()
+            gc.disable()  # a GC pause in this process would land in bench's figures only
+            try:
+                result = await run_closed_loop(
+                    users, lambda _: build(), clock=clock, connect=sender.bind,
+                    limits=RunLimits(duration_s=warmup_s + args.duration_s, drain_s=60.0),
+                )  # fmt: skip
+            finally:
+                gc.enable()
+            logs = [await engine_log(http, url) for url in urls]
+    finally:
+        await sender.close_all()
+    cut_s = sender.t0 + warmup_s  # on the monotonic clock
+    records = [r for r in result.records if sender.t0 + r.sent_s >= cut_s]
+    rows = [row for entries, _ in logs for row in entries if row["arrival_s"] >= cut_s]
+    ok = sum(r.ok for r in records)
+    t0 = sender.t0
+    sends = sorted(t0 + r.sent_s for r in records if r.ok)
+    firsts = sorted(t0 + r.first_token_s for r in records if r.ok and r.first_token_s)
+    arrivals = sorted(row["arrival_s"] for row in rows)
+    writes = sorted(row["first_write_s"] for row in rows if row["first_write_s"] is not None)
+    return Point(
+        streams=streams,
+        bench=bench_side(records),
+        engine=engine_side(rows),
+        requests_ok=ok,
+        requests_failed=sum(not r.ok for r in result.records),
+        engine_requests=len(rows),
+        engine_missed=sum(missed for _, missed in logs),
+        duration_s=args.duration_s,
+        request_path_s=sorted(a - s for a, s in zip(arrivals, sends, strict=False)),
+        response_path_s=sorted(f - w for f, w in zip(firsts, writes, strict=False)),
+    )
+
+
+# --- verdicts and printing ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    metric: str
+    bench_p50_ms: float
+    engine_p50_ms: float
+    bench_p99_ms: float
+    engine_p99_ms: float
+
+    @property
+    def p50_diff_ms(self) -> float:
+        return self.bench_p50_ms - self.engine_p50_ms
+
+    @property
+    def p99_diff_pct(self) -> float:
+        return 100.0 * (self.bench_p99_ms - self.engine_p99_ms) / self.engine_p99_ms
+
+    @property
+    def passed(self) -> bool:
+        return abs(self.p50_diff_ms) <= P50_TARGET_MS and abs(self.p99_diff_pct) <= P99_TARGET_PCT
+
+
+def compare(metric: str, bench: Sequence[float], engine: Sequence[float]) -> Comparison | None:
+    if not bench or not engine:
+        return None
+    return Comparison(
+        metric,
+        1000 * percentile(bench, 50),
+        1000 * percentile(engine, 50),
+        1000 * percentile(bench, 99),
+        1000 * percentile(engine, 99),
+    )
+
+
+def render(point: Point) -> tuple[str, bool]:
+    lines = [
+        f"{point.streams} concurrent streams: {point.requests_ok} ok in the {point.duration_s:g} s "
+        f"window ({point.requests_failed} failed in the run); engines logged "
+        f"{point.engine_requests}"
+        + (f" ({point.engine_missed} dropped from the ring)" if point.engine_missed else ""),
+        f"  {'metric':<6} {'n bench/engine':>15} {'p50 bench':>10} {'p50 engine':>11} "
+        f"{'diff ms':>8} {'p99 bench':>10} {'p99 engine':>11} {'diff %':>7}  verdict",
+    ]
+    same_count = abs(point.requests_ok - point.engine_requests) <= max(2, point.requests_ok // 200)
+    ok = point.requests_failed == 0 and same_count
+    for metric, bench, engine in (
+        ("TTFT", point.bench.ttft_s, point.engine.ttft_s),
+        ("TPOT", point.bench.tpot_s, point.engine.tpot_s),
+    ):
+        c = compare(metric, bench, engine)
+        if c is None:
+            lines.append(f"  {metric:<6} no samples")
+            ok = False
+            continue
+        ok &= c.passed
+        counts = f"{len(bench)}/{len(engine)}"
+        lines.append(
+            f"  {metric:<6} {counts:>15} {c.bench_p50_ms:>10.3f} {c.engine_p50_ms:>11.3f} "
+            f"{c.p50_diff_ms:>+8.3f} {c.bench_p99_ms:>10.3f} {c.engine_p99_ms:>11.3f} "
+            f"{c.p99_diff_pct:>+7.2f}  {'PASS' if c.passed else 'FAIL'}"
+        )
+    for name, values in (
+        ("engine arrival - bench send", point.request_path_s),
+        ("bench first token - engine first write", point.response_path_s),
+    ):
+        if values:
+            p50, p99 = (1000 * percentile(values, p) for p in (50, 99))
+            lines.append(f"  {name} (by rank): p50 {p50:.3f} ms, p99 {p99:.3f} ms")
+    if not same_count:
+        lines.append("  MISMATCH: bench and the engines do not count the same requests")
+    return "\n".join(lines), ok
+
+
+def machine_facts(args: argparse.Namespace) -> str:
+    load1, load5, _ = os.getloadavg()
+    return (
+        f"machine : {os.cpu_count()} cores, load average {load1:.2f} / {load5:.2f} (1/5 min); "
+        f"engines on core {ENGINE_CORE}, bench on core {CLIENT_CORE} (uvloop, GC paused)\n"
+        f"setup   : {args.engines} x `fleetserve engine sim --profile {args.profile}`, direct; "
+        f"closed loop ({args.start} start), {args.api} streams of {args.prompt_tokens} "
+        f"prompt words and {args.output_tokens} output tokens; {args.duration_s:g} s measured "
+        f"after "
+        f"{args.warmup_s:g} s of warm-up per point\n"
+        f"targets : |bench - engine| <= {P50_TARGET_MS:g} ms at p50 and <= "
+        f"{P99_TARGET_PCT:g} % at p99, TTFT and TPOT"
+    )
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def start_engines(procs: Processes, args: argparse.Namespace) -> list[str]:
+    urls = []
+    for i in range(args.engines):
+        port = free_port()
+        argv = [sys.executable, "-m", "fleetserve", "engine", "sim", "--port", str(port),
+                "--model", MODEL, "--profile", args.profile, "--cold-start-s", "0"]  # fmt: skip
+        proc = procs.start(f"engine-{i}", argv, ENGINE_CORE)
+        urls.append((f"http://127.0.0.1:{port}", proc))
+    for url, proc in urls:
+        wait_ready(f"{url}/health", proc, READY_TIMEOUT_S)
+    return [url for url, _ in urls]
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--streams", default="10,500", help="concurrencies, comma-separated")
+    parser.add_argument("--engines", type=int, default=4, help="simulated engines")
+    parser.add_argument("--profile", default="a10g", help="sim profile (a10g, l4, h100, instant)")
+    parser.add_argument("--duration-s", type=float, default=30.0, help="measured, per point")
+    parser.add_argument("--warmup-s", type=float, default=6.0, help="not measured, per point")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--output-tokens", type=int, default=32)
+    parser.add_argument("--api", choices=("chat", "completions"), default="chat")
+    parser.add_argument(
+        "--start", choices=("ramp", "lockstep"), default="ramp",
+        help="users join over the first half of the warm-up (ramp) or all at t=0 (lockstep)",
+    )  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="10 s per point, 4 s warm-up")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration_s, args.warmup_s = 10.0, 4.0
+    args.stream_counts = [int(s) for s in args.streams.split(",") if s.strip()]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    workload = WorkloadSpec(
+        model=MODEL,
+        api=args.api,
+        stream=True,
+        prompt_tokens=Fixed(args.prompt_tokens),
+        output_tokens=Fixed(args.output_tokens),
+    )
+    print(machine_facts(args), flush=True)
+    all_ok = True
+    with (
+        sigterm_as_exit(),
+        tempfile.TemporaryDirectory(prefix="bench-accuracy-") as logs,
+        Processes(Path(logs)) as procs,
+    ):
+        urls = start_engines(procs, args)
+        pin_self(CLIENT_CORE)
+        for streams in args.stream_counts:
+            t0 = time.monotonic()
+            point = uvloop.run(measure(urls, streams, args, workload))
+            text, ok = render(point)
+            all_ok &= ok
+            print(f"\n{text}\n  (point took {time.monotonic() - t0:.0f} s)", flush=True)
+    print(f"\noverall: {'PASS' if all_ok else 'FAIL'}")
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
