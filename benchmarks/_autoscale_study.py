@@ -1,0 +1,354 @@
+"""The discrete-event core of `benchmarks.autoscale_compare`: one traffic, one scaler, one run.
+
+Virtual time only. A heap of events (arrivals, engine steps, scaler ticks, actuator deadlines)
+drives a `VirtualClock`; each replica is the simulated engine's pure scheduler
+(`fleetserve.engines.sim.batching.BatchScheduler`, stepped here as `SimEngine` steps it on a
+clock); replicas come and go through `fleetserve.fleet.sim_actuator.SimActuator` (cold start,
+drain, replica-seconds); the gateway's view is `fleetserve.telemetry.window.LoadWindow`, the
+structure the real gateway fills. Requests go to the ready replica with the fewest outstanding
+requests, or wait at the gateway while none is ready (the hold, bounded like the gateway's).
+TTFT counts from the arrival at the gateway, so time held or queued in an engine counts.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from fleetserve.bench.patterns import Pattern
+from fleetserve.bench.schedule import schedule
+from fleetserve.config import HoldSettings, TimeoutSettings
+from fleetserve.engines.sim.batching import BatchScheduler, SimSequence, StepPlan
+from fleetserve.engines.sim.profiles import SimProfile
+from fleetserve.engines.sim.stats import EngineStats
+from fleetserve.fleet.sim_actuator import SimActuator, SimEvent
+from fleetserve.routing.snapshot import ReplicaState
+from fleetserve.telemetry.window import LoadWindow
+
+MODEL = "sim-a10g"
+# After the traffic ends, in-flight work gets this long to finish before it counts as lost.
+DRAIN_OUT_S = 900.0
+
+
+class VirtualClock:
+    """A `fleetserve.clock.Clock` whose time the event loop sets; nothing here ever sleeps.
+
+    `fleetserve.testing.FakeClock` moves time for tasks parked in `sleep()` and lets the asyncio
+    loop settle at each move; this study has no sleeping tasks (every wake-up is an event on the
+    heap), so setting the time directly keeps a 20-minute run at a few seconds of CPU.
+    """
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = start
+
+    def now(self) -> float:
+        return self._now
+
+    def wall(self) -> float:
+        return 1_700_000_000.0 + self._now
+
+    def set(self, t: float) -> None:
+        if t < self._now:
+            raise ValueError(f"time does not go backwards ({t} < {self._now})")
+        self._now = t
+
+    async def sleep(self, seconds: float) -> None:
+        raise RuntimeError("VirtualClock does not sleep: schedule an event instead")
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    at_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+def make_workload(
+    pattern: Pattern,
+    *,
+    duration_s: float,
+    seed: int,
+    prompt_tokens: tuple[int, int] = (384, 640),
+    output_tokens: tuple[int, int] = (128, 256),
+) -> list[Arrival]:
+    """Poisson arrivals of `pattern` (the bench schedule) with uniform prompt/output lengths."""
+    rng = random.Random(seed)
+    times = schedule(pattern, duration_s=duration_s, arrivals="poisson", rng=rng)
+    return [Arrival(t, rng.randint(*prompt_tokens), rng.randint(*output_tokens)) for t in times]
+
+
+@dataclass(slots=True)
+class Request:
+    arrival: Arrival
+    replica: str | None = None
+    first_token_s: float | None = None
+    finished_s: float | None = None
+    failed: str | None = None
+
+    @property
+    def ttft_s(self) -> float | None:
+        if self.first_token_s is None:
+            return None
+        return self.first_token_s - self.arrival.at_s
+
+
+@dataclass(slots=True)
+class Engine:
+    """One ready (or draining) replica: the simulated engine's scheduler and its counters."""
+
+    id: str
+    scheduler: BatchScheduler
+    requests: dict[SimSequence, Request] = field(default_factory=dict)
+    plan: StepPlan | None = None
+    busy_s: float = 0.0
+    tokens: int = 0
+    admitted: int = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.requests)
+
+
+class Scaler(Protocol):
+    """What the study runs: a name, a tick period (None: never ticks) and the tick itself."""
+
+    name: str
+
+    @property
+    def period_s(self) -> float | None: ...
+
+    def initial_replicas(self) -> int: ...
+
+    async def tick(self, sim: Simulation) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    scaler: str
+    requests: tuple[Request, ...]
+    replica_seconds: float
+    peak_replicas: int
+    duration_s: float
+    timeline: tuple[tuple[float, int, int], ...]
+    """(time, active replicas (starting + ready), ready replicas) at every change."""
+
+
+class Simulation:
+    """One run: the fleet, the gateway's window and the event heap. Scalers read and act on it."""
+
+    def __init__(
+        self,
+        profile: SimProfile,
+        *,
+        cold_start_s: float,
+        drain_grace_s: float,
+        hold: HoldSettings | None = None,
+        timeouts: TimeoutSettings | None = None,
+        window_s: float = 30.0,
+    ) -> None:
+        self.profile = profile
+        self.clock = VirtualClock(-cold_start_s)
+        self.window = LoadWindow(window_s)
+        self.hold = hold or HoldSettings()
+        self.timeouts = timeouts or TimeoutSettings()
+        self.engines: dict[str, Engine] = {}
+        self.ready: list[str] = []
+        self.held: deque[Request] = deque()
+        self.actuator = SimActuator(
+            self.clock,
+            cold_start_s=cold_start_s,
+            drain_grace_s=drain_grace_s,
+            in_flight=lambda rid: self.engines[rid].in_flight if rid in self.engines else 0,
+            listener=self._on_actuator_event,
+            model=MODEL,
+        )
+        self._heap: list[tuple[float, int, str, object]] = []
+        self._order = itertools.count()
+        self._timeline: list[tuple[float, int, int]] = []
+
+    # -- for scalers --------------------------------------------------------------------
+    def scale_to(self, n: int) -> None:
+        self.actuator.scale_to(n)
+        self._schedule_due()
+
+    def actuated(self) -> None:
+        """Call after acting on `actuator` directly, so its next deadline gets an event."""
+        self._schedule_due()
+
+    def active(self) -> int:
+        return len(self.actuator.ids(ReplicaState.STARTING)) + len(self.ready)
+
+    # -- the event loop -----------------------------------------------------------------
+    def _push(self, at: float, kind: str, data: object = None) -> None:
+        heapq.heappush(self._heap, (at, next(self._order), kind, data))
+
+    def _schedule_due(self) -> None:
+        due = self.actuator.next_due()
+        if due is not None:
+            self._push(due, "due")
+
+    async def run(
+        self, arrivals: list[Arrival], scaler: Scaler, duration_s: float, warmup_s: float = 0.0
+    ) -> RunResult:
+        """Serve `arrivals` (offsets from 0) under `scaler`; figures count from `warmup_s`.
+
+        The first replicas are launched a cold start before 0, so they are ready at 0. Requests
+        arriving before `warmup_s` are served but not reported, and replica-seconds and peak
+        count over [warmup_s, duration_s): the scalers start from a fleet that has settled.
+        """
+        self.scale_to(scaler.initial_replicas())
+        self.clock.set(0.0)
+        self.actuator.advance()
+        requests = [Request(a) for a in arrivals]
+        for request in requests:
+            self._push(request.arrival.at_s, "arrival", request)
+        if scaler.period_s is not None:
+            self._push(0.0, "tick")
+        self._push(warmup_s, "start")
+        self._push(duration_s, "end")
+        base_rs = 0.0
+        replica_seconds: float | None = None
+        peak = 0
+        limit = duration_s + DRAIN_OUT_S
+        while self._heap:
+            at, _, kind, data = heapq.heappop(self._heap)
+            if at > limit:
+                break
+            self.clock.set(max(at, self.clock.now()))
+            if kind == "arrival":
+                assert isinstance(data, Request)
+                self._arrive(data)
+            elif kind == "step":
+                assert isinstance(data, str)
+                self._step_done(data)
+            elif kind == "due":
+                self.actuator.advance()
+                self._schedule_due()
+            elif kind == "tick":
+                self._expire_holds()
+                await scaler.tick(self)
+                assert scaler.period_s is not None
+                if at + scaler.period_s < duration_s:
+                    self._push(at + scaler.period_s, "tick")
+            elif kind == "start":
+                base_rs = self.actuator.replica_seconds().total_s
+            elif kind == "end":
+                replica_seconds = self.actuator.replica_seconds().total_s - base_rs
+            if warmup_s <= at < duration_s:
+                peak = max(peak, self.active())
+        self._expire_holds()
+        for request in requests:
+            if request.failed is None and request.finished_s is None:
+                request.failed = "unfinished at the end of the drain-out"
+            elif (
+                request.failed is None
+                and request.ttft_s is not None
+                and request.ttft_s > self.timeouts.first_byte_s
+            ):
+                request.failed = "first byte timeout"
+        assert replica_seconds is not None
+        return RunResult(
+            scaler=scaler.name,
+            requests=tuple(r for r in requests if r.arrival.at_s >= warmup_s),
+            replica_seconds=replica_seconds,
+            peak_replicas=peak,
+            duration_s=duration_s - warmup_s,
+            timeline=tuple((t - warmup_s, a, r) for t, a, r in self._timeline),
+        )
+
+    # -- gateway ------------------------------------------------------------------------
+    def _arrive(self, request: Request) -> None:
+        now = self.clock.now()
+        arrival = request.arrival
+        self.window.arrived(MODEL, now, arrival.prompt_tokens + arrival.output_tokens)
+        if self.ready:
+            self._dispatch(request)
+        elif len(self.held) >= self.hold.max_held:
+            self._fail(request, "503: hold queue full")
+        else:
+            self.window.hold_started(MODEL, now)
+            self.held.append(request)
+
+    def _expire_holds(self) -> None:
+        now = self.clock.now()
+        while self.held and now - self.held[0].arrival.at_s >= self.hold.timeout_s:
+            request = self.held.popleft()
+            self.window.hold_ended(MODEL, now)
+            self._fail(request, "503: held past the hold timeout")
+
+    def _fail(self, request: Request, reason: str) -> None:
+        request.failed = reason
+        self.window.finished(MODEL, self.clock.now())
+
+    def _dispatch(self, request: Request) -> None:
+        """Least outstanding requests over ready replicas (ties: the earliest launched)."""
+        rid = min(self.ready, key=lambda r: self.engines[r].in_flight)
+        engine = self.engines[rid]
+        arrival = request.arrival
+        seq = SimSequence(
+            prompt_len=arrival.prompt_tokens,
+            output_len=arrival.output_tokens,
+            arrival_s=self.clock.now(),
+        )
+        engine.scheduler.add(seq)
+        engine.requests[seq] = request
+        engine.admitted += 1
+        request.replica = rid
+        if engine.plan is None:
+            self._plan(engine)
+
+    # -- engines ------------------------------------------------------------------------
+    def _plan(self, engine: Engine) -> None:
+        now = self.clock.now()
+        plan = engine.scheduler.plan(now)
+        engine.plan = plan
+        if plan is not None:
+            engine.busy_s += plan.duration_s
+            self._push(now + plan.duration_s, "step", engine.id)
+
+    def _step_done(self, rid: str) -> None:
+        engine = self.engines.get(rid)
+        if engine is None or engine.plan is None:
+            return  # removed while the step ran
+        now = self.clock.now()
+        produced = engine.scheduler.complete(engine.plan, now)
+        engine.tokens += len(produced)
+        for seq in produced:
+            request = engine.requests[seq]
+            if seq.generated == 1:
+                request.first_token_s = now
+                self.window.observe_ttft(MODEL, now, now - request.arrival.at_s)
+            if seq.finished:
+                request.finished_s = now
+                del engine.requests[seq]
+                self.window.finished(MODEL, now)
+        self._plan(engine)
+        if engine.in_flight == 0 and rid not in self.ready:
+            self.actuator.advance()  # a draining replica that just emptied goes now
+
+    def _on_actuator_event(self, event: SimEvent) -> None:
+        rid = event.replica_id
+        if event.kind == "ready":
+            self.engines[rid] = Engine(rid, BatchScheduler(self.profile, self._stats()))
+            self.ready.append(rid)
+            now = self.clock.now()
+            while self.held:
+                self.window.hold_ended(MODEL, now)
+                self._dispatch(self.held.popleft())
+        elif event.kind == "draining":
+            self.ready.remove(rid)
+        elif event.kind == "removed":
+            engine = self.engines.pop(rid, None)
+            if engine is not None:
+                for request in engine.requests.values():
+                    self._fail(request, "cut at the drain deadline")
+            if rid in self.ready:
+                self.ready.remove(rid)
+        self._timeline.append((event.at, self.active(), len(self.ready)))
+
+    def _stats(self) -> EngineStats:
+        return EngineStats(max_model_len=self.profile.max_model_len)
