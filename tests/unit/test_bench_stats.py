@@ -167,6 +167,17 @@ def test_errors_by_kind_and_status() -> None:
     assert any("1 requests were cancelled" in note for note in report.notes)
 
 
+def test_error_messages_differing_only_in_numbers_are_one_example() -> None:
+    messages = ["engine starting (42.7 s left)", "engine starting (41.2 s left)", "bad model 7"]
+    records = [
+        rec(i, 0.1 * i, end_s=1.0, error_kind="http_5xx", status=503, error=m)
+        for i, m in enumerate(messages)
+    ]
+    report = summarize(records, duration_s=2.0, config=CONFIG)
+    examples = [(e.message, e.count) for e in report.errors.examples]
+    assert examples == [("engine starting (42.7 s left)", 2), ("bad model 7", 1)]
+
+
 def test_tokens_counted_from_chunks_are_flagged() -> None:
     records = [
         rec(0, 0.0, token_times_s=(0.1, 0.2), from_usage=False, prompt_tokens=None),

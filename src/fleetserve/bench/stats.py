@@ -14,6 +14,7 @@ Honest by construction:
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -172,17 +173,28 @@ def histogram(sorted_values: Sequence[float], bins: int = HISTOGRAM_BINS) -> His
     return Histogram(edges_s=edges, counts=counts, overflow=overflow)
 
 
+_NUMBERS = re.compile(r"\d+(?:\.\d+)?")
+
+
 def _errors(records: Sequence[RequestRecord]) -> ErrorSummary:
     failed = [r for r in records if not r.ok]
     by_kind = Counter(str(r.error_kind) for r in failed)
     by_status = Counter("none" if r.status is None else str(r.status) for r in failed)
-    messages = Counter((str(r.error_kind), r.status, r.error or "") for r in failed)
+    # Messages that differ only in numbers ("cold start, 42.7 s left") are one kind of error:
+    # they are counted together and shown by their first example.
+    groups: Counter[tuple[str, int | None, str]] = Counter()
+    first: dict[tuple[str, int | None, str], str] = {}
+    for r in failed:
+        key = (str(r.error_kind), r.status, _NUMBERS.sub("#", r.error or ""))
+        groups[key] += 1
+        first.setdefault(key, r.error or "")
     return ErrorSummary(
         by_kind=dict(by_kind.most_common()),
         by_status=dict(by_status.most_common()),
         examples=[
-            ErrorExample(kind=kind, status=status, message=message, count=count)
-            for (kind, status, message), count in messages.most_common(ERROR_EXAMPLES)
+            ErrorExample(kind=kind, status=status, message=first[key], count=count)
+            for key, count in groups.most_common(ERROR_EXAMPLES)
+            for kind, status, _ in (key,)
         ],
     )
 
