@@ -5,18 +5,22 @@ Setup: N simulated engines (`fleetserve engine sim`, profile a10g by default: it
 is known) pinned to one core, driven directly (no gateway) by bench's own runner and client
 (`fleetserve.bench.runner.run_closed_loop`, `bench.client.BenchClient`) from this process,
 pinned to the other core, on uvloop with the GC paused. Requests go round robin over the
-engines. For each concurrency (closed loop, C users, no think time):
+engines. For each concurrency (closed loop, C users, no think time), one run:
 
-1. a warm-up run opens the client's connections (a new connection's connect time is latency
-   the client sees and the server cannot);
-2. every engine's log is cleared (`DELETE /sim/requests`), then the measured run;
-3. each engine's log is read (`GET /sim/requests`, paged): per request, TTFT = first chunk
+1. every engine's log is cleared (`DELETE /sim/requests`);
+2. warm-up: users join over its first half (`--start ramp`; `lockstep`: all at t=0), which
+   also opens the client's connections (connect time is latency only the client sees);
+3. the measured window: both sides keep the requests that started in it, bench's by send
+   time, the engines' by arrival time, on the machine's one monotonic clock;
+4. each engine's log is read (`GET /sim/requests`, paged): per request, TTFT = first chunk
    written - request body read, TPOT = (last chunk written - first) / (tokens - 1);
-4. bench's figures come from its records through `bench.samples` (the same code and percentile
+5. bench's figures come from its records through `bench.samples` (the same code and percentile
    method the report uses); the engines' through the same `percentile`.
 
 Printed per concurrency: count, p50 and p99 of TTFT and TPOT on both sides, the difference
-(bench - engine) in ms at p50 and in % at p99, and PASS/FAIL against issue 4's targets:
+(bench - engine) in ms at p50 and in % at p99, where the two part (the way in: engine arrival
+- bench send; the way out: bench first token - engine first write; matched by rank, so
+approximate), and PASS/FAIL against issue 4's targets:
 |diff| <= 1 ms at the median and <= 5 % at p99. Exit status 1 if any request failed or a
 target was missed.
 
@@ -24,10 +28,11 @@ target was missed.
     .venv/bin/python -m benchmarks.bench_accuracy --quick          # smoke run, ~40 s
     .venv/bin/python -m benchmarks.bench_accuracy --streams 10 --duration-s 60
 
-The difference is what bench adds: the loopback hop both ways, the server's HTTP parsing
-before the body is read, and this process's own event-loop delay in reading and stamping
-chunks (which grows with the streams it holds). TTFT is the figure it touches most; TPOT is a
-difference of two client-side stamps of one request, so most of it cancels.
+The difference holds the loopback hop both ways, this process's event-loop delay in reading
+and stamping chunks, and the engine's own queue before it reads a request body (the engine
+cannot stamp what waits in its socket). TPOT is a difference of two stamps of one request on
+each side, so these cancel; TTFT carries them. On a 2-core machine with every engine on one
+core, the engines' queue dominates at 500 streams: see the way-in line.
 """
 
 from __future__ import annotations
