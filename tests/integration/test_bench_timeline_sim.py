@@ -62,4 +62,4 @@ async def test_samples_a_sim_engines_running_and_waiting(
     assert loads[-1] == (0, 0)
     times = [s.t_s for s in samples]
     assert times == sorted(times)
-    assert times[0] < 0.05
+    assert times[0] < 0.5  # the first poll starts with the sampler

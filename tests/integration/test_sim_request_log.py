@@ -18,8 +18,12 @@ pytestmark = pytest.mark.integration
 
 MODEL = "sim-llama"
 READY_TIMEOUT_S = 20.0
-# Timer slack of one asyncio sleep plus a loopback write on a busy shared 2-core machine.
-SLACK_S = 0.004
+# Timer slack of an asyncio sleep plus a write, on a shared 2-core machine under load. uvloop's
+# timers have 1 ms resolution, so a step may also end up to 1 ms before its modelled time.
+# A late wake-up delays the first token by all of it; later ones catch up on the step grid.
+SLACK_S = 0.010
+TTFT_SLACK_S = 0.030
+EARLY_S = 0.001
 
 
 @pytest.fixture
@@ -58,9 +62,9 @@ async def test_sim_requests_reports_the_modelled_ttft_and_tpot(
     assert prompt_tokens > 800
     expected_ttft_s = profile.prefill_s(prompt_tokens) + profile.decode_step_s(1)
     assert expected_ttft_s > 0.05  # the prefill dominates: the check below means something
-    assert expected_ttft_s - 0.001 <= row["ttft_s"] <= expected_ttft_s + SLACK_S
+    assert expected_ttft_s - EARLY_S <= row["ttft_s"] <= expected_ttft_s + TTFT_SLACK_S
     step_s = profile.decode_step_s(1)
-    assert step_s - 0.001 <= row["tpot_s"] <= step_s + SLACK_S
+    assert step_s - EARLY_S <= row["tpot_s"] <= step_s + SLACK_S
     assert row["e2e_s"] == pytest.approx(row["ttft_s"] + 31 * row["tpot_s"])
     # What the latency model decided and what the server wrote differ by the write only.
-    assert 0 <= row["first_write_s"] - row["engine_first_token_s"] < SLACK_S
+    assert -EARLY_S <= row["first_write_s"] - row["engine_first_token_s"] < TTFT_SLACK_S
