@@ -88,6 +88,7 @@ class Request:
     first_token_s: float | None = None
     finished_s: float | None = None
     failed: str | None = None
+    held_s: float = 0.0
 
     @property
     def ttft_s(self) -> float | None:
@@ -321,7 +322,9 @@ class Simulation:
             request = engine.requests[seq]
             if seq.generated == 1:
                 request.first_token_s = now
-                self.window.observe_ttft(MODEL, now, now - request.arrival.at_s)
+                # As the gateway does, the window leaves the hold out (replicas cannot shorten it).
+                ttft_s = now - request.arrival.at_s - request.held_s
+                self.window.observe_ttft(MODEL, now, ttft_s)
             if seq.finished:
                 request.finished_s = now
                 del engine.requests[seq]
@@ -338,7 +341,9 @@ class Simulation:
             now = self.clock.now()
             while self.held:
                 self.window.hold_ended(MODEL, now)
-                self._dispatch(self.held.popleft())
+                request = self.held.popleft()
+                request.held_s = now - request.arrival.at_s
+                self._dispatch(request)
         elif event.kind == "draining":
             self.ready.remove(rid)
         elif event.kind == "removed":

@@ -6,7 +6,9 @@ SIMULATED a10g vLLM replicas (`fleetserve.engines.sim`: Llama-3.1-8B on one A10G
 batching with chunked prefill, ~1.3 req/s per replica within a 2 s TTFT at this mix), same
 actuator (`SimActuator`: cold start, drain with a 30 s grace as Kubernetes' default
 terminationGracePeriodSeconds), same router (least outstanding over ready replicas) and gateway
-hold. Everything runs in virtual time (`benchmarks._autoscale_study`); nothing is measured on a
+hold. Every run starts with 600 s (--quick: 300 s) of traffic at the pattern's starting rate,
+served but not reported, so each scaler starts from a fleet that has settled. Everything runs
+in virtual time (`benchmarks._autoscale_study`); nothing is measured on a
 GPU. Per scaler and traffic: SLO attainment (share of requests whose TTFT from the gateway
 arrival is <= the SLO; failed requests count as misses), TTFT p50/p95/p99 of served requests,
 failures, replica-seconds over the traffic's duration (SimActuator's accounting, starting and
@@ -154,7 +156,7 @@ class StudyConfig:
     slo_s: float = 2.0
     cold_start_s: float = 80.0
     drain_grace_s: float = 30.0
-    warmup_s: float = 300.0
+    warmup_s: float = 600.0
 
 
 def with_warmup(pattern: Pattern, duration_s: float, warmup_s: float) -> Pattern:
