@@ -139,11 +139,7 @@ def analyse(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
     before = [p["replicas_ready"] or 0 for p in fleet if p["t_s"] < args.at]
     base = max(before) if before else 0
     first_new = next(
-        (
-            t
-            for p in fleet
-            if (t := p["t_s"]) >= args.at and (p["replicas_ready"] or 0) > base
-        ),
+        (t for p in fleet if (t := p["t_s"]) >= args.at and (p["replicas_ready"] or 0) > base),
         None,
     )
     peak = max((running(p) for p in fleet), default=0)
