@@ -1,30 +1,47 @@
-"""How much load one bench process generates: open-loop rate and concurrent streams.
+"""How much load one bench process generates, side by side with GuideLLM on the same endpoint.
 
-    python -m benchmarks.bench_capacity [--engines 2] [--rates 250,500,1000,1500] [--users 2000]
+    python -m benchmarks.bench_capacity [--repeat 3] [--rates 100,250,...] [--users 500,1000,...]
+    python -m benchmarks.bench_capacity --no-guidellm       # fleetserve bench only
 
-1. Rate: simulated engines in the `instant` profile (no modelled delays) answer streaming chat
-   requests of 16 tokens (16 content chunks, a usage chunk, [DONE]). This process runs bench's
-   open-loop runner at each rate for `--duration` s and prints the schedule lag (sent minus
-   intended) p50/p99, errors, and its own CPU. The capacity is the largest rate with lag p99
-   under 5 ms and no errors.
-2. Concurrency: `--users` closed-loop users against `h100`-profile engines (each stream lasts
-   about a second there), printing the most streams in flight at once and any errors.
+1. Rate: a simulated engine in the `instant` profile (no modelled delays) answer streaming chat
+   requests (32-word prompt, 16 tokens: 16 content chunks, a usage chunk, [DONE]). At each
+   asked rate, upward, fleetserve bench's open-loop runner and then GuideLLM (`guidellm run
+   --profile kind=constant,rate=R`, one worker process, the same prompts from a file) send to
+   the same engine URL for
+   `--duration` s, `--repeat` times, interleaved. A rate is *kept* when every scheduled request
+   was sent and answered at >= 95 % of the asked rate, and *sustained* when, besides, the
+   schedule lag (sent - intended; GuideLLM's dispatch delay) has p99 < 5 ms; a majority of the
+   repeats decides. A tool stops climbing at the first rate it does not keep.
+2. Streams: closed-loop users (GuideLLM: `kind=concurrent,streams=N`) against an `h100`
+   engine (a stream lasts about a second there): held when no request failed and the asked
+   number of streams was in flight at once.
 
-Requests go round robin over the engines; every process is stopped by PID at the end. The
-GuideLLM side-by-side run is to be added to this script (issue 4).
+This process (and GuideLLM's processes) run pinned to `--bench-core`; engines to the other
+cores. Every run is bounded in time; every process is stopped by PID at the end. GuideLLM is
+installed on first use into `.venv-guidellm/` (see `benchmarks/_guidellm.py`).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from benchmarks._harness import Processes, sigterm_as_exit, wait_ready
+from benchmarks._capacity_stats import RunStats, Timing, summarize
+from benchmarks._guidellm import (
+    GuideLLMUnavailableError,
+    Placement,
+    ensure_guidellm,
+    run_guidellm,
+    write_dataset,
+)
+from benchmarks._harness import Processes, pin_self, sigterm_as_exit, wait_ready
 from fleetserve.bench.client import BenchClient, ClientSettings
 from fleetserve.bench.lengths import Fixed
 from fleetserve.bench.patterns import steady
@@ -37,13 +54,14 @@ from fleetserve.bench.runner import (
     run_open_loop,
     run_with_uvloop,
 )
-from fleetserve.bench.schedule import ClosedLoop, schedule
+from fleetserve.bench.schedule import Arrivals, ClosedLoop, schedule
 from fleetserve.bench.workload import BuiltRequest, Workload, WorkloadSpec
 from fleetserve.clock import RealClock
 from fleetserve.fleet.processes import free_port
 
 MODEL = "sim"
-LAG_P99_TARGET_S = 0.005
+SPEC = WorkloadSpec(model=MODEL, prompt_tokens=Fixed(32), output_tokens=Fixed(16))
+TOOLS = ("fleetserve", "guidellm")
 
 
 class RoundRobin:
@@ -62,113 +80,249 @@ class RoundRobin:
             await client.close()
 
 
-def _pct(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else math.nan
-
-
-def _errors(result: RunResult) -> str:
-    kinds: dict[str, int] = {}
-    for record in result.records:
-        if record.error_kind is not None:
-            kinds[record.error_kind] = kinds.get(record.error_kind, 0) + 1
-    return ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none"
-
-
-def _max_in_flight(result: RunResult) -> int:
-    edges = sorted(
-        [(r.sent_s, 1) for r in result.records] + [(r.end_s, -1) for r in result.records]
-    )
-    most = now = 0
-    for _, step in edges:
-        now += step
-        most = max(most, now)
-    return most
-
-
 def _connect(urls: Sequence[str], clock: RealClock) -> Callable[[float], Sender]:
     return lambda t0: RoundRobin(urls, clock, t0)
 
 
-def _start_engines(
-    procs: Processes, count: int, profile: str, cores: Sequence[int | None]
-) -> list[str]:
+def _stats(result: RunResult, asked: float, expected: int, cpu_s: float) -> RunStats:
+    timings = [Timing(r.intended_s, r.sent_s, r.end_s, r.error_kind) for r in result.records]
+    return summarize("fleetserve", asked, expected, timings, 100 * cpu_s / result.duration_s)
+
+
+def fleetserve_rate(
+    urls: Sequence[str], rate: float, duration_s: float, arrivals: Arrivals
+) -> RunStats:
+    clock = RealClock()
+    workload = Workload(SPEC, seed=1)
+    offsets = schedule(steady(rate), duration_s=duration_s, arrivals=arrivals)
+    cpu0 = time.process_time()
+    result = run_with_uvloop(run_open_loop(
+        offsets, lambda i: workload.next(), clock=clock, connect=_connect(urls, clock),
+        limits=RunLimits(duration_s=duration_s, drain_s=10.0),
+    ))  # fmt: skip
+    return _stats(result, rate, len(offsets), time.process_time() - cpu0)
+
+
+def fleetserve_streams(urls: Sequence[str], users: int, duration_s: float) -> RunStats:
+    clock = RealClock()
+    workload = Workload(SPEC, seed=2)
+    cpu0 = time.process_time()
+    result = run_with_uvloop(run_closed_loop(
+        ClosedLoop(users), lambda i: workload.next(), clock=clock, connect=_connect(urls, clock),
+        limits=RunLimits(duration_s=duration_s, drain_s=15.0),
+    ))  # fmt: skip
+    return _stats(result, users, 0, time.process_time() - cpu0)
+
+
+def _start_engines(procs: Processes, count: int, profile: str, cores: Sequence[int]) -> list[str]:
     urls = []
     for k in range(count):
         port = free_port()
         argv = [sys.executable, "-m", "fleetserve", "engine", "sim", "--port", str(port),
                 "--model", MODEL, "--profile", profile, "--cold-start-s", "0",
                 "--max-num-seqs", "4096", "--kv-capacity-tokens", "4194304"]  # fmt: skip
-        proc = procs.start(f"{profile}-{k}", argv, cores[k % len(cores)])
+        proc = procs.start(f"{profile}-{k}", argv, cores[k % len(cores)] if cores else None)
         wait_ready(f"http://127.0.0.1:{port}/health", proc, 30.0)
         urls.append(f"http://127.0.0.1:{port}")
     return urls
 
 
-def rate_step(urls: Sequence[str], rate_rps: float, duration_s: float) -> tuple[bool, str]:
-    clock = RealClock()
-    spec = WorkloadSpec(model=MODEL, prompt_tokens=Fixed(32), output_tokens=Fixed(16))
-    workload = Workload(spec, seed=1)
-    offsets = schedule(steady(rate_rps), duration_s=duration_s)
-    cpu0 = time.process_time()
-    result = run_with_uvloop(run_open_loop(
-        offsets, lambda i: workload.next(), clock=clock, connect=_connect(urls, clock),
-        limits=RunLimits(duration_s=duration_s, drain_s=10.0),
-    ))  # fmt: skip
-    cpu_pct = 100 * (time.process_time() - cpu0) / result.duration_s
-    lags = [r.lag_s for r in result.records]
-    ok = sum(r.ok for r in result.records)
-    chunks = sum(len(r.token_times_s) for r in result.records if r.ok)
-    good = ok == len(result.records) and _pct(lags, 0.99) < LAG_P99_TARGET_S
-    line = (
-        f"{rate_rps:>8.0f} {len(result.records):>7} {ok:>7} {chunks / result.duration_s:>9.0f}"
-        f" {_pct(lags, 0.5) * 1e3:>8.2f} {_pct(lags, 0.99) * 1e3:>8.2f} {max(lags) * 1e3:>8.2f}"
-        f" {cpu_pct:>6.0f}%  {_errors(result)}"
-    )
-    return good, line
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1e3:.2f}"
 
 
-def concurrency_step(urls: Sequence[str], users: int, duration_s: float) -> str:
-    clock = RealClock()
-    spec = WorkloadSpec(model=MODEL, prompt_tokens=Fixed(32), output_tokens=Fixed(16))
-    workload = Workload(spec, seed=2)
-    cpu0 = time.process_time()
-    result = run_with_uvloop(run_closed_loop(
-        ClosedLoop(users), lambda i: workload.next(), clock=clock, connect=_connect(urls, clock),
-        limits=RunLimits(duration_s=duration_s, drain_s=15.0),
-    ))  # fmt: skip
-    cpu_pct = 100 * (time.process_time() - cpu0) / result.duration_s
-    ok = sum(r.ok for r in result.records)
-    chunks = sum(len(r.token_times_s) for r in result.records if r.ok)
+def _line(s: RunStats) -> str:
+    errors = ", ".join(f"{k} {n}" for k, n in sorted(s.errors.items())) or "none"
+    cpu = "-" if s.cpu_pct is None else f"{s.cpu_pct:.0f}%"
     return (
-        f"{users} users: {len(result.records)} requests, {ok} ok, most in flight at once "
-        f"{_max_in_flight(result)}, {chunks / result.duration_s:.0f} chunks/s, bench CPU "
-        f"{cpu_pct:.0f}% of a core, errors: {_errors(result)}"
+        f"  {s.tool:<10} {s.asked:>6.0f} {s.sent:>7} {s.ok:>7} {s.achieved_rps:>8.0f}"
+        f" {_ms(s.lag_p50_s):>8} {_ms(s.lag_p99_s):>8} {_ms(s.lag_max_s):>8} {s.max_in_flight:>6}"
+        f" {cpu:>5}  {errors}" + (f"\n             {s.note}" if s.note else "")
     )
+
+
+HEADER = (
+    "  tool        asked    sent      ok  ach/s  lag p50  lag p99  lag max  inflt   cpu  errors"
+)
+
+
+def _majority(runs: Sequence[RunStats], test: Callable[[RunStats], bool]) -> bool:
+    return sum(test(r) for r in runs) * 2 > len(runs)
+
+
+def _min_med(values: Sequence[float], fmt: str) -> str:
+    good = [v for v in values if not math.isnan(v)]
+    return f"{fmt.format(min(good))} / {fmt.format(statistics.median(good))}" if good else "-"
+
+
+class Climb:
+    """Runs a tool at rising levels until it fails one; remembers what it kept and sustained."""
+
+    def __init__(self, tool: str, run: Callable[[float], RunStats] | None) -> None:
+        self.tool, self.run = tool, run
+        self.results: dict[float, list[RunStats]] = {}
+        self.climbing = run is not None
+
+    def step(self, level: float) -> None:
+        if self.climbing and self.run is not None:
+            stats = self.run(level)
+            self.results.setdefault(level, []).append(stats)
+            print(_line(stats), flush=True)
+
+    def close_level(self, level: float, keeps: Callable[[RunStats], bool]) -> None:
+        if self.climbing and not _majority(self.results[level], keeps):
+            self.climbing = False
+
+    def best(self, test: Callable[[RunStats], bool]) -> float:
+        return max((lvl for lvl, runs in self.results.items() if _majority(runs, test)), default=0)
+
+
+def _summary(
+    climbs: Sequence[Climb], levels: Sequence[float], unit: str, name: str,
+    figure: Callable[[RunStats], float],
+) -> None:  # fmt: skip
+    """Per level and tool: achieved req/s and one more figure, each as min / median."""
+    head = "".join(f" | {c.tool + ' ach/s':>17} {name:>17}" for c in climbs)
+    print(f"\n  {unit:>7}{head} | ratio of medians (ach/s)")
+    for level in levels:
+        cells, medians = [], []
+        for c in climbs:
+            runs = c.results.get(level, [])
+            achieved = [r.achieved_rps for r in runs]
+            medians.append(statistics.median(achieved) if runs else math.nan)
+            other = _min_med([figure(r) for r in runs], "{:.2f}")
+            cells.append(f" | {_min_med(achieved, '{:.0f}'):>17} {other:>17}")
+        ratio = medians[0] / medians[1] if len(medians) > 1 and medians[1] > 0 else math.nan
+        print(f"  {level:>7.0f}{''.join(cells)} | {'-' if math.isnan(ratio) else f'{ratio:.2f}'}")
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "n/a (GuideLLM reached none of the asked levels)"
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--engines", type=int, default=1, help="GuideLLM sends to the first only")
+    ap.add_argument("--rates", default="100,250,500,750,1000,1250,1500,2000,2500,3000")
+    ap.add_argument("--arrivals", choices=("constant", "poisson"), default="constant")
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--users", default="500,1000,2000,3000")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--bench-core", type=int, default=0)
+    ap.add_argument("--engine-cores", default="", help="default: every core but the bench's")
+    ap.add_argument("--no-guidellm", action="store_true")
+    ap.add_argument("--guidellm-workers", type=int, default=1, help="its worker processes")
+    ap.add_argument("--guidellm-cores", default=None, help="taskset list; default: bench core")
+    return ap.parse_args(argv)
+
+
+class Session:
+    """The engines' URLs and GuideLLM's place for one phase (rate or streams)."""
+
+    def __init__(self, args: argparse.Namespace, exe: Path | None, work: Path) -> None:
+        self.args, self.exe, self.work = args, exe, work
+        self.urls: list[str] = []
+        cores = str(args.bench_core) if args.guidellm_cores is None else args.guidellm_cores
+        self.place = Placement(cores, args.guidellm_workers)
+
+    def guidellm_rate(self, rate: float) -> RunStats:
+        assert self.exe is not None
+        arrivals, duration_s = self.args.arrivals, self.args.duration
+        count = len(schedule(steady(rate), duration_s=duration_s, arrivals=arrivals))
+        data = write_dataset(self.work / "rate.jsonl", Workload(SPEC, seed=1), count)
+        return run_guidellm(
+            self.exe, self.urls[0], MODEL, profile=f"kind={arrivals},rate={rate:g}", asked=rate,
+            expected=count, data=data, limit_s=3 * duration_s + 5, place=self.place,
+            workdir=self.work,
+        )  # fmt: skip
+
+    def guidellm_streams(self, streams: float) -> RunStats:
+        assert self.exe is not None
+        data = write_dataset(self.work / "streams.jsonl", Workload(SPEC, seed=2), int(streams) * 4)
+        return run_guidellm(
+            self.exe, self.urls[0], MODEL, profile=f"kind=concurrent,streams={streams:g}",
+            asked=streams, expected=0, data=data, limit_s=self.args.duration,
+            place=self.place, workdir=self.work, closed_loop=True,
+        )  # fmt: skip
+
+    def climb(
+        self, climbs: Sequence[Climb], levels: Sequence[float], keeps: Callable[[RunStats], bool]
+    ) -> None:
+        for level in levels:
+            for _ in range(self.args.repeat):
+                for climb in climbs:
+                    climb.step(level)
+            for climb in climbs:
+                climb.close_level(level, keeps)
+            if not any(c.climbing for c in climbs):
+                break
+
+
+def _verdict(rate_climbs: Sequence[Climb], stream_climbs: Sequence[Climb], guidellm: bool) -> None:
+    fs, gl = rate_climbs
+    print("\nlargest rate kept (>= 95 % achieved, no errors) and sustained (also lag p99 < 5 ms):")
+    for c in rate_climbs if guidellm else [fs]:
+        kept, sustained = c.best(RunStats.keeps_rate), c.best(RunStats.sustains_rate)
+        print(f"  {c.tool:<10} kept {kept:>6.0f} req/s, sustained {sustained:>6.0f} req/s")
+    sustained = fs.best(RunStats.sustains_rate)
+    streams = [c.best(RunStats.holds_streams) for c in stream_climbs]
+    print(f"  fleetserve: {sustained:.0f} req/s sustained (target >= 1000: "
+          f"{'met' if sustained >= 1000 else 'MISSED'}), {streams[0]:.0f} streams held "
+          f"(target >= 2000: {'met' if streams[0] >= 2000 else 'MISSED'})")  # fmt: skip
+    if not guidellm:
+        print("  GuideLLM: not measured (see above)")
+        return
+    print(f"  GuideLLM: {streams[1]:.0f} streams held")
+    print(f"  ratio fleetserve / GuideLLM: sustained rate "
+          f"{_ratio(sustained, gl.best(RunStats.sustains_rate))}, kept rate "
+          f"{_ratio(fs.best(RunStats.keeps_rate), gl.best(RunStats.keeps_rate))}, streams "
+          f"{_ratio(streams[0], streams[1])}")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--engines", type=int, default=2)
-    ap.add_argument("--rates", default="250,500,1000,1500,2000")
-    ap.add_argument("--duration", type=float, default=5.0)
-    ap.add_argument("--users", type=int, default=2000)
-    ap.add_argument("--engine-cores", default="", help="cores for engines, e.g. 1,2,3")
-    args = ap.parse_args(argv)
-    cores: list[int | None] = [int(c) for c in args.engine_cores.split(",") if c] or [None]
+    args = _parse(argv)
+    cores = [int(c) for c in args.engine_cores.split(",") if c]
+    cores = cores or sorted(os.sched_getaffinity(0) - {args.bench_core})
+    pin_self(args.bench_core)
+    rates = [float(r) for r in args.rates.split(",")]
+    users = [float(u) for u in args.users.split(",")]
+    print(
+        f"bench on core {args.bench_core}, engines on cores {cores or 'any'}, GuideLLM on cores "
+        f"{args.guidellm_cores or args.bench_core} with {args.guidellm_workers} worker(s); "
+        f"{args.duration:g} s a run, {args.repeat} repeat(s), {args.arrivals} arrivals"
+    )
+    exe: Path | None = None
+    if not args.no_guidellm:
+        try:
+            exe = ensure_guidellm(sys.executable)
+        except GuideLLMUnavailableError as error:
+            print(f"GuideLLM NOT MEASURED: {error}")
     with sigterm_as_exit(), TemporaryDirectory() as tmp, Processes(Path(tmp)) as procs:
-        urls = _start_engines(procs, args.engines, "instant", cores)
-        print(f"open loop, {args.engines} instant sim engines, 16 chunks per stream")
-        print("  rate/s    sent      ok  chunks/s  lag p50  lag p99  lag max    cpu  errors")
-        best = 0.0
-        for rate in (float(r) for r in args.rates.split(",")):
-            good, line = rate_step(urls, rate, args.duration)
-            print(line, flush=True)
-            best = rate if good else best
-        print(f"largest rate with lag p99 < {LAG_P99_TARGET_S * 1e3:.0f} ms: {best:.0f} req/s")
+        run = Session(args, exe, Path(tmp))
+        run.urls = _start_engines(procs, args.engines, "instant", cores)
+        print(f"\nopen loop, {args.engines} instant sim engine(s), 16 chunks a stream\n{HEADER}")
+        rate_climbs = [
+            Climb(
+                "fleetserve", lambda r: fleetserve_rate(run.urls, r, args.duration, args.arrivals)
+            ),
+            Climb("guidellm", run.guidellm_rate if exe else None),
+        ]
+        run.climb(rate_climbs, rates, RunStats.keeps_rate)
         procs.stop_all()
-        urls = _start_engines(procs, args.engines, "h100", cores)
-        print(concurrency_step(urls, args.users, args.duration), flush=True)
+        run.urls = _start_engines(procs, args.engines, "h100", cores)
+        print(f"\nclosed loop, {args.engines} h100 sim engine(s)\n{HEADER}")
+        stream_climbs = [
+            Climb("fleetserve", lambda n: fleetserve_streams(run.urls, int(n), args.duration)),
+            Climb("guidellm", run.guidellm_streams if exe else None),
+        ]
+        run.climb(stream_climbs, users, RunStats.holds_streams)
+    measured = [c for c in rate_climbs if c.results]
+    levels = [r for r in rates if any(r in c.results for c in measured)]
+    _summary(measured, levels, "req/s", "lag p99 ms", lambda r: r.lag_p99_s * 1e3)
+    measured = [c for c in stream_climbs if c.results]
+    levels = [n for n in users if any(n in c.results for c in measured)]
+    _summary(measured, levels, "streams", "in flight", lambda r: float(r.max_in_flight))
+    _verdict(rate_climbs, stream_climbs, exe is not None)
     return 0
 
 
