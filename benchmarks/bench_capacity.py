@@ -286,9 +286,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     pin_self(args.bench_core)
     rates = [float(r) for r in args.rates.split(",")]
     users = [float(u) for u in args.users.split(",")]
+    gl_cores = args.bench_core if args.guidellm_cores is None else args.guidellm_cores or "any"
     print(
         f"bench on core {args.bench_core}, engines on cores {cores or 'any'}, GuideLLM on cores "
-        f"{args.guidellm_cores or args.bench_core} with {args.guidellm_workers} worker(s); "
+        f"{gl_cores} with {args.guidellm_workers} worker(s); "
         f"{args.duration:g} s a run, {args.repeat} repeat(s), {args.arrivals} arrivals"
     )
     exe: Path | None = None
