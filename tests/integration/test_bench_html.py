@@ -39,6 +39,8 @@ class Page:
 def chromium(tmp_path: Path, page: Path, *extra: str) -> Page:
     """Open `page` headless, offline, with a fresh profile; bounded in time, killed by PID."""
     if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):  # CI's `make test` installs it: missing there is a failure
+            pytest.fail(f"{CHROMIUM} is missing although `make browser` ran")
         pytest.skip("Debian's chromium is not installed (make browser installs it as root)")
     argv = [
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
