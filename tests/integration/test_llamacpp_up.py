@@ -71,3 +71,33 @@ def test_up_serves_a_real_model_on_llamacpp() -> None:
         assert not alive
         for p in (port, *engine_ports):
             assert port_is_free(p)
+
+
+@pytest.mark.timeout(120)
+def test_up_autoscaled_from_zero_on_llamacpp() -> None:
+    """The embedded default, autoscaled: a request at zero replicas starts one and is answered."""
+    find_llama_server()
+    port = free_port()
+    children: list[psutil.Process] = []
+    argv = fleetserve_argv("up", "--replicas", "0:2", "--port", str(port))
+    with services() as started, reap_on_exit(children):
+        up = started.start("up", argv, port)
+        up.wait_ok("/health", timeout_s=30)
+        assert get_json(up.url, "/admin/fleet")["replicas"] == []
+        with OpenAI(base_url=up.url + "/v1", api_key="sk-test", max_retries=0, timeout=90) as c:
+            answer = c.chat.completions.create(
+                model=DEFAULT_MODEL_NAME,
+                messages=[{"role": "user", "content": "Which city is the capital of France?"}],
+                max_tokens=24,
+                temperature=0,
+            )
+        assert "Paris" in (answer.choices[0].message.content or "")
+        replicas = get_json(up.url, "/admin/fleet")["replicas"]
+        assert isinstance(replicas, list)
+        assert [r["state"] for r in replicas] == ["ready"]
+        children.extend(psutil.Process(up.pid).children(recursive=True))
+        up.process.send_signal(signal.SIGTERM)
+        assert up.process.wait(20) == 0, up.process.log_text()
+        _, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive
+        assert port_is_free(port)
