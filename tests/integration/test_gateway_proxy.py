@@ -9,7 +9,14 @@ import aiohttp
 import orjson
 import pytest
 
-from fleetserve.config import FleetFile, GatewaySettings, HealthSettings, ModelSpec, TimeoutSettings
+from fleetserve.config import (
+    FleetFile,
+    GatewaySettings,
+    HealthSettings,
+    HoldSettings,
+    ModelSpec,
+    TimeoutSettings,
+)
 from fleetserve.routing.snapshot import ReplicaState
 from fleetserve.testing.fake_engine import FakeEngine, fake_engines
 from fleetserve.testing.gateway import RunningGateway, running_gateway, wait_until
@@ -233,9 +240,12 @@ async def test_no_ready_replica_is_503_with_retry_after(http: aiohttp.ClientSess
 
 
 async def test_concurrency_cap_per_replica(http: aiohttp.ClientSession) -> None:
+    # Past the cap a request waits at the gateway (test_gateway_capacity_queue.py); here the
+    # wait bound (0.1 s) passes before the slow request (0.4 s) frees the slot.
+    held_briefly = settings().model_copy(update={"hold": HoldSettings(timeout_s=0.1)})
     async with (
         fake_engines(1) as engines,
-        running_gateway(fleet_of(engines, max_concurrency=1), settings()) as gw,
+        running_gateway(fleet_of(engines, max_concurrency=1), held_briefly) as gw,
     ):
         engines[0].state.chunk_delay_s = 0.05
         slow = asyncio.create_task(post(http, gw, CHAT))

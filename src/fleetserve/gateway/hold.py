@@ -1,17 +1,26 @@
-"""Holding requests while their model has no ready replica but can get one (scale from zero).
+"""Holding requests at the gateway while no replica of their model can take them.
 
-A model can hold when the gateway was told it is autoscaled (its fleet-file entry has an
-`autoscale` section, or the composition root names it), or when a replica of it that joined
-the fleet after start-up is still starting (an actuator or discovery added it). Replicas
-present at start-up were probed before the gateway served its first request, so one that is
-still starting then is as likely down as booting: those models answer 503 at once, as before.
+Two cases hold, in one bounded FIFO queue per model:
 
-Each model has a bounded FIFO queue. The first request of a burst (queue empty -> not empty)
-calls the `on_demand` hook, which wakes the autoscaler. When any replica of the model turns
-ready (a Fleet listener), every held request of that model is released in arrival order and
-routed as usual. A held request ends with a 503 (Retry-After) when the queue is full or the
-wait bound passes; a client that disconnects leaves the queue at once (its task is
-cancelled). Time comes from the injected Clock, so tests run holds on a fake clock.
+- No replica is ready but one can come (scale from zero). A model can hold when the gateway
+  was told it is autoscaled (its fleet-file entry has an `autoscale` section, or the
+  composition root names it), or when a replica of it that joined the fleet after start-up is
+  still starting (an actuator or discovery added it). Replicas present at start-up were probed
+  before the gateway served its first request, so one that is still starting then is as likely
+  down as booting: those models answer 503 at once, as before. The first request of a burst
+  (queue empty -> not empty) calls the `on_demand` hook, which wakes the autoscaler.
+- Every ready replica is at its `max_concurrency` (any model with a cap). The backlog waits
+  here rather than inside the saturated engines, so a replica that turns ready takes queued
+  requests at once, as Ray Serve queues at its proxy beyond `max_ongoing_requests`.
+
+Release, oldest first: when a replica turns ready (a Fleet listener) and when a request on a
+ready replica finishes (`freed`, called by the proxy). A capped replica's free slots are
+granted to waiters one by one, the slot reserved (`Fleet.begin`) before the waiter runs, so
+a request arriving meanwhile cannot take it; an uncapped replica that turns ready releases
+every waiter to be routed as usual. A held request ends with a 503 (Retry-After) when the
+queue is full or the wait bound passes; a client that disconnects leaves the queue at once
+(its task is cancelled), handing back a slot granted to it. Time comes from the injected
+Clock, so tests run holds on a fake clock.
 """
 
 from __future__ import annotations
@@ -36,6 +45,9 @@ log = logging.getLogger("fleetserve.gateway.hold")
 DemandHook = Callable[[str], None]
 """Called with a model's name when requests start waiting for it. Must not block."""
 
+Waiter = asyncio.Future[str | None]
+"""Resolved with the id of a replica whose slot is reserved for the waiter, or None: route."""
+
 
 class HoldTicker(Protocol):
     """Something a held request does now and then while it waits (SSE keep-alives)."""
@@ -43,6 +55,11 @@ class HoldTicker(Protocol):
     next_at: float  # clock time of the next tick; the ticker moves it on in tick()
 
     async def tick(self, held_s: float) -> None: ...
+
+
+def at_capacity(replica: Replica) -> bool:
+    cap = replica.max_concurrency
+    return cap is not None and replica.in_flight >= cap
 
 
 class HoldQueue:
@@ -66,7 +83,7 @@ class HoldQueue:
         self.autoscaled = set(autoscaled or ())
         self.on_demand = on_demand
         self._retry = {"Retry-After": str(retry_after_s)}
-        self._queues: dict[str, deque[asyncio.Future[None]]] = {}
+        self._queues: dict[str, deque[Waiter]] = {}
         self._boot_ids = frozenset(r.id for r in fleet.replicas())
         fleet.subscribe(self._on_change)
 
@@ -81,10 +98,11 @@ class HoldQueue:
         )
 
     def should_hold(self, model: str) -> bool:
-        """No replica of `model` is ready, and one can come."""
-        replicas = self.fleet.replicas(model)
-        if any(r.state is ReplicaState.READY for r in replicas):
-            return False
+        """No replica of `model` can take a request now, and one can: none is ready and one
+        can come, or every ready one is at its concurrency cap (finishing requests free it)."""
+        ready = [r for r in self.fleet.replicas(model) if r.state is ReplicaState.READY]
+        if ready:
+            return all(at_capacity(r) for r in ready)
         return self.can_hold(model)
 
     def held(self, model: str) -> int:
@@ -95,29 +113,43 @@ class HoldQueue:
         return {model: len(q) for model, q in self._queues.items()}
 
     # -- holding ----------------------------------------------------------------------------
-    async def hold(self, model: str, started: float, ticker: HoldTicker | None = None) -> None:
-        """Wait until a replica of `model` is ready; NoReplicaError if full or past the bound.
+    async def hold(
+        self, model: str, started: float, ticker: HoldTicker | None = None
+    ) -> str | None:
+        """Wait until a replica of `model` can take the request; NoReplicaError if the queue is
+        full or the wait passes its bound.
 
-        `started` is when this request first began to wait: the bound covers all its waits.
+        Returns the id of a replica whose slot was reserved for this request (the caller sends
+        there and calls `Fleet.end` after), or None: route as usual. `started` is when this
+        request first began to wait: the bound covers all its waits.
         """
         queue = self._queues.setdefault(model, deque())
+        ready = self._has_ready(model)
         if len(queue) >= self.settings.max_held:
+            why = (
+                "all its ready replicas are at their concurrency limit"
+                if ready
+                else "it has no ready replica"
+            )
             raise NoReplicaError(
-                f"model {model!r} has no ready replica and {len(queue)} requests already wait "
-                f"for one (the limit); retry later",
+                f"model {model!r}: {why} and {len(queue)} requests already wait "
+                f"(the limit); retry later",
                 code="hold_queue_full",
                 headers=self._retry,
             )
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter: Waiter = asyncio.get_running_loop().create_future()
         queue.append(waiter)
         entered = self.clock.now()
         self.window.hold_started(model, entered)
         gauge = self.metrics.held.labels(model)
         gauge.inc()
-        if len(queue) == 1:
+        if len(queue) == 1 and not ready:
             self._wake(model)
         try:
             await self._wait(waiter, model, started + self.settings.timeout_s, started, ticker)
+        except BaseException:
+            self._hand_back(waiter)
+            raise
         finally:
             if not waiter.done():
                 waiter.cancel()
@@ -126,10 +158,11 @@ class HoldQueue:
             self.window.hold_ended(model, now)
             gauge.dec()
             self.metrics.hold.labels(model).observe(now - entered)
+        return waiter.result()
 
     async def _wait(
         self,
-        waiter: asyncio.Future[None],
+        waiter: Waiter,
         model: str,
         deadline: float,
         started: float,
@@ -149,7 +182,22 @@ class HoldQueue:
             finally:
                 sleeper.cancel()
 
+    def _has_ready(self, model: str) -> bool:
+        return any(r.state is ReplicaState.READY for r in self.fleet.replicas(model))
+
     def _timed_out(self, model: str, waited_s: float) -> NoReplicaError:
+        replicas = self.fleet.replicas(model)
+        ready = [r for r in replicas if r.state is ReplicaState.READY]
+        if ready:
+            caps = sorted({r.max_concurrency for r in ready if r.max_concurrency is not None})
+            each = "/".join(str(c) for c in caps) or "?"
+            which = "the ready replica" if len(ready) == 1 else f"all {len(ready)} ready replicas"
+            return NoReplicaError(
+                f"{which} of model {model!r} stayed at the concurrency limit ({each} in "
+                f"flight each) for {waited_s:.0f} s; retry later",
+                code="replicas_at_capacity",
+                headers=self._retry,
+            )
         counts = self.fleet.count_by_state(model)
         states = ", ".join(f"{n} {s.value}" for s, n in counts.items() if n) or "no replicas"
         return NoReplicaError(
@@ -167,13 +215,48 @@ class HoldQueue:
         except Exception:  # a broken hook must not fail the request it was called for
             log.exception("on_demand hook failed for model %r", model)
 
+    def _hand_back(self, waiter: Waiter) -> None:
+        """A waiter granted a slot that will not use it (cancelled, failed): pass it on."""
+        if not waiter.done() or waiter.cancelled():
+            return
+        replica_id = waiter.result()
+        if replica_id is not None:
+            self.fleet.end(replica_id)
+            replica = self.fleet.get(replica_id)
+            if replica is not None:
+                self.freed(replica_id, replica.model)
+
     # -- release ----------------------------------------------------------------------------
     def _on_change(self, replica: Replica) -> None:
         if replica.state is ReplicaState.READY and self.fleet.get(replica.id) is not None:
+            queue = self._queues.get(replica.model)
+            if queue:
+                self._grant(replica, queue)
+
+    def freed(self, replica_id: str, model: str) -> None:
+        """A request on `replica_id` finished: its slot goes to the oldest waiter, if any.
+
+        On the hot path after every request: O(1) while nothing waits for `model`.
+        """
+        queue = self._queues.get(model)
+        if not queue:
+            return
+        replica = self.fleet.get(replica_id)
+        if replica is not None and replica.state is ReplicaState.READY:
+            self._grant(replica, queue)
+
+    def _grant(self, replica: Replica, queue: deque[Waiter]) -> None:
+        if replica.max_concurrency is None:
             self.release(replica.model)
+            return
+        while queue and not at_capacity(replica):
+            waiter = queue.popleft()
+            if not waiter.done():
+                self.fleet.begin(replica.id)
+                waiter.set_result(replica.id)
 
     def release(self, model: str) -> int:
-        """Wake every request held for `model`, oldest first; returns how many."""
+        """Wake every request held for `model`, oldest first, to be routed; returns how many."""
         queue = self._queues.get(model)
         released = 0
         while queue:

@@ -5,9 +5,12 @@ byte) are retried on another replica, up to `max_attempts`. Once a stream has st
 failure ends it with an SSE error event in OpenAI's shape. Upstream 4xx answers are the
 client's problem and pass through unchanged.
 
-When the model has no ready replica but can get one, the request is held (gateway/hold.py)
-and then routed as usual. A held stream gets its 200 SSE head after `stream_head_after_s` and
-comment lines while it waits; from then on any failure is told in-stream, as above.
+When the model has no ready replica but can get one, or every ready replica is at its
+`max_concurrency`, the request is held (gateway/hold.py) and then sent to the replica whose slot
+was granted to it, or routed as usual. A held stream gets its 200 SSE head after
+`stream_head_after_s` and comment lines while it waits; from then on any failure is told
+in-stream, as above. Time held for capacity counts in the load window's TTFT (more replicas
+shorten it); time held for a cold start does not.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from fleetserve.errors import (
     UpstreamTimeoutError,
 )
 from fleetserve.fleet.fleet import Fleet
+from fleetserve.fleet.replica import Replica
 from fleetserve.gateway.hold import HoldQueue
 from fleetserve.gateway.keepalive import SSE_HEADERS_BASE, StreamKeepAlive, answer_as_event
 from fleetserve.gateway.upstream import UpstreamClient
@@ -35,7 +39,7 @@ from fleetserve.protocol.inspect import RequestInfo
 from fleetserve.protocol.sse import encode_error_event
 from fleetserve.routing.picker import Picker
 from fleetserve.routing.pickers import make_picker
-from fleetserve.routing.snapshot import ReplicaSnapshot, RouteRequest
+from fleetserve.routing.snapshot import ReplicaSnapshot, ReplicaState, RouteRequest
 from fleetserve.telemetry.metrics import GatewayMetrics
 from fleetserve.telemetry.window import LoadWindow
 
@@ -52,7 +56,8 @@ class Outcome:
     stream_failed: bool = False
     head_sent: bool = False  # a held stream's 200 head is out: errors go in-stream now
     hold_started: float | None = None
-    hold_s: float = 0.0  # time spent held, left out of the load window's TTFT
+    hold_s: float = 0.0  # time spent held: not charged to the first-byte budget
+    cold_hold_s: float = 0.0  # the part held with no ready replica: left out of the window's TTFT
 
 
 def _error_kind(err: UpstreamError) -> str:
@@ -108,23 +113,37 @@ class Proxy:
             picker = self.pickers[info.model] = make_picker(DEFAULT_PICKER)
         return picker.pick(route, ready)
 
-    async def _hold(self, info: RequestInfo, send: Send, outcome: Outcome) -> None:
-        assert self.holds is not None
+    async def _hold(self, info: RequestInfo, send: Send, outcome: Outcome) -> str | None:
+        """Hold until a replica can take the request; the id of one reserved for it, or None."""
+        holds = self.holds
+        assert holds is not None
         now = self.clock.now()
         if outcome.hold_started is None:
             outcome.hold_started = now
         started = outcome.hold_started
+        cold = not self.fleet.ready(info.model)
         ticker = None
         if info.stream:
-            ticker = StreamKeepAlive(send, self.holds.settings, started, outcome.head_sent)
+            ticker = StreamKeepAlive(send, holds.settings, started, outcome.head_sent)
             ticker.next_at = max(ticker.next_at, now)  # a second hold: tick on from now
         try:
-            await self.holds.hold(info.model, started, ticker)
+            return await holds.hold(info.model, started, ticker)
         finally:
-            outcome.hold_s = self.clock.now() - started
+            end = self.clock.now()
+            outcome.hold_s = end - started
+            if cold:
+                outcome.cold_hold_s += end - now
             if ticker is not None and ticker.head_sent:
                 outcome.head_sent = True
                 outcome.status = 200
+
+    def _granted(self, replica_id: str) -> Replica | None:
+        """The replica whose slot a hold reserved, if it can still serve; else the slot back."""
+        replica = self.fleet.get(replica_id)
+        if replica is not None and replica.state is ReplicaState.READY:
+            return replica
+        self.fleet.end(replica_id)
+        return None
 
     def _no_replica(self, model: str) -> NoReplicaError:
         retry = {"Retry-After": str(self.settings.retry_after_s)}
@@ -174,13 +193,20 @@ class Proxy:
         tried: set[str] = set()
         last: UpstreamError | None = None
         attempt = 0
+        holds = self.holds
         while attempt < self.settings.max_attempts:
-            replica = self._pick(info, tried)
+            replica: ReplicaSnapshot | Replica | None = self._pick(info, tried)
+            reserved = False
             if replica is None:
-                if tried or self.holds is None or not self.holds.should_hold(info.model):
+                if tried or holds is None or not holds.should_hold(info.model):
                     break
-                await self._hold(info, send, outcome)
-                continue
+                granted = await self._hold(info, send, outcome)
+                if granted is None:
+                    continue
+                replica = self._granted(granted)
+                if replica is None:
+                    continue
+                reserved = True  # the hold counted it in flight already
             if attempt:
                 self.metrics.retries.labels(info.model, _error_kind(last) if last else "").inc()
             tried.add(replica.id)
@@ -189,7 +215,8 @@ class Proxy:
             outcome.replica = replica.id
             url = replica.url + path
             tag = [(REPLICA_HEADER, replica.id.encode())]
-            self.fleet.begin(replica.id)
+            if not reserved:
+                self.fleet.begin(replica.id)
             try:
                 if info.stream:
                     await self._stream(info, url, body, request_id, send, t0, outcome, tag)
@@ -213,6 +240,8 @@ class Proxy:
                 continue
             finally:
                 self.fleet.end(replica.id)
+                if holds is not None:
+                    holds.freed(replica.id, info.model)
             if not outcome.stream_failed:
                 self.fleet.record_success(replica.id, self.clock.now())
             return
@@ -268,8 +297,9 @@ class Proxy:
             # Committed: from here on a failure cannot be retried, only reported in-stream.
             now = clock.now()
             self.metrics.observe_ttft(info.model, now - t0)
-            # The autoscaler's window leaves the hold out: more replicas cannot shorten it.
-            self.window.observe_ttft(info.model, now, now - t0 - outcome.hold_s)
+            # The autoscaler's window leaves a cold-start hold out (more replicas cannot
+            # shorten it) but keeps time held at capacity (more replicas would).
+            self.window.observe_ttft(info.model, now, now - t0 - outcome.cold_hold_s)
             if not outcome.head_sent:
                 headers = [
                     (b"content-type", stream.content_type.encode()), *SSE_HEADERS_BASE, *tag
