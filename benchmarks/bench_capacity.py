@@ -24,12 +24,14 @@ installed on first use into `.venv-guidellm/` (see `benchmarks/_guidellm.py`).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import math
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -84,33 +86,52 @@ def _connect(urls: Sequence[str], clock: RealClock) -> Callable[[float], Sender]
     return lambda t0: RoundRobin(urls, clock, t0)
 
 
+@contextlib.contextmanager
+def _gc_off(off: bool) -> Iterator[None]:
+    """Keep Python's cyclic GC out of a run: its gen-2 passes over the run's records stall the
+    send loop for ~10 ms (lag p99 7-18 ms with it, 3-4 ms without, at 1,000 req/s here)."""
+    if not off:
+        yield
+        return
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def _stats(result: RunResult, asked: float, expected: int, cpu_s: float) -> RunStats:
     timings = [Timing(r.intended_s, r.sent_s, r.end_s, r.error_kind) for r in result.records]
     return summarize("fleetserve", asked, expected, timings, 100 * cpu_s / result.duration_s)
 
 
 def fleetserve_rate(
-    urls: Sequence[str], rate: float, duration_s: float, arrivals: Arrivals
+    urls: Sequence[str], rate: float, duration_s: float, arrivals: Arrivals, no_gc: bool = False
 ) -> RunStats:
     clock = RealClock()
     workload = Workload(SPEC, seed=1)
     offsets = schedule(steady(rate), duration_s=duration_s, arrivals=arrivals)
     cpu0 = time.process_time()
-    result = run_with_uvloop(run_open_loop(
-        offsets, lambda i: workload.next(), clock=clock, connect=_connect(urls, clock),
-        limits=RunLimits(duration_s=duration_s, drain_s=10.0),
-    ))  # fmt: skip
+    with _gc_off(no_gc):
+        result = run_with_uvloop(run_open_loop(
+            offsets, lambda i: workload.next(), clock=clock, connect=_connect(urls, clock),
+            limits=RunLimits(duration_s=duration_s, drain_s=10.0),
+        ))  # fmt: skip
     return _stats(result, rate, len(offsets), time.process_time() - cpu0)
 
 
-def fleetserve_streams(urls: Sequence[str], users: int, duration_s: float) -> RunStats:
+def fleetserve_streams(
+    urls: Sequence[str], users: int, duration_s: float, no_gc: bool = False
+) -> RunStats:
     clock = RealClock()
     workload = Workload(SPEC, seed=2)
     cpu0 = time.process_time()
-    result = run_with_uvloop(run_closed_loop(
-        ClosedLoop(users), lambda i: workload.next(), clock=clock, connect=_connect(urls, clock),
-        limits=RunLimits(duration_s=duration_s, drain_s=15.0),
-    ))  # fmt: skip
+    with _gc_off(no_gc):
+        result = run_with_uvloop(run_closed_loop(
+            ClosedLoop(users), lambda i: workload.next(), clock=clock,
+            connect=_connect(urls, clock), limits=RunLimits(duration_s=duration_s, drain_s=15.0),
+        ))  # fmt: skip
     return _stats(result, users, 0, time.process_time() - cpu0)
 
 
@@ -176,6 +197,14 @@ class Climb:
     def best(self, test: Callable[[RunStats], bool]) -> float:
         return max((lvl for lvl, runs in self.results.items() if _majority(runs, test)), default=0)
 
+    def best_text(self, test: Callable[[RunStats], bool], top: float) -> str:
+        """The best level, marked when it is the top of the asked range (the limit is higher)."""
+        best = self.best(test)
+        return f">= {best:.0f} (top asked)" if best >= top else f"{best:.0f}"
+
+    def highest_achieved(self) -> float:
+        return max((r.achieved_rps for runs in self.results.values() for r in runs), default=0)
+
 
 def _summary(
     climbs: Sequence[Climb], levels: Sequence[float], unit: str, name: str,
@@ -211,6 +240,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--bench-core", type=int, default=0)
     ap.add_argument("--engine-cores", default="", help="default: every core but the bench's")
     ap.add_argument("--no-guidellm", action="store_true")
+    ap.add_argument("--no-gc", action="store_true", help="bench's runs with Python's GC off")
     ap.add_argument("--guidellm-workers", type=int, default=1, help="its worker processes")
     ap.add_argument("--guidellm-cores", default=None, help="taskset list; default: bench core")
     return ap.parse_args(argv)
@@ -258,25 +288,35 @@ class Session:
                 break
 
 
-def _verdict(rate_climbs: Sequence[Climb], stream_climbs: Sequence[Climb], guidellm: bool) -> None:
+def _verdict(
+    rate_climbs: Sequence[Climb], stream_climbs: Sequence[Climb], top_rate: float,
+    top_streams: float,
+) -> None:  # fmt: skip
     fs, gl = rate_climbs
-    print("\nlargest rate kept (>= 95 % achieved, no errors) and sustained (also lag p99 < 5 ms):")
-    for c in rate_climbs if guidellm else [fs]:
-        kept, sustained = c.best(RunStats.keeps_rate), c.best(RunStats.sustains_rate)
-        print(f"  {c.tool:<10} kept {kept:>6.0f} req/s, sustained {sustained:>6.0f} req/s")
+    print("\nlargest rate kept (>= 95 % achieved, no errors) and sustained (also lag p99 < 5 ms),")
+    print("by a majority of the repeats; highest rate any run achieved:")
+    for c in (c for c in rate_climbs if c.results):
+        kept = c.best_text(RunStats.keeps_rate, top_rate)
+        held = c.best_text(RunStats.sustains_rate, top_rate)
+        high = c.highest_achieved()
+        print(
+            f"  {c.tool:<10} kept {kept} req/s, sustained {held} req/s, highest achieved {high:.0f}"
+        )
+    for c in (c for c in stream_climbs if c.results):
+        print(f"  {c.tool:<10} streams held {c.best_text(RunStats.holds_streams, top_streams)}")
     sustained = fs.best(RunStats.sustains_rate)
     streams = [c.best(RunStats.holds_streams) for c in stream_climbs]
-    print(f"  fleetserve: {sustained:.0f} req/s sustained (target >= 1000: "
-          f"{'met' if sustained >= 1000 else 'MISSED'}), {streams[0]:.0f} streams held "
-          f"(target >= 2000: {'met' if streams[0] >= 2000 else 'MISSED'})")  # fmt: skip
-    if not guidellm:
+    print(f"  targets: >= 1000 req/s sustained: {'met' if sustained >= 1000 else 'MISSED'}; "
+          f">= 2000 streams: {'met' if streams[0] >= 2000 else 'MISSED'}")  # fmt: skip
+    if not gl.results:
         print("  GuideLLM: not measured (see above)")
         return
-    print(f"  GuideLLM: {streams[1]:.0f} streams held")
     print(f"  ratio fleetserve / GuideLLM: sustained rate "
           f"{_ratio(sustained, gl.best(RunStats.sustains_rate))}, kept rate "
-          f"{_ratio(fs.best(RunStats.keeps_rate), gl.best(RunStats.keeps_rate))}, streams "
+          f"{_ratio(fs.best(RunStats.keeps_rate), gl.best(RunStats.keeps_rate))}, highest achieved "
+          f"{_ratio(fs.highest_achieved(), gl.highest_achieved())}, streams "
           f"{_ratio(streams[0], streams[1])}")  # fmt: skip
+    print("  (a ratio against a best at the top of the asked range is a lower bound)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -291,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"bench on core {args.bench_core}, engines on cores {cores or 'any'}, GuideLLM on cores "
         f"{gl_cores} with {args.guidellm_workers} worker(s); "
         f"{args.duration:g} s a run, {args.repeat} repeat(s), {args.arrivals} arrivals"
+        + (", bench's GC off during its runs (--no-gc)" if args.no_gc else "")
     )
     exe: Path | None = None
     if not args.no_guidellm:
@@ -313,7 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         run.urls = _start_engines(procs, args.engines, "h100", cores)
         print(f"\nclosed loop, {args.engines} h100 sim engine(s)\n{HEADER}")
         stream_climbs = [
-            Climb("fleetserve", lambda n: fleetserve_streams(run.urls, int(n), args.duration)),
+            Climb(
+                "fleetserve",
+                lambda n: fleetserve_streams(run.urls, int(n), args.duration, args.no_gc),
+            ),
             Climb("guidellm", run.guidellm_streams if exe else None),
         ]
         run.climb(stream_climbs, users, RunStats.holds_streams)
@@ -323,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     measured = [c for c in stream_climbs if c.results]
     levels = [n for n in users if any(n in c.results for c in measured)]
     _summary(measured, levels, "streams", "in flight", lambda r: float(r.max_in_flight))
-    _verdict(rate_climbs, stream_climbs, exe is not None)
+    _verdict(rate_climbs, stream_climbs, max(rates), max(users))
     return 0
 
 
