@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import uvloop
 
 from benchmarks._harness import Processes, pin_self, sigterm_as_exit, wait_ready
@@ -122,6 +123,11 @@ class Point:
     # the body included), and bench's first token - engine's first write (the way out).
     request_path_s: list[float]
     response_path_s: list[float]
+    # The engines' cost: CPU seconds (user + system, all engines) over the whole run, warm-up
+    # included, and the response chunks (body writes) they made in it; the run's wall time.
+    engine_cpu_s: float
+    engine_writes: int
+    run_s: float
 
 
 async def engine_log(http: aiohttp.ClientSession, url: str) -> tuple[list[dict[str, Any]], int]:
@@ -153,8 +159,14 @@ def bench_side(records: Sequence[RequestRecord]) -> Side:
     return Side(samples.ttft_s, samples.tpot_s)
 
 
+def cpu_s(procs: Sequence[psutil.Process]) -> float:
+    """CPU seconds (user + system) the processes have used so far."""
+    return sum(t.user + t.system for t in (p.cpu_times() for p in procs))
+
+
 async def measure(
     urls: Sequence[str],
+    pids: Sequence[int],
     streams: int,
     args: argparse.Namespace,
     workload: WorkloadSpec,
@@ -172,6 +184,7 @@ async def measure(
     pattern = None if lockstep else ramp(1, streams, max(warmup_s / 2, 0.1))
     users = ClosedLoop(users=streams, pattern=pattern)
     build = Workload(workload, seed=streams).next
+    engines = [psutil.Process(pid) for pid in pids]
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
             for url in urls:
@@ -179,6 +192,7 @@ async def measure(
                     response.raise_for_status()
             gc.collect()
             gc.disable()  # a GC pause in this process would land in bench's figures only
+            cpu0_s, wall0_s = cpu_s(engines), clock.now()
             try:
                 result = await run_closed_loop(
                     users, lambda _: build(), clock=clock, connect=sender.bind,
@@ -186,6 +200,7 @@ async def measure(
                 )  # fmt: skip
             finally:
                 gc.enable()
+            engine_cpu_s, run_s = cpu_s(engines) - cpu0_s, clock.now() - wall0_s
             logs = [await engine_log(http, url) for url in urls]
     finally:
         await sender.close_all()
@@ -209,6 +224,9 @@ async def measure(
         duration_s=args.duration_s,
         request_path_s=sorted(a - s for a, s in zip(arrivals, sends, strict=False)),
         response_path_s=sorted(f - w for f, w in zip(firsts, writes, strict=False)),
+        engine_cpu_s=engine_cpu_s,
+        engine_writes=sum(row["writes"] for entries, _ in logs for row in entries),
+        run_s=run_s,
     )
 
 
@@ -282,6 +300,14 @@ def render(point: Point) -> tuple[str, bool]:
         if values:
             p50, p99 = (1000 * percentile(values, p) for p in (50, 99))
             lines.append(f"  {name} (by rank): p50 {p50:.3f} ms, p99 {p99:.3f} ms")
+    if point.engine_writes:
+        per_chunk_us = 1e6 * point.engine_cpu_s / point.engine_writes
+        lines.append(
+            f"  engine cost (whole run): {per_chunk_us:.1f} us CPU per chunk written "
+            f"({point.engine_writes} chunks, {point.engine_cpu_s:.2f} s CPU in "
+            f"{point.run_s:.1f} s: the engines' core {100 * point.engine_cpu_s / point.run_s:.0f}"
+            f" % busy)"
+        )
     if not same_count:
         lines.append("  MISMATCH: bench and the engines do not count the same requests")
     return "\n".join(lines), ok
@@ -305,7 +331,8 @@ def machine_facts(args: argparse.Namespace) -> str:
 # --- main ---------------------------------------------------------------------------------
 
 
-def start_engines(procs: Processes, args: argparse.Namespace) -> list[str]:
+def start_engines(procs: Processes, args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(url, pid) of each engine, once all are ready."""
     urls = []
     for i in range(args.engines):
         port = free_port()
@@ -315,7 +342,7 @@ def start_engines(procs: Processes, args: argparse.Namespace) -> list[str]:
         urls.append((f"http://127.0.0.1:{port}", proc))
     for url, proc in urls:
         wait_ready(f"{url}/health", proc, READY_TIMEOUT_S)
-    return [url for url, _ in urls]
+    return [(url, proc.pid) for url, proc in urls]
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -356,11 +383,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="bench-accuracy-") as logs,
         Processes(Path(logs)) as procs,
     ):
-        urls = start_engines(procs, args)
+        engines = start_engines(procs, args)
+        urls, pids = [url for url, _ in engines], [pid for _, pid in engines]
         pin_self(CLIENT_CORE)
         for streams in args.stream_counts:
             t0 = time.monotonic()
-            point = uvloop.run(measure(urls, streams, args, workload))
+            point = uvloop.run(measure(urls, pids, streams, args, workload))
             text, ok = render(point)
             all_ok &= ok
             print(f"\n{text}\n  (point took {time.monotonic() - t0:.0f} s)", flush=True)

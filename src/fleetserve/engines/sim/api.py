@@ -268,46 +268,59 @@ def completion_body(job: Job) -> bytes:
     )
 
 
-def stream_events(job: Job, start: int, end: int) -> bytes:
-    """Events `start` to `end` - 1, one token each; the last event carries finish_reason.
+class StreamEvents:
+    """The SSE events of one streamed job, rendered from bytes built once per request.
 
-    With include_usage, every event has `"usage": null` and the final one (added by
-    `stream_end`) the usage with no choices, as OpenAI streams it. The bytes are what
-    orjson gives for the event as a dict (same keys, same order, no spaces), put together from
-    a per-request head and tail because this runs for every token.
+    Each event is what orjson gives for the event as a dict (same keys, same order, no
+    spaces): a constant head and tail around the token's JSON string, so a token costs one
+    `orjson.dumps` of its text and a concatenation. With include_usage every event has
+    `"usage": null` and the final one (`end`) the usage with no choices, as OpenAI streams it.
     """
-    plan = job.plan
-    pieces, last = plan.output.pieces, plan.events - 1
-    head = _event_head(job)
-    tail = (
-        b'},"logprobs":null,"finish_reason":null}]'
-        if plan.chat
-        else b',"logprobs":null,"finish_reason":null}]'
-    )
-    close = b',"usage":null}\n\n' if plan.include_usage else b"}\n\n"
-    parts: list[bytes] = []
-    for i in range(start, end):
-        piece = orjson.dumps(pieces[i] if i < len(pieces) else "")
-        if i == last:
-            finish = orjson.dumps(plan.output.finish_reason)
-            tail = tail.replace(b'"finish_reason":null', b'"finish_reason":' + finish)
+
+    __slots__ = ("_after", "_after_last", "_before", "_before_first", "_job", "_last", "_pieces")
+
+    def __init__(self, job: Job) -> None:
+        plan = job.plan
+        self._job = job
+        self._pieces = plan.output.pieces
+        self._last = plan.events - 1
+        kind = b"chat.completion.chunk" if plan.chat else b"text_completion"
+        head = (
+            b'data: {"id":' + orjson.dumps(job.id) + b',"object":"' + kind + b'","created":'
+            + str(job.created).encode() + b',"model":' + orjson.dumps(plan.model)
+            + b',"choices":[{"index":0,'
+        )  # fmt: skip
         if plan.chat:
-            role = b'"role":"assistant",' if i == 0 else b""
-            parts.append(
-                head + b'{"index":0,"delta":{' + role + b'"content":' + piece + tail + close
-            )
+            self._before_first = head + b'"delta":{"role":"assistant","content":'
+            self._before = head + b'"delta":{"content":'
+            after = b'},"logprobs":null,"finish_reason":'
         else:
-            parts.append(head + b'{"index":0,"text":' + piece + tail + close)
-    return b"".join(parts)
+            self._before_first = self._before = head + b'"text":'
+            after = b',"logprobs":null,"finish_reason":'
+        close = b'}],"usage":null}\n\n' if plan.include_usage else b"}]}\n\n"
+        self._after = after + b"null" + close
+        self._after_last = after + orjson.dumps(plan.output.finish_reason) + close
+
+    def events(self, start: int, end: int) -> bytes:
+        """Events `start` to `end` - 1, one token each; the last event carries finish_reason."""
+        pieces, last = self._pieces, self._last
+        if end - start == 1 and 0 < start < last:  # the common case: one token mid-stream
+            return self._before + orjson.dumps(pieces[start]) + self._after
+        parts: list[bytes] = []
+        for i in range(start, end):
+            piece = orjson.dumps(pieces[i] if i < len(pieces) else "")
+            before = self._before_first if i == 0 else self._before
+            parts.append(before + piece + (self._after_last if i == last else self._after))
+        return b"".join(parts)
+
+    def end(self) -> bytes:
+        """The usage event (if asked for) and `data: [DONE]`."""
+        return stream_end(self._job)
 
 
-def _event_head(job: Job) -> bytes:
-    kind = b"chat.completion.chunk" if job.plan.chat else b"text_completion"
-    return (
-        b'data: {"id":' + orjson.dumps(job.id) + b',"object":"' + kind + b'","created":'
-        + str(job.created).encode() + b',"model":' + orjson.dumps(job.plan.model)
-        + b',"choices":['
-    )  # fmt: skip
+def stream_events(job: Job, start: int, end: int) -> bytes:
+    """Events `start` to `end` - 1 of `job` (`StreamEvents.events`, for one-off use)."""
+    return StreamEvents(job).events(start, end)
 
 
 def stream_end(job: Job) -> bytes:

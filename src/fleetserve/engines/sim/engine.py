@@ -175,12 +175,25 @@ class SimEngine:
             start = now if step_end is None or now - step_end > MAX_LAG_S else step_end
             step_end = start + plan.duration_s
             await clock.sleep(max(0.0, step_end - clock.now()))
-            for seq in scheduler.complete(plan, step_end):
-                handle = self._handles.get(seq)
-                if handle is None:
-                    continue
-                if seq.finished:
-                    del self._handles[seq]
-                    handle.notify()
-                elif handle.every_token:
-                    handle.notify()
+            self._hand_out(scheduler.complete(plan, step_end))
+
+    def _hand_out(self, produced: list[SimSequence]) -> None:
+        """Wake the handlers of a step's tokens: those that go on first, those that end last.
+
+        The handlers run (and write) in the order they are woken. A client that waits for one
+        request to end before it sends the next (a closed loop) then finds the engine done
+        with the step's writes, instead of queued behind them, when that next request arrives.
+        """
+        handles = self._handles
+        ending: list[SeqHandle] = []
+        for seq in produced:
+            handle = handles.get(seq)
+            if handle is None:
+                continue
+            if seq.finished_s is not None:
+                del handles[seq]
+                ending.append(handle)
+            elif handle.every_token:
+                handle.notify()
+        for handle in ending:
+            handle.notify()

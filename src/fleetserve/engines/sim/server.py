@@ -26,7 +26,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fleetserve import __version__
-from fleetserve.engines.sim.api import Job, PlanCache, completion_body, stream_end, stream_events
+from fleetserve.engines.sim.api import Job, PlanCache, StreamEvents, completion_body
 from fleetserve.engines.sim.batching import CapacityError
 from fleetserve.engines.sim.engine import SeqHandle, SimEngine
 from fleetserve.engines.sim.request_log import DEFAULT_CAPACITY, RequestLog
@@ -273,19 +273,23 @@ class SimServer:
         """One SSE event per token, sent as the engine produces them.
 
         Tokens that arrived together (all of them, under `instant`) go out in one write. The
-        first and the last write times go to the request log.
+        first and the last write times go to the request log. A wake-up is one future per
+        step: the client's disconnect (watched once per request) wakes the same future, so no
+        `asyncio.wait` is needed per token.
         """
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         now = self.engine.clock.now
+        render = StreamEvents(job)
         events = job.plan.events
         sent = 0
         first_write: float | None = None
         last_write: float | None = None
         writes = 0
         reason = "disconnect"
-        disconnect: asyncio.Future[Message] | None = None
+        disconnect: asyncio.Future[Message] = asyncio.ensure_future(receive())
+        disconnect.add_done_callback(lambda _: handle.notify())
         try:
-            while True:
+            while not disconnect.done():
                 finished = handle.finished
                 if finished and handle.seq.finish_reason == "abort":
                     reason = "abort"
@@ -294,32 +298,24 @@ class SimServer:
                     await send({"type": "http.response.body", "body": body})
                     return
                 ready = events if finished else min(handle.generated, events - 1)
-                if ready > sent:
-                    chunk = stream_events(job, sent, ready)
-                    sent = ready
-                    if sent == events:
-                        await send({"type": "http.response.body", "body": chunk + stream_end(job)})
-                        last_write = now()
-                        first_write = last_write if first_write is None else first_write
-                        writes += 1
-                        reason = job.plan.output.finish_reason
-                        return
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if ready <= sent:
+                    await handle.progress()
+                    continue
+                chunk = render.events(sent, ready)
+                sent = ready
+                if sent == events:
+                    await send({"type": "http.response.body", "body": chunk + render.end()})
                     last_write = now()
                     first_write = last_write if first_write is None else first_write
                     writes += 1
-                    continue
-                if disconnect is None:
-                    disconnect = asyncio.ensure_future(receive())
-                await asyncio.wait(
-                    (handle.progress(), disconnect), return_when=asyncio.FIRST_COMPLETED
-                )
-                if disconnect.done():
-                    self.engine.abort(handle)
+                    reason = job.plan.output.finish_reason
                     return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                last_write = now()
+                first_write = last_write if first_write is None else first_write
+                writes += 1
         finally:
-            if disconnect is not None:
-                disconnect.cancel()
+            disconnect.cancel()
             if not handle.finished:
                 self.engine.abort(handle)
             tokens = min(sent, len(job.plan.output.pieces))
