@@ -88,6 +88,11 @@ class GatewaySettings(BaseSettings):
         None, description="bearer token required by /admin/* (None: admin is open on loopback)"
     )
     fleet_file: Path | None = None
+    kubeconfig: Path | None = Field(
+        None,
+        description="kubeconfig for Kubernetes discovery (None: in-cluster, $KUBECONFIG, "
+        "~/.kube/config)",
+    )
     log_level: str = "warning"
 
 
@@ -218,6 +223,36 @@ class AutoscaleSettings(BaseModel):
         return self
 
 
+class KubernetesDiscoverySpec(BaseModel):
+    """Replicas are the ready endpoints of a Kubernetes Service, read from its EndpointSlices."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    service: str = Field(min_length=1, description="the Service whose endpoints are replicas")
+    namespace: str | None = Field(
+        None, description="the Service's namespace (None: the kubeconfig's, or the pod's own)"
+    )
+    port: str | int | None = Field(
+        None, description="the port by name (e.g. http) or number (None: the slice's only port)"
+    )
+    scheme: Literal["http", "https"] = "http"
+    remove_after_s: float = Field(
+        30.0,
+        gt=0,
+        description="an endpoint that left the slices is removed once its in-flight requests "
+        "finish, or after this long",
+    )
+    context: str | None = Field(None, description="kubeconfig context (None: the current one)")
+
+
+class DiscoverySpec(BaseModel):
+    """Where a model's replicas come from when the fleet file does not list them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kubernetes: KubernetesDiscoverySpec
+
+
 class ModelSpec(BaseModel):
     """One model in the fleet file."""
 
@@ -236,6 +271,9 @@ class ModelSpec(BaseModel):
     autoscale: AutoscaleSettings | None = Field(
         None, description="autoscaler policy (None: the fleet keeps its replica count)"
     )
+    discovery: DiscoverySpec | None = Field(
+        None, description="where replicas come from instead of the `replicas` list"
+    )
 
     @field_validator("replicas")
     @classmethod
@@ -244,6 +282,14 @@ class ModelSpec(BaseModel):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"replica URL must start with http:// or https://: {url!r}")
         return [u.rstrip("/") for u in urls]
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if self.replicas and self.discovery is not None:
+            raise ValueError(
+                f"model {self.name!r}: give either `replicas` or `discovery`, not both"
+            )
+        return self
 
 
 class FleetFile(BaseModel):

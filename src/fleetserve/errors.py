@@ -6,6 +6,8 @@ FleetserveError
 ├── ActuatorError                scaling failed: a replica could not be started or stopped,
 │                                or the Kubernetes API refused or could not be reached
 ├── ObserveError                 the autoscaler could not read the fleet (its step is skipped)
+├── DiscoveryError               discovery could not read the replica set (it retries; the
+│                                fleet keeps its last view meanwhile)
 ├── ApiError                     answered to a client in OpenAI's error envelope
 │   ├── InvalidRequestError      400 invalid_request_error
 │   ├── AuthenticationError      401
@@ -47,6 +49,10 @@ class ActuatorError(FleetserveError):
 
 class ObserveError(FleetserveError):
     """The autoscaler could not observe the fleet or gateway; it skips the step, never guesses."""
+
+
+class DiscoveryError(FleetserveError):
+    """Discovery could not list or watch where replicas are; the message names the source."""
 
 
 class ApiError(FleetserveError):

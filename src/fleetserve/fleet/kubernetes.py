@@ -22,16 +22,37 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
-from lightkube import ApiError, AsyncClient, ConfigError, KubeConfig
+from lightkube import ApiError, AsyncClient, KubeConfig
+from lightkube import ConfigError as KubeConfigError
+from lightkube.config.kubeconfig import SingleConfig
 from lightkube.models.autoscaling_v1 import Scale
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.types import PatchType
 
-from fleetserve.errors import ActuatorError
+from fleetserve.errors import ActuatorError, ConfigError
 from fleetserve.fleet.actuators import ActuatorStatus
 
 FIELD_MANAGER = "fleetserve"
 DEFAULT_TIMEOUT_S = 10.0
+
+
+def load_kubeconfig(
+    kubeconfig: Path | None = None, context: str | None = None, *, purpose: str
+) -> SingleConfig:
+    """The configuration from `kubeconfig`, or else as kubectl finds one: the pod's service
+    account in a cluster, then $KUBECONFIG, then ~/.kube/config. ConfigError names where it
+    looked and `purpose` (e.g. "to scale deployment llm")."""
+    where = f"from {kubeconfig}" if kubeconfig else "(in-cluster, $KUBECONFIG, ~/.kube)"
+    try:
+        config = KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_env()
+        single = config.get(context_name=context)
+    except (KubeConfigError, OSError) as exc:
+        raise ConfigError(
+            f"cannot load a Kubernetes configuration {where} {purpose}: {exc}"
+        ) from exc
+    if single is None:
+        raise ConfigError(f"the Kubernetes configuration {where} has no current context")
+    return single
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +82,11 @@ class KubernetesActuator:
         """A client from `kubeconfig`, or else as kubectl finds one: the pod's service account
         in a cluster, then $KUBECONFIG, then ~/.kube/config."""
         try:
-            config = KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_env()
-            single = config.get(context_name=context)
-        except (ConfigError, OSError) as exc:
-            where = f"from {kubeconfig}" if kubeconfig else "(in-cluster, $KUBECONFIG, ~/.kube)"
-            raise ActuatorError(
-                f"cannot load a Kubernetes configuration {where} to scale deployment "
-                f"{target.deployment}: {exc}"
-            ) from exc
+            single = load_kubeconfig(
+                kubeconfig, context, purpose=f"to scale deployment {target.deployment}"
+            )
+        except ConfigError as exc:
+            raise ActuatorError(str(exc)) from exc
         client = AsyncClient(
             config=single,
             namespace=target.namespace,
