@@ -8,8 +8,16 @@ from pathlib import Path
 import typer
 
 from fleetserve.cli.common import clear_errors, ensure_port_free
-from fleetserve.config import DEFAULT_PICKER, FleetFile, GatewaySettings, ModelSpec
+from fleetserve.config import (
+    DEFAULT_PICKER,
+    DiscoverySpec,
+    FleetFile,
+    GatewaySettings,
+    KubernetesDiscoverySpec,
+    ModelSpec,
+)
 from fleetserve.errors import ConfigError
+from fleetserve.fleet.kubernetes_discovery import load_config
 from fleetserve.gateway.app import resolve_fleet
 from fleetserve.gateway.serve import run_gateway
 
@@ -29,18 +37,37 @@ def gateway_command(
     fleet_file: Path | None = typer.Option(None, "--fleet-file", "-f", help="Fleet file (YAML)."),
     workers: int = typer.Option(1, help="Worker processes sharing the port."),
     max_concurrency: int | None = typer.Option(None, help="In-flight cap per replica."),
+    k8s_service: str | None = typer.Option(
+        None, help="Kubernetes Service whose ready endpoints (EndpointSlices) are the replicas."
+    ),
+    k8s_namespace: str | None = typer.Option(
+        None, help="Its namespace (default: the kubeconfig's, or the pod's own)."
+    ),
+    k8s_port: str | None = typer.Option(
+        None, help="Its port by name or number (default: the only one)."
+    ),
+    kubeconfig: Path | None = typer.Option(
+        None,
+        envvar="FLEETSERVE_KUBECONFIG",
+        help="Kubeconfig (default: in-cluster, $KUBECONFIG, ~/.kube/config).",
+    ),
 ) -> None:
     """Run the gateway in front of engines.
 
     Example: fleetserve gateway --port 8000 --model llama --upstream http://127.0.0.1:8001
     --upstream http://127.0.0.1:8002
+
+    On Kubernetes: fleetserve gateway --model llama --engine vllm --k8s-service vllm-llama
+    --k8s-namespace llm
     """
     inline: FleetFile | None = None
-    if upstream:
+    if upstream or k8s_service:
         if not model:
-            raise ConfigError("--upstream needs --model NAME (the model those engines serve)")
+            raise ConfigError("--upstream and --k8s-service need --model NAME (what they serve)")
         if fleet_file is not None:
-            raise ConfigError("give either --fleet-file or --model/--upstream, not both")
+            raise ConfigError("give either --fleet-file or --model with its replicas, not both")
+        if upstream and k8s_service:
+            raise ConfigError("give either --upstream or --k8s-service, not both")
         try:
             spec = ModelSpec(
                 name=model,
@@ -48,12 +75,30 @@ def gateway_command(
                 engine=engine,
                 picker=picker,
                 max_concurrency=max_concurrency,
+                discovery=_kubernetes(k8s_service, k8s_namespace, k8s_port),
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         inline = FleetFile(models=[spec])
-    settings = GatewaySettings(host=host, port=port, workers=workers, fleet_file=fleet_file)
+    elif k8s_namespace or k8s_port:
+        raise ConfigError("--k8s-namespace and --k8s-port go with --k8s-service")
+    settings = GatewaySettings(
+        host=host, port=port, workers=workers, fleet_file=fleet_file, kubeconfig=kubeconfig
+    )
     fleet = resolve_fleet(settings, inline)
+    for spec in fleet.models:  # a missing kubeconfig is one line now, not one per worker
+        if spec.discovery is not None:
+            load_config(spec, settings.kubeconfig)
     ensure_port_free(host, port, "the gateway")
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C or SIGTERM: a clean stop
         run_gateway(settings, fleet)
+
+
+def _kubernetes(
+    service: str | None, namespace: str | None, port: str | None
+) -> DiscoverySpec | None:
+    if service is None:
+        return None
+    port_ref: str | int | None = int(port) if port is not None and port.isdigit() else port
+    spec = KubernetesDiscoverySpec(service=service, namespace=namespace, port=port_ref)
+    return DiscoverySpec(kubernetes=spec)

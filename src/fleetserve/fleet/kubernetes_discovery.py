@@ -107,12 +107,8 @@ class KubernetesDiscovery:
     ) -> KubernetesDiscovery:
         """Discovery for a model whose fleet-file entry has `discovery.kubernetes`; the
         configuration loads now, so a missing one is a ConfigError at start-up."""
-        if model.discovery is None:
-            raise ValueError(f"model {model.name!r} has no discovery section")
-        spec = model.discovery.kubernetes
-        purpose = f"to discover the replicas of model {model.name} (service {spec.service})"
-        config = load_kubeconfig(kubeconfig, spec.context, purpose=purpose)
-        return cls(config, fleet, model, spec, clock)
+        spec = _kubernetes_spec(model)
+        return cls(load_config(model, kubeconfig), fleet, model, spec, clock)
 
     @property
     def source(self) -> str:
@@ -284,6 +280,19 @@ class KubernetesDiscovery:
                 f"endpointslices.discovery.k8s.io in namespace {self.namespace}"
             )
         return DiscoveryError(f"{doing}: HTTP {code}: {message}")
+
+
+def load_config(model: ModelSpec, kubeconfig: Path | None = None) -> SingleConfig:
+    """The Kubernetes configuration the model's discovery uses; ConfigError if none loads."""
+    spec = _kubernetes_spec(model)
+    purpose = f"to discover the replicas of model {model.name} (service {spec.service})"
+    return load_kubeconfig(kubeconfig, spec.context, purpose=purpose)
+
+
+def _kubernetes_spec(model: ModelSpec) -> KubernetesDiscoverySpec:
+    if model.discovery is None:
+        raise ValueError(f"model {model.name!r} has no discovery section")
+    return model.discovery.kubernetes
 
 
 def _status_code(exc: httpx2.HTTPError) -> int | None:

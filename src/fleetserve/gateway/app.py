@@ -17,6 +17,7 @@ from fleetserve.engines.registry import adapter_for
 from fleetserve.errors import ConfigError
 from fleetserve.fleet.discovery import populate_static
 from fleetserve.fleet.fleet import Fleet
+from fleetserve.fleet.kubernetes_discovery import KubernetesDiscovery
 from fleetserve.fleet.replica import EjectionPolicy
 from fleetserve.gateway.asgi import GatewayApp
 from fleetserve.gateway.hold import DemandHook, HoldQueue
@@ -62,7 +63,8 @@ def build_gateway(
     - `fleet`: a Fleet it also writes (actuators, discovery); the fleet file's models are
       declared in it and its listed replicas added unless a replica with that URL is there.
     - `window`: the load window to fill (else one of `settings.load_window_s`).
-    - `services`: started in the app's lifespan after the monitor, stopped before it.
+    - `services`: started in the app's lifespan after the monitor, stopped before it; the
+      models with `discovery: {kubernetes: ...}` add their EndpointSlice watches to them.
     - `on_demand(model)`: called when requests start being held for a model.
     - `admin_views`: more JSON views at `/admin/<name>`, behind the admin key.
     - `hold_models`: models that hold requests while they have no ready replica, on top of
@@ -75,6 +77,7 @@ def build_gateway(
             EjectionPolicy(health.eject_after_failures, health.eject_base_s, health.eject_max_s)
         )
     _add_static(fleet, fleet_file, clock.now())
+    services = [*services, *_discoveries(settings, fleet_file, fleet, clock)]
     window = window or LoadWindow(settings.load_window_s)
     pickers: dict[str, Picker] = {
         spec.name: make_picker(spec.picker, load_factor=spec.prefix_load_factor)
@@ -125,6 +128,18 @@ def _add_static(fleet: Fleet, fleet_file: FleetFile, now: float) -> None:
     populate_static(fleet, specs, now)
 
 
+def _discoveries(
+    settings: GatewaySettings, fleet_file: FleetFile, fleet: Fleet, clock: Clock
+) -> list[BackgroundService]:
+    """One EndpointSlice watch per model whose replicas Kubernetes knows (ConfigError now if
+    no Kubernetes configuration loads)."""
+    return [
+        KubernetesDiscovery.connect(fleet, spec, clock, settings.kubeconfig)
+        for spec in fleet_file.models
+        if spec.discovery is not None
+    ]
+
+
 def encode_config(settings: GatewaySettings, fleet_file: FleetFile) -> str:
     return orjson.dumps(
         {"settings": settings.model_dump(mode="json"), "fleet": fleet_file.model_dump(mode="json")}
@@ -145,5 +160,8 @@ def resolve_fleet(settings: GatewaySettings, inline: FleetFile | None) -> FleetF
     if inline is not None:
         return inline
     if settings.fleet_file is None:
-        raise ConfigError("no fleet: give --fleet-file FILE or --model NAME --upstream URL")
+        raise ConfigError(
+            "no fleet: give --fleet-file FILE, --model NAME --upstream URL, "
+            "or --model NAME --k8s-service SERVICE"
+        )
     return load_fleet_file(settings.fleet_file)
