@@ -136,6 +136,8 @@ class AutoscaledStackSpec:
     autoscale: AutoscaleSettings
     ready_timeout_s: float = 120.0
     drain_grace_s: float = 30.0
+    # In flight per replica; the gateway queues the rest, so new replicas take the backlog.
+    max_concurrency: int | None = None
 
 
 class _StartFleet:
@@ -225,6 +227,7 @@ def build_autoscaled_gateway(
             log_dir=log_dir or Path(tempfile.mkdtemp(prefix="fleetserve-up-")),
             ready_timeout_s=spec.ready_timeout_s,
             drain_grace_s=spec.drain_grace_s,
+            max_concurrency=spec.max_concurrency,
         ),
     )
 
@@ -252,7 +255,11 @@ def build_autoscaled_gateway(
         on_decision=on_decision,
     )
     model = ModelSpec(
-        name=spec.model, engine=spec.engine_name, picker=spec.picker, autoscale=spec.autoscale
+        name=spec.model,
+        engine=spec.engine_name,
+        picker=spec.picker,
+        autoscale=spec.autoscale,
+        max_concurrency=spec.max_concurrency,
     )
     app = build_gateway(
         settings,
