@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +18,8 @@ from lightkube import KubeConfig
 from lightkube.config.kubeconfig import SingleConfig
 from lightkube.resources.discovery_v1 import EndpointSlice
 
-from fleetserve.config import DiscoverySpec, KubernetesDiscoverySpec, ModelSpec
+from fleetserve.config import DiscoverySpec, KubernetesDiscoverySpec, ModelSpec, load_fleet_file
+from fleetserve.errors import ConfigError
 from fleetserve.fleet.endpoint_slices import Held, SliceEndpoints, merge, plan, slice_endpoints
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.kubernetes_discovery import Backoff, KubernetesDiscovery
@@ -564,3 +567,43 @@ def test_backoff_doubles_with_half_jitter_and_a_cap(
     attempt: int, jitter: float, delay: float
 ) -> None:
     assert Backoff(base_s=0.5, max_s=30.0).delay_s(attempt, jitter) == pytest.approx(delay)
+
+
+# -- the fleet file -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("{kubernetes: {service: s, namespace: n, port: http}}",
+                     KubernetesDiscoverySpec(service="s", namespace="n", port="http"),
+                     id="port-by-name"),
+        pytest.param("{kubernetes: {service: s, port: 8000, remove_after_s: 5}}",
+                     KubernetesDiscoverySpec(service="s", port=8000, remove_after_s=5.0),
+                     id="port-by-number"),
+        pytest.param("{kubernetes: {service: s}}", KubernetesDiscoverySpec(service="s"),
+                     id="defaults"),
+    ],
+)  # fmt: skip
+def test_fleet_file_discovery(tmp_path: Path, text: str, expected: KubernetesDiscoverySpec) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(f"models:\n  - name: m\n    discovery: {text}\n")
+    (spec,) = load_fleet_file(path).models
+    assert spec.discovery == DiscoverySpec(kubernetes=expected)
+    assert spec.replicas == []
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param("replicas: [http://127.0.0.1:1]\n    discovery: {kubernetes: {service: s}}",
+                     "model 'm': give either `replicas` or `discovery`, not both", id="both"),
+        pytest.param("discovery: {kubernetes: {service: ''}}", "service", id="empty-service"),
+        pytest.param("discovery: {kubernetes: {service: s, labels: x}}", "labels",
+                     id="unknown-field"),
+        pytest.param("discovery: {consul: {service: s}}", "consul", id="unknown-source"),
+    ],
+)  # fmt: skip
+def test_fleet_file_discovery_errors(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(f"models:\n  - name: m\n    {text}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_fleet_file(path)
