@@ -33,6 +33,7 @@ SELECTOR = f"kubernetes.io/service-name={SERVICE}"
 JITTER = 0.5  # every random draw of the discovery under test
 WATCH_TIMEOUT = "450"  # 300 s * (1 + JITTER)
 TICK_S = 1.0
+WATCH_BOUND_S = 480.0  # the watch is dropped and the slices listed again this long after it began
 
 
 # -- building EndpointSlices ----------------------------------------------------------------
@@ -182,7 +183,7 @@ class RecordingClock(FakeClock):
         await super().sleep(seconds)
 
     def backoffs(self) -> list[float]:
-        return [s for s in self.slept if s != TICK_S]
+        return [s for s in self.slept if s not in (TICK_S, WATCH_BOUND_S)]
 
 
 def model_spec(port: str | int | None = "http", remove_after_s: float = 30.0) -> ModelSpec:
@@ -385,6 +386,21 @@ async def test_an_expired_watch_lists_again_at_once(
     await h.requests_are([listed(), watched(101), listed(), watched(102)])
     await h.fleet_is({URL_B: STARTING})
     assert h.clock.backoffs() == []  # no backoff: expiry is routine
+
+
+async def test_a_silent_watch_is_dropped_after_its_bound_and_the_slices_listed_again(
+    harness_factory: Callable[..., Awaitable[Harness]],
+) -> None:
+    h = await harness_factory(endpoint_slice("s1", [endpoint(A)]))
+    await h.watching()
+    await h.fleet_is({URL_A: STARTING})
+    h.api.put(endpoint_slice("s1", [endpoint(B)]), silently=True)  # lost with the connection
+    await h.clock.advance(WATCH_BOUND_S - TICK_S)
+    assert h.api.requests() == [listed(), watched(101)]
+    await h.clock.advance(TICK_S)
+    await h.requests_are([listed(), watched(101), listed(), watched(102)])
+    await h.fleet_is({URL_B: STARTING})
+    assert h.clock.backoffs() == []
 
 
 @pytest.mark.parametrize(

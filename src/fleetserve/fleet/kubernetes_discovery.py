@@ -51,6 +51,7 @@ log = logging.getLogger("fleetserve.fleet.kubernetes_discovery")
 # client-go's reflector asks the server to end each watch after 5-10 min (jittered), so a
 # connection that silently died is replaced within that long.
 WATCH_TIMEOUT_S = 300
+WATCH_SLACK_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +149,9 @@ class KubernetesDiscovery:
                 self._recovered()
                 failures = 0
                 watching = True
-                await self._watch(version)
+                await self._watch_bounded(version)
+                expired = False
+                continue  # the watch outlived its bound: list afresh, now
             except httpx2.HTTPError as exc:
                 if watching and _status_code(exc) == 410 and not (expired and self._idle_watch):
                     log.info("watch of %s expired (410 Gone); listing again", self.source)
@@ -177,14 +180,31 @@ class KubernetesDiscovery:
         except NotReadyError:  # no version: the watch then starts with every slice as ADDED
             return None
 
-    async def _watch(self, version: str | None) -> None:
+    async def _watch_bounded(self, version: str | None) -> None:
+        """Watch, raising what the watch raises; return when it has run `WATCH_SLACK_S` past
+        the time the server was asked to end it. lightkube reads a watch without a read
+        timeout (it resumes one the server ends), so this bound is what replaces a connection
+        that died without a word."""
+        timeout_s = int(WATCH_TIMEOUT_S * (1 + self.jitter()))
+        watch = asyncio.create_task(self._watch(version, timeout_s))
+        deadline = asyncio.create_task(self.clock.sleep(timeout_s + WATCH_SLACK_S))
+        try:
+            await asyncio.wait((watch, deadline), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            deadline.cancel()
+            await asyncio.gather(watch, deadline, return_exceptions=True)
+        if not watch.cancelled() and (error := watch.exception()) is not None:
+            raise error
+
+    async def _watch(self, version: str | None, timeout_s: int) -> None:
         assert self._client is not None
         events = self._client.watch(
             EndpointSlice,
             namespace=self.namespace,
             labels={SERVICE_NAME_LABEL: self.spec.service},
             resource_version=version,
-            server_timeout=int(WATCH_TIMEOUT_S * (1 + self.jitter())),
+            server_timeout=timeout_s,
         )
         self._idle_watch = True
         async for kind, endpoint_slice in events:
