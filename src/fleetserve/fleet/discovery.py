@@ -1,5 +1,6 @@
-"""Discovery: where replicas come from. Static lists now; local processes and Kubernetes
-EndpointSlices plug in beside it and write the same Fleet."""
+"""Discovery: where replicas come from. Static lists here; the local actuator
+(`fleet.local`) and Kubernetes EndpointSlices (`fleet.kubernetes_discovery`) write the same
+Fleet."""
 
 from __future__ import annotations
 
