@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from benchmarks._autoscale_hpa import HpaController, HpaSettings, VllmPodModel
-from benchmarks._autoscale_study import MODEL, Simulation
+from benchmarks._autoscale_study import MODEL, NO_QUEUE, GatewayQueue, Simulation
 from fleetserve.autoscale.loop import AutoscaleLoop
 from fleetserve.autoscale.observation import Observation, ReplicaLoad
 from fleetserve.config import AutoscaleSettings
@@ -63,6 +63,7 @@ class SimObserver:
 class FleetserveScaler:
     settings: AutoscaleSettings
     name: str = "fleetserve"
+    gateway: GatewayQueue = NO_QUEUE  # the gateway's cap per replica and its queue
     reasons: list[tuple[float, int, str]] = field(default_factory=list)
     _loop: AutoscaleLoop | None = None
 
@@ -89,6 +90,7 @@ class HpaScaler:
     settings: HpaSettings
     pod: VllmPodModel
     name: str = "hpa-cpu"
+    gateway: GatewayQueue = NO_QUEUE
     reasons: list[tuple[float, int, str]] = field(default_factory=list)
     _controller: HpaController | None = None
     _last: dict[str, tuple[float, int, int]] = field(default_factory=dict)
@@ -134,6 +136,7 @@ class HpaScaler:
 class FixedScaler:
     replicas: int
     name: str = "fixed"
+    gateway: GatewayQueue = NO_QUEUE
 
     @property
     def period_s(self) -> float | None:

@@ -7,7 +7,14 @@ clock); replicas come and go through `fleetserve.fleet.sim_actuator.SimActuator`
 drain, replica-seconds); the gateway's view is `fleetserve.telemetry.window.LoadWindow`, the
 structure the real gateway fills. Requests go to the ready replica with the fewest outstanding
 requests, or wait at the gateway while none is ready (the hold, bounded like the gateway's).
-TTFT counts from the arrival at the gateway, so time held or queued in an engine counts.
+With a `GatewayQueue` cap per replica (the gateway's capacity queue, gateway/hold.py) replicas
+at the cap are skipped and, when every ready one is at it, the request waits in the same
+bounded queue at the gateway; the oldest waiter takes the slot a finishing request frees, and a
+replica that turns ready takes waiters up to its cap at once (`newest_first` serves the newest
+waiter instead: a diagnostic of the queue's order, not what the gateway does). Without it every
+request goes straight to an engine and any backlog queues inside the engines. TTFT counts from
+the arrival at the gateway, so time held or queued in an engine counts; the load window's TTFT,
+as the gateway's, leaves out only time held while no replica was ready.
 """
 
 from __future__ import annotations
@@ -89,6 +96,7 @@ class Request:
     finished_s: float | None = None
     failed: str | None = None
     held_s: float = 0.0
+    cold_hold: bool = False  # held while no replica was ready (not at capacity)
 
     @property
     def ttft_s(self) -> float | None:
@@ -114,10 +122,29 @@ class Engine:
         return len(self.requests)
 
 
+@dataclass(frozen=True, slots=True)
+class GatewayQueue:
+    """The gateway's capacity queue in a run."""
+
+    max_concurrency: int | None = None  # per replica; None: every request straight to an engine
+    newest_first: bool = False  # serve the newest waiter first (diagnostic; the gateway: FIFO)
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, not {self.max_concurrency}")
+
+
+NO_QUEUE = GatewayQueue()
+
+
 class Scaler(Protocol):
-    """What the study runs: a name, a tick period (None: never ticks) and the tick itself."""
+    """What the study runs: a name, a tick period (None: never ticks) and the tick itself.
+
+    `gateway` is how the gateway queues in its runs.
+    """
 
     name: str
+    gateway: GatewayQueue
 
     @property
     def period_s(self) -> float | None: ...
@@ -150,8 +177,11 @@ class Simulation:
         hold: HoldSettings | None = None,
         timeouts: TimeoutSettings | None = None,
         window_s: float = 30.0,
+        gateway: GatewayQueue | None = None,
     ) -> None:
         self.profile = profile
+        self.gateway = gateway or GatewayQueue()
+        self.max_concurrency = self.gateway.max_concurrency
         self.clock = VirtualClock(-cold_start_s)
         self.window = LoadWindow(window_s)
         self.hold = hold or HoldSettings()
@@ -266,13 +296,41 @@ class Simulation:
         now = self.clock.now()
         arrival = request.arrival
         self.window.arrived(MODEL, now, arrival.prompt_tokens + arrival.output_tokens)
-        if self.ready:
-            self._dispatch(request)
+        rid = self._pick()
+        if rid is not None:
+            self._dispatch(request, rid)
         elif len(self.held) >= self.hold.max_held:
             self._fail(request, "503: hold queue full")
         else:
             self.window.hold_started(MODEL, now)
+            request.cold_hold = not self.ready
             self.held.append(request)
+
+    def _has_room(self, rid: str) -> bool:
+        cap = self.max_concurrency
+        return cap is None or self.engines[rid].in_flight < cap
+
+    def _pick(self) -> str | None:
+        """Least outstanding requests over ready replicas with room (ties: earliest launched)."""
+        best: str | None = None
+        best_load = 0
+        for rid in self.ready:
+            load = self.engines[rid].in_flight
+            if (best is None or load < best_load) and self._has_room(rid):
+                best, best_load = rid, load
+        return best
+
+    def _unhold(self) -> Request:
+        now = self.clock.now()
+        request = self.held.pop() if self.gateway.newest_first else self.held.popleft()
+        self.window.hold_ended(MODEL, now)
+        request.held_s = now - request.arrival.at_s
+        return request
+
+    def _release(self, rid: str) -> None:
+        """Held requests, oldest first, to replica `rid` while it has room."""
+        while self.held and self._has_room(rid):
+            self._dispatch(self._unhold(), rid)
 
     def _expire_holds(self) -> None:
         now = self.clock.now()
@@ -285,9 +343,7 @@ class Simulation:
         request.failed = reason
         self.window.finished(MODEL, self.clock.now())
 
-    def _dispatch(self, request: Request) -> None:
-        """Least outstanding requests over ready replicas (ties: the earliest launched)."""
-        rid = min(self.ready, key=lambda r: self.engines[r].in_flight)
+    def _dispatch(self, request: Request, rid: str) -> None:
         engine = self.engines[rid]
         arrival = request.arrival
         seq = SimSequence(
@@ -322,13 +378,16 @@ class Simulation:
             request = engine.requests[seq]
             if seq.generated == 1:
                 request.first_token_s = now
-                # As the gateway does, the window leaves the hold out (replicas cannot shorten it).
-                ttft_s = now - request.arrival.at_s - request.held_s
+                # As the gateway does, the window leaves a cold-start hold out (replicas cannot
+                # shorten it) and keeps time held at capacity (more replicas would).
+                ttft_s = now - request.arrival.at_s - (request.held_s if request.cold_hold else 0)
                 self.window.observe_ttft(MODEL, now, ttft_s)
             if seq.finished:
                 request.finished_s = now
                 del engine.requests[seq]
                 self.window.finished(MODEL, now)
+        if self.held and rid in self.ready:
+            self._release(rid)  # the slots that finished requests freed go to the oldest waiters
         self._plan(engine)
         if engine.in_flight == 0 and rid not in self.ready:
             self.actuator.advance()  # a draining replica that just emptied goes now
@@ -338,12 +397,11 @@ class Simulation:
         if event.kind == "ready":
             self.engines[rid] = Engine(rid, BatchScheduler(self.profile, self._stats()))
             self.ready.append(rid)
-            now = self.clock.now()
-            while self.held:
-                self.window.hold_ended(MODEL, now)
-                request = self.held.popleft()
-                request.held_s = now - request.arrival.at_s
-                self._dispatch(request)
+            if self.max_concurrency is None:
+                while self.held:  # every waiter, each to the least loaded replica
+                    self._dispatch(self._unhold(), self._pick() or rid)
+            else:
+                self._release(rid)
         elif event.kind == "draining":
             self.ready.remove(rid)
         elif event.kind == "removed":
