@@ -93,7 +93,8 @@ async def test_six_requests_on_a_cap_of_two_all_succeed_two_at_a_time(tmp_path: 
             serving([engine_url]) as (app, url),
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
         ):
-            bodies = [chat(16, stream=i % 2 == 1) for i in range(6)]
+            # 48 tokens at ~35 ms a step: ~1.7 s a request, so all six are in before two end.
+            bodies = [chat(48, stream=i % 2 == 1) for i in range(6)]
             tasks = [asyncio.create_task(post(http, url, b)) for b in bodies]
             await wait_until(lambda: app.holds.held(M) == 4, timeout_s=5.0)
             assert app.window.snapshot(M, app.clock.now()).held == 4  # the autoscaler sees it
