@@ -104,6 +104,11 @@ async def test_six_requests_on_a_cap_of_two_all_succeed_two_at_a_time(tmp_path: 
                 assert (b"[DONE]" in body) is sent["stream"]
             assert app.holds.held(M) == 0
             assert [r.in_flight for r in app.fleet.replicas(M)] == [0]
+            # At least one of the three streams waited a round (~1.7 s) at the gateway: the
+            # autoscaler's TTFT keeps that wait (more replicas shorten it), the engine's is ~0.2 s.
+            ttft_p95_s = app.window.snapshot(M, app.clock.now()).ttft_p95_s
+            assert ttft_p95_s is not None
+            assert ttft_p95_s > 1.0
             async with http.get(engine_url + "/sim/requests") as r:
                 rows = (await r.json())["requests"]
             async with http.get(url + "/metrics") as r:
