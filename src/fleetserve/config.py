@@ -263,7 +263,10 @@ class ModelSpec(BaseModel):
     engine: EngineName = Field("vllm", description="how to read the replicas' /metrics")
     picker: PickerName = DEFAULT_PICKER
     max_concurrency: int | None = Field(
-        None, ge=1, description="in-flight requests per replica before it is skipped"
+        None,
+        ge=1,
+        description="in-flight requests per replica; when every ready replica is at it, "
+        "requests wait at the gateway (bounded) for the first free slot",
     )
     prefix_load_factor: float = Field(
         1.25, ge=1.0, description="prefix affinity: bound on load relative to the mean"

@@ -81,7 +81,8 @@ def test_spike_grows_the_fleet_and_it_shrinks_back_without_a_failed_request(
     peak_at = max(range(len(ready)), key=lambda i: ready[i])
     assert ready[peak_at] >= 2, ready  # it grew during the spike
     assert min(ready[peak_at:]) < ready[peak_at], ready  # and shrank after it
-    assert any((p["replicas_draining"] or 0) > 0 for p in fleet[peak_at:]), fleet
+    # Replicas leave through draining; one with nothing in flight drains at once, so the 1 s
+    # samples seldom catch it (tests/integration/test_local_actuator.py covers a busy drain).
     assert any(p["replicas_desired"] is not None for p in fleet), fleet
     directions = [c["direction"] for c in view["changes"]]
     assert "up" in directions
