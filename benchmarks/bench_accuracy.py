@@ -118,11 +118,17 @@ class Point:
     engine_requests: int
     engine_missed: int
     duration_s: float
-    # Where bench and the engines part, matched by rank on the shared monotonic clock:
-    # engine arrival - bench send (the request's way in, the engine's queue before it reads
-    # the body included), and bench's first token - engine's first write (the way out).
+    # Where bench and the engines part, per request (matched by bench's X-Request-Id, which
+    # the engines log), on the shared monotonic clock, each list ascending: the way in
+    # (engine arrival - bench send: loopback, and the engine's socket queue before its parser
+    # reads the request), the wait inside the engine (body read - arrival: its event loop
+    # busy with other work), the way out (bench first token - engine first write).
     request_path_s: list[float]
+    engine_wait_s: list[float]
     response_path_s: list[float]
+    ttft_diff_s: list[float]  # bench TTFT - engine TTFT, per request
+    # The engines' TTFT counted from the body read (the stamp before arrival was the parser's).
+    engine_ttft_from_read_s: list[float]
     # The engines' cost: CPU seconds (user + system, all engines) over the whole run, warm-up
     # included, and the response chunks (body writes) they made in it; the run's wall time.
     engine_cpu_s: float
@@ -208,11 +214,7 @@ async def measure(
     records = [r for r in result.records if sender.t0 + r.sent_s >= cut_s]
     rows = [row for entries, _ in logs for row in entries if row["arrival_s"] >= cut_s]
     ok = sum(r.ok for r in records)
-    t0 = sender.t0
-    sends = sorted(t0 + r.sent_s for r in records if r.ok)
-    firsts = sorted(t0 + r.first_token_s for r in records if r.ok and r.first_token_s)
-    arrivals = sorted(row["arrival_s"] for row in rows)
-    writes = sorted(row["first_write_s"] for row in rows if row["first_write_s"] is not None)
+    paths = request_paths(sender.t0, records, rows)
     return Point(
         streams=streams,
         bench=bench_side(records),
@@ -222,12 +224,39 @@ async def measure(
         engine_requests=len(rows),
         engine_missed=sum(missed for _, missed in logs),
         duration_s=args.duration_s,
-        request_path_s=sorted(a - s for a, s in zip(arrivals, sends, strict=False)),
-        response_path_s=sorted(f - w for f, w in zip(firsts, writes, strict=False)),
+        request_path_s=paths[0],
+        engine_wait_s=paths[1],
+        response_path_s=paths[2],
+        ttft_diff_s=paths[3],
+        engine_ttft_from_read_s=sorted(
+            r["first_write_s"] - r["body_read_s"]
+            for r in rows
+            if r["ttft_s"] is not None and r["body_read_s"] is not None
+        ),
         engine_cpu_s=engine_cpu_s,
         engine_writes=sum(row["writes"] for entries, _ in logs for row in entries),
         run_s=run_s,
     )
+
+
+def request_paths(
+    t0: float, records: Sequence[RequestRecord], rows: Sequence[dict[str, Any]]
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Way in, wait in the engine, way out and TTFT difference of each request both sides
+    saw (bench's records by `bench-<index>`, the engines' rows by the id they logged)."""
+    by_id = {row["request_id"]: row for row in rows if row.get("request_id")}
+    way_in, wait, way_out, diff = [], [], [], []
+    for record in records:
+        row = by_id.get(f"bench-{record.index}")
+        if row is None or not record.ok or record.first_token_s is None:
+            continue
+        if row["first_write_s"] is None or row["ttft_s"] is None:
+            continue
+        way_in.append(row["arrival_s"] - (t0 + record.sent_s))
+        wait.append(row["body_read_s"] - row["arrival_s"])
+        way_out.append(t0 + record.first_token_s - row["first_write_s"])
+        diff.append(record.first_token_s - record.sent_s - row["ttft_s"])
+    return sorted(way_in), sorted(wait), sorted(way_out), sorted(diff)
 
 
 # --- verdicts and printing ----------------------------------------------------------------
@@ -293,13 +322,25 @@ def render(point: Point) -> tuple[str, bool]:
             f"{c.p50_diff_ms:>+8.3f} {c.bench_p99_ms:>10.3f} {c.engine_p99_ms:>11.3f} "
             f"{c.p99_diff_pct:>+7.2f}  {'PASS' if c.passed else 'FAIL'}"
         )
+    lines.append(f"  per request ({len(point.ttft_diff_s)} matched by X-Request-Id), ms:")
     for name, values in (
-        ("engine arrival - bench send", point.request_path_s),
-        ("bench first token - engine first write", point.response_path_s),
+        ("bench TTFT - engine TTFT", point.ttft_diff_s),
+        ("way in: engine arrival - bench send", point.request_path_s),
+        ("  of it, in the engine: body read - arrival", point.engine_wait_s),
+        ("way out: bench first token - engine first write", point.response_path_s),
     ):
         if values:
-            p50, p99 = (1000 * percentile(values, p) for p in (50, 99))
-            lines.append(f"  {name} (by rank): p50 {p50:.3f} ms, p99 {p99:.3f} ms")
+            p50, p90, p99 = (1000 * percentile(values, p) for p in (50, 90, 99))
+            mean = 1000 * sum(values) / len(values)
+            lines.append(
+                f"    {name:<49} p50 {p50:7.3f}  p90 {p90:7.3f}  p99 {p99:7.3f}  mean {mean:7.3f}"
+            )
+    old = compare("TTFT", point.bench.ttft_s, point.engine_ttft_from_read_s)
+    if old is not None:
+        lines.append(
+            f"  TTFT with the engine counting from the body read instead: p50 diff "
+            f"{old.p50_diff_ms:+.3f} ms, p99 diff {old.p99_diff_pct:+.2f} %"
+        )
     if point.engine_writes:
         per_chunk_us = 1e6 * point.engine_cpu_s / point.engine_writes
         lines.append(

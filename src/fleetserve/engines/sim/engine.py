@@ -29,6 +29,8 @@ from fleetserve.engines.sim.stats import (
 # Behind by more than this (an overloaded CPU, a suspended process), the loop stops trying to
 # catch up on the deadline grid and restarts it from the present.
 MAX_LAG_S = 0.25
+# Handlers woken per turn of the event loop when a step hands out its tokens (see _hand_out).
+HAND_OUT_BATCH = 16
 
 
 class SeqHandle:
@@ -162,29 +164,35 @@ class SimEngine:
         stats.generation_len.observe(n)
 
     async def _run(self) -> None:
-        clock, scheduler = self.clock, self.scheduler
+        clock, scheduler, wake = self.clock, self.scheduler, self._wake
         step_end: float | None = None
+        woken: list[SeqHandle] = []
         while True:
+            wake.clear()  # a request submitted from here on sets it again
             now = clock.now()
             plan = scheduler.plan(now)
+            # The last step's tokens go out once the next step is laid out (at its end, as
+            # before any handler ran); requests that come in meanwhile wait for the step after.
+            await self._hand_out(woken)
             if plan is None:
                 step_end = None
-                self._wake.clear()
-                await self._wake.wait()
+                await wake.wait()
+                woken = []
                 continue
             start = now if step_end is None or now - step_end > MAX_LAG_S else step_end
             step_end = start + plan.duration_s
             await clock.sleep(max(0.0, step_end - clock.now()))
-            self._hand_out(scheduler.complete(plan, step_end))
+            woken = self._to_wake(scheduler.complete(plan, step_end))
 
-    def _hand_out(self, produced: list[SimSequence]) -> None:
-        """Wake the handlers of a step's tokens: those that go on first, those that end last.
+    def _to_wake(self, produced: list[SimSequence]) -> list[SeqHandle]:
+        """The handlers a step's tokens wake, in order: those that go on, then those that end.
 
-        The handlers run (and write) in the order they are woken. A client that waits for one
-        request to end before it sends the next (a closed loop) then finds the engine done
-        with the step's writes, instead of queued behind them, when that next request arrives.
+        A client that waits for one request to end before it sends the next (a closed loop)
+        then finds the engine done with the step's writes, instead of queued behind them, when
+        that next request arrives.
         """
         handles = self._handles
+        going_on: list[SeqHandle] = []
         ending: list[SeqHandle] = []
         for seq in produced:
             handle = handles.get(seq)
@@ -194,6 +202,18 @@ class SimEngine:
                 del handles[seq]
                 ending.append(handle)
             elif handle.every_token:
-                handle.notify()
-        for handle in ending:
+                going_on.append(handle)
+        going_on += ending
+        return going_on
+
+    async def _hand_out(self, woken: list[SeqHandle]) -> None:
+        """Wake `woken` (the handlers run, and write, in this order), HAND_OUT_BATCH at a time.
+
+        Between two batches the loop polls its sockets, so a request that comes in during a
+        large step's writes is read after one batch of them rather than after all (its
+        arrival is stamped then; what it waits in the socket, no stamp can see).
+        """
+        for i, handle in enumerate(woken, 1):
             handle.notify()
+            if i % HAND_OUT_BATCH == 0 and i < len(woken):
+                await asyncio.sleep(0)  # a yield to the loop, not a wait: no clock involved

@@ -5,13 +5,21 @@ against `fleetserve engine sim` must agree with what the server itself saw (issu
 accuracy check). The server records, per finished request, on its serving clock (monotonic
 seconds, the same clock as the engine's step loop):
 
-- `arrival_s`: the request body was fully read;
+- `arrival_s`: the request reached the server: its HTTP parser began it (its first bytes were
+  read off the socket) when the server stamps that (`fleetserve engine sim` does:
+  `serve.stamping_protocol`), else, as `body_read_s`;
+- `body_read_s`: the request body was fully read and the handler began (later than arrival by
+  the time the request waited in the server's event loop behind other work);
 - `first_write_s` / `last_write_s`: the first and the last response chunk were handed to the
   transport (for a stream the first carries the first token, the last the last token and
   `[DONE]`; for a buffered answer both are the one body write);
 - `writes`: how many body writes the response took;
 - `engine_first_token_s` / `engine_finished_s`: when the latency model produced the first and
   the last token (None if it never did), so the server's own delay is visible too.
+
+A request's wait in the kernel's socket buffer before the server reads it is the one part of
+its life no server-side stamp can see. `request_id` is the client's `X-Request-Id` header, if
+it sent one (what lets a load tester match its records to these, one by one).
 
 From them: TTFT = first_write - arrival (streams only), TPOT = (last_write - first_write) /
 (output_tokens - 1), e2e = last_write - arrival. Recording costs one tuple append per request;
@@ -42,10 +50,13 @@ Entry = tuple[
     int,  # output_tokens: text tokens written to the client
     str,  # finish_reason: stop, length, abort (engine shut down), disconnect (client left)
     bool,  # stream
+    str | None,  # request_id: the X-Request-Id header
+    float | None,  # body_read_s
 ]
 FIELDS = (
     "id", "arrival_s", "first_write_s", "last_write_s", "writes", "engine_first_token_s",
     "engine_finished_s", "prompt_tokens", "output_tokens", "finish_reason", "stream",
+    "request_id", "body_read_s",
 )  # fmt: skip
 
 
@@ -76,12 +87,14 @@ class RequestLog:
         output_tokens: int,
         finish_reason: str,
         stream: bool,
+        request_id: str | None = None,
+        body_read_s: float | None = None,
     ) -> None:
         self._last_id = entry_id = next(self._ids)
         self._entries.append((
             entry_id, arrival_s, first_write_s, last_write_s, writes,
             engine_first_token_s, engine_finished_s, prompt_tokens, output_tokens,
-            finish_reason, stream,
+            finish_reason, stream, request_id, body_read_s,
         ))  # fmt: skip
 
     def clear(self) -> int:

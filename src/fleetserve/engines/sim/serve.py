@@ -7,17 +7,20 @@ error rather than a log line and an exit from deep inside the server.
 from __future__ import annotations
 
 import errno
+import gc
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fleetserve.clock import RealClock
 from fleetserve.engines.sim.engine import SimEngine
 from fleetserve.engines.sim.profiles import SimProfile
-from fleetserve.engines.sim.server import SimServer
+from fleetserve.engines.sim.server import RECEIVED_S, SimServer
 from fleetserve.errors import EngineError
 
 # Streams still running at shutdown get this long to finish before they are cut.
@@ -51,6 +54,19 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def stamping_protocol(now: Callable[[], float]) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol, stamping in each request's scope (`server.RECEIVED_S`)
+    when its parser began the request: the moment its first bytes were read off the socket,
+    before the request waits in the event loop for its handler to run."""
+
+    class StampingHttpToolsProtocol(HttpToolsProtocol):
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.scope[RECEIVED_S] = now()  # type: ignore[literal-required]
+
+    return StampingHttpToolsProtocol
+
+
 def _ignore_signal(signum: int, frame: object) -> None:
     """Stand-in handler: uvicorn re-raises the signal it shut down on once it has finished."""
 
@@ -62,14 +78,22 @@ def run_sim_server(settings: SimServeSettings) -> None:
     app = SimServer(engine, engine_seed=settings.seed)
     config = uvicorn.Config(
         app,
-        http="httptools",
+        http=stamping_protocol(engine.clock.now),
         loop="uvloop",
         lifespan="on",
         access_log=False,
         log_level=settings.log_level,
         server_header=False,
+        # No proxy stands in front of an engine; the middleware would cost every request.
+        proxy_headers=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
+    config.load()  # imports the protocol modules now, so their objects are frozen below
+    # Everything built so far (modules, pydantic schemas, the profile) lives as long as the
+    # process: keep it out of every later collection, whose pauses would land in a request's
+    # time before the server can stamp its arrival.
+    gc.collect()
+    gc.freeze()
     profile = settings.profile
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     port = sock.getsockname()[1]  # the one the OS chose, if asked for port 0

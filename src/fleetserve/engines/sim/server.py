@@ -10,6 +10,9 @@ until the simulated cold start is over, when a real vLLM would not listen yet), 
 (vLLM's names) and /version. A client that disconnects aborts its request inside the engine,
 freeing its batch slot and KV blocks, as vLLM does.
 
+The HTTP server may stamp in the scope, under `RECEIVED_S`, when it began parsing a request
+(`serve.stamping_protocol` does): the request log then counts arrival from there.
+
 Simulation only: `GET /sim/requests` (`?since=ID&limit=N`) is the server's own timing of each
 finished request and `DELETE /sim/requests` clears it (`fleetserve.engines.sim.request_log`).
 """
@@ -21,6 +24,7 @@ import itertools
 import os
 import urllib.parse
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -43,6 +47,7 @@ from fleetserve.protocol.asgi import (
     Receive,
     Scope,
     Send,
+    header,
     read_body,
     send_bytes,
     send_error,
@@ -50,6 +55,8 @@ from fleetserve.protocol.asgi import (
 from fleetserve.protocol.envelope import api_error_body
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+# Scope key: the serving clock's time when the HTTP parser began the request (set by the server).
+RECEIVED_S = "fleetserve.received_s"
 REQUEST_LOG_PATH = "/sim/requests"
 OWNED_BY = "fleetserve-sim"
 SERVER_HEADER = (b"server", b"fleetserve-sim (simulated vLLM)")
@@ -59,6 +66,15 @@ SSE_HEADERS = (
     (b"cache-control", b"no-cache"),
     SERVER_HEADER,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Stamps:
+    """When a request reached the server (see `request_log`), and who the client says it is."""
+
+    arrival_s: float
+    body_read_s: float
+    request_id: str | None
 
 
 class EngineUnavailableError(ApiError):
@@ -133,7 +149,7 @@ class SimServer:
             if method != "POST":
                 await _respond_error(send, _method_not_allowed(method, path))
                 return
-            await self._completion(path == "/v1/chat/completions", receive, send)
+            await self._completion(path == "/v1/chat/completions", scope, receive, send)
             return
         if path == REQUEST_LOG_PATH:
             await self._request_log(method, scope.get("query_string", b""), send)
@@ -202,7 +218,7 @@ class SimServer:
         self,
         job: Job,
         handle: SeqHandle,
-        arrival_s: float,
+        stamps: Stamps,
         writes: tuple[float | None, float | None, int],
         output_tokens: int,
         finish_reason: str,
@@ -210,18 +226,26 @@ class SimServer:
         seq = handle.seq
         first_write, last_write, n_writes = writes
         self.requests.record(
-            arrival_s, first_write, last_write, n_writes, seq.first_token_s, seq.finished_s,
-            len(job.plan.prompt), output_tokens, finish_reason, job.plan.stream,
+            stamps.arrival_s, first_write, last_write, n_writes, seq.first_token_s,
+            seq.finished_s, len(job.plan.prompt), output_tokens, finish_reason, job.plan.stream,
+            stamps.request_id, stamps.body_read_s,
         )  # fmt: skip
 
-    async def _completion(self, chat: bool, receive: Receive, send: Send) -> None:
+    async def _completion(self, chat: bool, scope: Scope, receive: Receive, send: Send) -> None:
         engine = self.engine
         clock = engine.clock
         try:
             if not engine.ready:
                 raise _starting(engine.cold_start_left_s())
             body = await read_body(receive, MAX_BODY_BYTES)
-            arrival_s = clock.now()
+            body_read_s = clock.now()
+            received_s: float | None = scope.get(RECEIVED_S)
+            request_id = header(scope, b"x-request-id")
+            stamps = Stamps(
+                body_read_s if received_s is None else received_s,
+                body_read_s,
+                None if request_id is None else request_id.decode("latin-1"),
+            )
             plan = self._plans.plan(body, chat=chat)
             prefix = "chatcmpl-" if chat else "cmpl-"
             job = Job(plan, f"{prefix}{self._id_prefix}{next(self._ids):x}", int(clock.wall()))
@@ -237,20 +261,20 @@ class SimServer:
         except ClientGoneError:
             return
         if plan.stream:
-            await self._stream(job, handle, receive, send, arrival_s)
+            await self._stream(job, handle, receive, send, stamps)
             return
         if not handle.finished and not await self._until_finished(handle, receive):
-            self._log_request(job, handle, arrival_s, (None, None, 0), 0, "disconnect")
+            self._log_request(job, handle, stamps, (None, None, 0), 0, "disconnect")
             return
         if handle.seq.finish_reason == "abort":
             await _respond_error(send, EngineUnavailableError("the engine is shutting down"))
-            self._log_request(job, handle, arrival_s, (None, None, 0), 0, "abort")
+            self._log_request(job, handle, stamps, (None, None, 0), 0, "abort")
             return
         await _respond(send, 200, completion_body(job))
         written = clock.now()
         pieces = len(plan.output.pieces)
         reason = plan.output.finish_reason
-        self._log_request(job, handle, arrival_s, (written, written, 1), pieces, reason)
+        self._log_request(job, handle, stamps, (written, written, 1), pieces, reason)
 
     async def _until_finished(self, handle: SeqHandle, receive: Receive) -> bool:
         """Wait for the request to finish; False (and abort it) if the client leaves first."""
@@ -268,7 +292,7 @@ class SimServer:
             disconnect.cancel()
 
     async def _stream(
-        self, job: Job, handle: SeqHandle, receive: Receive, send: Send, arrival_s: float
+        self, job: Job, handle: SeqHandle, receive: Receive, send: Send, stamps: Stamps
     ) -> None:
         """One SSE event per token, sent as the engine produces them.
 
@@ -320,7 +344,7 @@ class SimServer:
                 self.engine.abort(handle)
             tokens = min(sent, len(job.plan.output.pieces))
             self._log_request(
-                job, handle, arrival_s, (first_write, last_write, writes), tokens, reason
+                job, handle, stamps, (first_write, last_write, writes), tokens, reason
             )
 
 
