@@ -1,18 +1,20 @@
-"""The simulated engine's per-token path: the bytes of each streamed event, and the order in
-which one step's tokens are handed to their handlers (those that go on first, those that end
-last)."""
+"""The simulated engine's per-token path: the bytes of each streamed event, the order in which
+one step's tokens are handed to their handlers (those that go on first, those that end last),
+and what the server logs as a request's arrival."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import orjson
 import pytest
 
 from fleetserve.engines.sim.api import Job, StreamEvents, plan_request, stream_events
-from fleetserve.engines.sim.engine import SeqHandle, SimEngine
+from fleetserve.engines.sim.engine import HAND_OUT_BATCH, SeqHandle, SimEngine
 from fleetserve.engines.sim.profiles import PROFILES, SimProfile
+from fleetserve.engines.sim.server import RECEIVED_S, SimServer
 from fleetserve.engines.sim.text import TextSource
 from fleetserve.testing.clock import FakeClock
 
@@ -146,3 +148,82 @@ async def test_a_step_wakes_the_handlers_that_go_on_before_those_that_end() -> N
     assert by_step[2] == [("b", False), ("d", False), ("a", True), ("c", True)]
     assert by_step[4] == [("b", True), ("d", True)]
     assert all(h.seq.finish_reason == "length" for h in handles.values())
+
+
+async def test_a_step_larger_than_one_batch_hands_out_every_token_on_time() -> None:
+    clock = FakeClock()
+    engine = SimEngine(dataclasses.replace(PROFILE, max_num_seqs=64), MODEL, clock)
+    await engine.start()
+    n = 2 * HAND_OUT_BATCH + 5  # three turns of the loop per step
+    handles = [engine.submit([f"r{i}-{t}" for t in range(4)], 3) for i in range(n)]
+    wakes: list[tuple[str, int, bool]] = []
+    tasks = [asyncio.create_task(follow(str(i), h, wakes)) for i, h in enumerate(handles)]
+    await clock.run_until_idle(max_s=60)
+    await asyncio.gather(*tasks)
+    await engine.stop()
+    assert len(wakes) == 3 * n  # every handler woke once per token
+    step_s = PROFILE.decode_step_s(n)
+    for handle in handles:
+        seq = handle.seq
+        assert seq.finish_reason == "length"
+        assert seq.first_token_s is not None
+        assert seq.finished_s is not None
+        assert seq.finished_s - seq.first_token_s == pytest.approx(2 * step_s)
+
+
+# --- what the server logs about a request's arrival -------------------------------------------
+
+
+async def call_with(
+    app: SimServer, scope_extra: dict[str, Any], headers: list[tuple[bytes, bytes]]
+) -> None:
+    body = orjson.dumps(chat_body(max_tokens=2, stream=True))
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: Any) -> None:
+        pass
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+             "headers": headers, **scope_extra}  # fmt: skip
+    await app(scope, receive, send)
+
+
+@pytest.mark.parametrize(
+    ("scope_extra", "headers", "arrival_s", "request_id"),
+    [
+        pytest.param(
+            {RECEIVED_S: 99.5},
+            [(b"x-request-id", b"bench-7")],
+            99.5,
+            "bench-7",
+            id="stamped-by-the-server",
+        ),
+        pytest.param({}, [], 100.0, None, id="no-stamp-arrival-is-the-body-read"),
+    ],
+)
+async def test_arrival_is_the_servers_stamp_when_it_gives_one(
+    scope_extra: dict[str, Any],
+    headers: list[tuple[bytes, bytes]],
+    arrival_s: float,
+    request_id: str | None,
+) -> None:
+    clock = FakeClock(start=100.0)
+    engine = SimEngine(dataclasses.replace(PROFILES["instant"], cold_start_s=0.0), MODEL, clock)
+    await engine.start()
+    app = SimServer(engine)
+    await call_with(app, scope_extra, headers)
+    (row,) = app.requests.page()["requests"]
+    assert (row["arrival_s"], row["body_read_s"], row["request_id"]) == (
+        arrival_s,
+        100.0,
+        request_id,
+    )
+    await engine.stop()
