@@ -13,26 +13,32 @@ engines. For each concurrency (closed loop, C users, no think time), one run:
 3. the measured window: both sides keep the requests that started in it, bench's by send
    time, the engines' by arrival time, on the machine's one monotonic clock;
 4. each engine's log is read (`GET /sim/requests`, paged): per request, TTFT = first chunk
-   written - request body read, TPOT = (last chunk written - first) / (tokens - 1);
+   written - arrival (the engine's HTTP parser began the request: its first bytes were read
+   off the socket), TPOT = (last chunk written - first) / (tokens - 1);
 5. bench's figures come from its records through `bench.samples` (the same code and percentile
    method the report uses); the engines' through the same `percentile`.
 
 Printed per concurrency: count, p50 and p99 of TTFT and TPOT on both sides, the difference
-(bench - engine) in ms at p50 and in % at p99, where the two part (the way in: engine arrival
-- bench send; the way out: bench first token - engine first write; matched by rank, so
-approximate), and PASS/FAIL against issue 4's targets:
-|diff| <= 1 ms at the median and <= 5 % at p99. Exit status 1 if any request failed or a
-target was missed.
+(bench - engine) in ms at p50 and in % at p99, and PASS/FAIL against issue 4's targets:
+|diff| <= 1 ms at the median and <= 5 % at p99. Then, per request (bench's X-Request-Id, which
+the engines log, matches the two sides one by one): bench TTFT - engine TTFT, and where the two
+part: the way in (engine arrival - bench send: loopback and the engine's socket queue), the
+wait inside the engine (body read - arrival: its event loop busy with other work; inside the
+engine's TTFT, so not a difference), the way out (bench first token - engine first write);
+the TTFT difference had the engines counted from the body read (the stamp before); and the
+engines' cost, CPU seconds per chunk written over the whole run. Exit status 1 if any request
+failed or a target was missed.
 
     .venv/bin/python -m benchmarks.bench_accuracy                  # 10 and 500 streams, ~2 min
     .venv/bin/python -m benchmarks.bench_accuracy --quick          # smoke run, ~40 s
     .venv/bin/python -m benchmarks.bench_accuracy --streams 10 --duration-s 60
+    .venv/bin/python -m benchmarks.bench_accuracy --repeat 3       # each point 3 times
 
 The difference holds the loopback hop both ways, this process's event-loop delay in reading
-and stamping chunks, and the engine's own queue before it reads a request body (the engine
-cannot stamp what waits in its socket). TPOT is a difference of two stamps of one request on
-each side, so these cancel; TTFT carries them. On a 2-core machine with every engine on one
-core, the engines' queue dominates at 500 streams: see the way-in line.
+and stamping chunks, and the time a request waits in the engine's socket before the engine
+reads it (no server-side stamp can see that). TPOT is a difference of two stamps of one request
+on each side, so these cancel; TTFT carries them. On a 2-core machine with every engine on one
+core, that socket wait dominates at 500 streams: see the way-in line and benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -231,7 +237,7 @@ async def measure(
         engine_ttft_from_read_s=sorted(
             r["first_write_s"] - r["body_read_s"]
             for r in rows
-            if r["ttft_s"] is not None and r["body_read_s"] is not None
+            if r["ttft_s"] is not None and r.get("body_read_s") is not None
         ),
         engine_cpu_s=engine_cpu_s,
         engine_writes=sum(row["writes"] for entries, _ in logs for row in entries),
@@ -253,7 +259,7 @@ def request_paths(
         if row["first_write_s"] is None or row["ttft_s"] is None:
             continue
         way_in.append(row["arrival_s"] - (t0 + record.sent_s))
-        wait.append(row["body_read_s"] - row["arrival_s"])
+        wait.append((row.get("body_read_s") or row["arrival_s"]) - row["arrival_s"])
         way_out.append(t0 + record.first_token_s - row["first_write_s"])
         diff.append(record.first_token_s - record.sent_s - row["ttft_s"])
     return sorted(way_in), sorted(wait), sorted(way_out), sorted(diff)
@@ -326,7 +332,7 @@ def render(point: Point) -> tuple[str, bool]:
     for name, values in (
         ("bench TTFT - engine TTFT", point.ttft_diff_s),
         ("way in: engine arrival - bench send", point.request_path_s),
-        ("  of it, in the engine: body read - arrival", point.engine_wait_s),
+        ("(in engine TTFT) body read - arrival", point.engine_wait_s),
         ("way out: bench first token - engine first write", point.response_path_s),
     ):
         if values:
@@ -352,6 +358,22 @@ def render(point: Point) -> tuple[str, bool]:
     if not same_count:
         lines.append("  MISMATCH: bench and the engines do not count the same requests")
     return "\n".join(lines), ok
+
+
+def summary_line(streams: int, runs: Sequence[tuple[Point, bool]]) -> str:
+    """One line per concurrency over the repeats: verdicts, and each run's TTFT p50 diff."""
+    diffs = []
+    for point, _ in runs:
+        c = compare("TTFT", point.bench.ttft_s, point.engine.ttft_s)
+        diffs.append("-" if c is None else f"{c.p50_diff_ms:+.2f}")
+    shifts = [
+        f"{1000 * percentile(p.ttft_diff_s, 50):.2f}" if p.ttft_diff_s else "-" for p, _ in runs
+    ]
+    passed = sum(ok for _, ok in runs)
+    return (
+        f"{streams} streams: {passed} of {len(runs)} runs PASS; TTFT p50 diff (ms) per run "
+        f"{', '.join(diffs)}; per-request TTFT shift p50 (ms) {', '.join(shifts)}"
+    )
 
 
 def machine_facts(args: argparse.Namespace) -> str:
@@ -401,6 +423,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="users join over the first half of the warm-up (ramp) or all at t=0 (lockstep)",
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="10 s per point, 4 s warm-up")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="measure every point this many times (rounds)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration_s, args.warmup_s = 10.0, 4.0
@@ -427,12 +452,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         engines = start_engines(procs, args)
         urls, pids = [url for url, _ in engines], [pid for _, pid in engines]
         pin_self(CLIENT_CORE)
-        for streams in args.stream_counts:
-            t0 = time.monotonic()
-            point = uvloop.run(measure(urls, pids, streams, args, workload))
-            text, ok = render(point)
-            all_ok &= ok
-            print(f"\n{text}\n  (point took {time.monotonic() - t0:.0f} s)", flush=True)
+        verdicts: dict[int, list[tuple[Point, bool]]] = {}
+        for round_ in range(1, args.repeat + 1):
+            for streams in args.stream_counts:
+                t0 = time.monotonic()
+                point = uvloop.run(measure(urls, pids, streams, args, workload))
+                text, ok = render(point)
+                all_ok &= ok
+                verdicts.setdefault(streams, []).append((point, ok))
+                took = f"point took {time.monotonic() - t0:.0f} s"
+                if args.repeat > 1:
+                    took += f"; round {round_} of {args.repeat}"
+                print(f"\n{text}\n  ({took})", flush=True)
+    if args.repeat > 1:
+        print()
+        for streams, runs in verdicts.items():
+            print(summary_line(streams, runs))
     print(f"\noverall: {'PASS' if all_ok else 'FAIL'}")
     return 0 if all_ok else 1
 
