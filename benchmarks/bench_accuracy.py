@@ -4,8 +4,9 @@ simulated engine's own per-request measurement (issue 4's accuracy check).
 Setup: N simulated engines (`fleetserve engine sim`, profile a10g by default: its latency model
 is known) pinned to one core, driven directly (no gateway) by bench's own runner and client
 (`fleetserve.bench.runner.run_closed_loop`, `bench.client.BenchClient`) from this process,
-pinned to the other core, on uvloop with the GC paused. Requests go round robin over the
-engines. For each concurrency (closed loop, C users, no think time), one run:
+pinned to the other core, on uvloop with the GC paused. Each request goes to the engine with
+the fewest in flight (ties in turn), so each engine holds C / N streams. For each concurrency
+(closed loop, C users, no think time), one run:
 
 1. every engine's log is cleared (`DELETE /sim/requests`);
 2. warm-up: users join over its first half (`--start ramp`; `lockstep`: all at t=0), which
@@ -45,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import os
 import sys
 import tempfile
@@ -80,23 +80,48 @@ LOG_PAGE = 20_000  # entries per GET /sim/requests
 READY_TIMEOUT_S = 30.0
 
 
-class RoundRobin:
-    """A runner `Sender` over one bench client per engine, taking them in turn."""
+class LeastBusy:
+    """A runner `Sender` over one bench client per engine: each request goes to the engine with
+    the fewest in flight (ties taken in turn).
 
-    def __init__(self, clients: Sequence[BenchClient]) -> None:
+    Each engine then holds its share of the streams (C / N, +-1) all run long, so the
+    connections the warm-up opened are all it needs: plain round robin lets an engine's share
+    drift above it, and every new connection inside the measured window adds a connect
+    (latency only the client sees) to one request's TTFT. In a closed loop the engine with the
+    fewest in flight is mostly the one a request just ended on, so a user's next request goes
+    back to the engine that served its last, as with sticky sessions; round robin sends it to
+    another engine, which on a shared core waits behind the first one's writes.
+    """
+
+    def __init__(self, clients: Sequence[BenchClient], *, round_robin: bool = False) -> None:
         self.clients = list(clients)
-        self._turn = itertools.cycle(self.clients)
+        self.round_robin = round_robin  # plain round robin instead (`--spread round-robin`)
+        self._in_flight = [0] * len(self.clients)
+        self._turn = 0
         self.t0 = 0.0
 
-    def bind(self, t0: float) -> RoundRobin:
+    def bind(self, t0: float) -> LeastBusy:
         """Time the next run from `t0` (the runner's start), keeping the pooled connections."""
         self.t0 = t0
         for client in self.clients:
             client.t0 = t0
         return self
 
+    def _pick(self) -> int:
+        n = len(self.clients)
+        self._turn = (self._turn + 1) % n
+        if self.round_robin:
+            return self._turn
+        order = [(self._turn + k) % n for k in range(n)]
+        return min(order, key=self._in_flight.__getitem__)
+
     async def send(self, request: BuiltRequest, record: RequestRecord) -> None:
-        await next(self._turn).send(request, record)
+        i = self._pick()
+        self._in_flight[i] += 1
+        try:
+            await self.clients[i].send(request, record)
+        finally:
+            self._in_flight[i] -= 1
 
     async def close(self) -> None:
         """Kept open between runs; `close_all` ends them."""
@@ -189,7 +214,8 @@ async def measure(
     are processes on this machine, and Python's monotonic clock is the system-wide one)."""
     clock = RealClock()
     settings = [ClientSettings(url, total_timeout_s=120.0, idle_timeout_s=60.0) for url in urls]
-    sender = RoundRobin([BenchClient(s, clock, t0=clock.now()) for s in settings])
+    clients = [BenchClient(s, clock, t0=clock.now()) for s in settings]
+    sender = LeastBusy(clients, round_robin=args.spread == "round-robin")
     warmup_s, lockstep = args.warmup_s, args.start == "lockstep"
     # Users joining over the warm-up keep their requests spread over the engines' steps; all
     # joining at once (lockstep) makes every wave of requests reach an engine together.
@@ -382,7 +408,8 @@ def machine_facts(args: argparse.Namespace) -> str:
         f"machine : {os.cpu_count()} cores, load average {load1:.2f} / {load5:.2f} (1/5 min); "
         f"engines on core {ENGINE_CORE}, bench on core {CLIENT_CORE} (uvloop, GC paused)\n"
         f"setup   : {args.engines} x `fleetserve engine sim --profile {args.profile}`, direct; "
-        f"closed loop ({args.start} start), {args.api} streams of {args.prompt_tokens} "
+        f"{args.spread} spread, closed loop ({args.start} start), {args.api} streams of "
+        f"{args.prompt_tokens} "
         f"prompt words and {args.output_tokens} output tokens; {args.duration_s:g} s measured "
         f"after "
         f"{args.warmup_s:g} s of warm-up per point\n"
@@ -421,6 +448,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--start", choices=("ramp", "lockstep"), default="ramp",
         help="users join over the first half of the warm-up (ramp) or all at t=0 (lockstep)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--spread", choices=("least-busy", "round-robin"), default="least-busy",
+        help="which engine gets a request: the one with the fewest in flight, or the next",
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="10 s per point, 4 s warm-up")
     parser.add_argument(
