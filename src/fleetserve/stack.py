@@ -42,8 +42,7 @@ from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.kubernetes import KubernetesActuator, KubernetesTarget
 from fleetserve.fleet.local import LocalActuator, LocalActuatorSettings
 from fleetserve.fleet.processes import LOOPBACK, free_port
-from fleetserve.fleet.replica import EjectionPolicy
-from fleetserve.gateway.app import build_gateway
+from fleetserve.gateway.app import build_gateway, fleet_for
 from fleetserve.gateway.asgi import GatewayApp
 from fleetserve.gateway.serve import run_gateway, serve_app, terminate_as_interrupt
 from fleetserve.routing.snapshot import ReplicaState
@@ -213,10 +212,7 @@ def build_autoscaled_gateway(
 ) -> GatewayApp:
     """The gateway with a local actuator and the autoscaler loop in its process."""
     clock = RealClock()
-    health = settings.health
-    fleet = Fleet(
-        EjectionPolicy(health.eject_after_failures, health.eject_base_s, health.eject_max_s)
-    )
+    fleet = fleet_for(settings)
     window = LoadWindow(settings.load_window_s)
     actuator = LocalActuator(
         fleet,
@@ -240,19 +236,8 @@ def build_autoscaled_gateway(
             arrival_tps=load.demand_tps,
         )
 
-    app_ref: list[GatewayApp] = []
-
-    def on_decision(decision: Decision) -> None:
-        if app_ref:
-            app_ref[0].metrics.set_desired_replicas(spec.model, decision.desired)
-
     loop = AutoscaleLoop(
-        spec.model,
-        FleetObserver(fleet, spec.model, figures),
-        actuator,
-        spec.autoscale,
-        clock,
-        on_decision=on_decision,
+        spec.model, FleetObserver(fleet, spec.model, figures), actuator, spec.autoscale, clock
     )
     model = ModelSpec(
         name=spec.model,
@@ -275,7 +260,10 @@ def build_autoscaled_gateway(
         on_demand=lambda _model: loop.wake(),
         admin_views={"autoscaler": loop.view},
     )
-    app_ref.append(app)
+    # The gateway's metrics exist once it is built; the loop only decides after it starts.
+    loop.on_decision = lambda decision: app.metrics.set_desired_replicas(
+        spec.model, decision.desired
+    )
     return app
 
 

@@ -60,7 +60,7 @@ class AutoscaleLoop:
         self.settings = settings
         self.clock = clock
         self.timeline = timeline or Timeline()
-        self._on_decision = on_decision
+        self.on_decision = on_decision  # told of every decision (metrics)
         self._state = AutoscaleState()
         self._applied: int | None = None
         self._wake = asyncio.Event()
@@ -134,8 +134,8 @@ class AutoscaleLoop:
         with contextlib.suppress(ActuatorError):
             self.actuator_status = await self.actuator.describe()
         self.timeline.add(TimelineEntry.of(decision, observation, self.clock.wall(), error))
-        if self._on_decision is not None:
-            self._on_decision(decision)
+        if self.on_decision is not None:
+            self.on_decision(decision)
         return decision
 
     def _record_failure(self, now: float, message: str) -> None:

@@ -73,9 +73,7 @@ def build_gateway(
     clock = clock or RealClock()
     health = settings.health
     if fleet is None:
-        fleet = Fleet(
-            EjectionPolicy(health.eject_after_failures, health.eject_base_s, health.eject_max_s)
-        )
+        fleet = fleet_for(settings)
     _add_static(fleet, fleet_file, clock.now())
     services = [*services, *_discoveries(settings, fleet_file, fleet, clock)]
     window = window or LoadWindow(settings.load_window_s)
@@ -116,6 +114,14 @@ def build_gateway(
     )
     proxy = Proxy(fleet, pickers, upstream, settings, metrics, clock, window, holds)
     return GatewayApp(proxy, fleet, settings, metrics, clock, cold, window, holds)
+
+
+def fleet_for(settings: GatewaySettings) -> Fleet:
+    """An empty Fleet that ejects replicas as the settings' health section says."""
+    health = settings.health
+    return Fleet(
+        EjectionPolicy(health.eject_after_failures, health.eject_base_s, health.eject_max_s)
+    )
 
 
 def _add_static(fleet: Fleet, fleet_file: FleetFile, now: float) -> None:
