@@ -36,9 +36,25 @@ class TimeoutSettings(BaseModel):
 
     connect_s: float = Field(3.0, gt=0, description="TCP connect to a replica")
     first_byte_s: float = Field(
-        300.0, gt=0, description="request sent to response headers (covers queueing + prefill)"
+        300.0,
+        gt=0,
+        description="one budget per request, across all its attempts: to a stream's first "
+        "chunk, or to a whole non-stream answer (covers queueing + prefill; time held at the "
+        "gateway does not count)",
     )
     idle_s: float = Field(60.0, gt=0, description="longest gap between two stream chunks")
+    header_read_s: float = Field(
+        10.0, gt=0, description="a client's request line and headers must arrive within this"
+    )
+    body_read_s: float = Field(
+        30.0, gt=0, description="a client's request body must arrive within this (else 408)"
+    )
+    write_stall_s: float = Field(
+        60.0,
+        gt=0,
+        description="a client that reads nothing of its stream for this long is cut off and "
+        "its replica slot freed",
+    )
 
 
 class HealthSettings(BaseModel):
@@ -83,6 +99,20 @@ class GatewaySettings(BaseSettings):
     hold: HoldSettings = HoldSettings()
     load_window_s: float = Field(
         30.0, ge=1.0, description="span of the rolling load window the autoscaler reads"
+    )
+    shutdown_delay_s: float = Field(
+        2.0,
+        ge=0,
+        le=600,
+        description="after SIGTERM, /ready answers 503 and requests are still served this long "
+        "(load balancers stop sending) before the gateway stops accepting",
+    )
+    shutdown_grace_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="after SIGTERM, in-flight requests and streams may finish within this "
+        "(delay included); match Kubernetes' terminationGracePeriodSeconds",
     )
     admin_key: str | None = Field(
         None, description="bearer token required by /admin/* (None: admin is open on loopback)"

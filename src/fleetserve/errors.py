@@ -14,6 +14,7 @@ FleetserveError
 │   ├── ModelNotFoundError       404 model_not_found
 │   ├── NotFoundError            404 (no such path)
 │   ├── MethodNotAllowedError    405
+│   ├── RequestTimeoutError      408 (the client sent its request too slowly)
 │   ├── PayloadTooLargeError     413
 │   ├── RateLimitError           429
 │   ├── UpstreamFailedError      502 (a replica answered badly and no retry was left)
@@ -105,6 +106,12 @@ class MethodNotAllowedError(ApiError):
     status = 405
     error_type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class RequestTimeoutError(ApiError):
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class PayloadTooLargeError(ApiError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -129,19 +130,39 @@ async def test_dead_replica_is_retried_then_ejected_then_probed_back(
         await wait_until(lambda: replica.state is ReplicaState.READY)
 
 
-async def test_first_byte_timeout_retries_then_504(http: aiohttp.ClientSession) -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+async def test_first_byte_budget_is_one_per_request(
+    http: aiohttp.ClientSession, stream: bool
+) -> None:
+    """Every replica hangs: the request gets one first-byte budget across its 3 attempts (504
+    after ~budget), not a budget per attempt (3 x budget, as non-stream requests had)."""
+    budget_s = 0.5
+    async with (
+        fake_engines(3) as engines,
+        running_gateway(fleet_of(engines), settings(first_byte_s=budget_s)) as gw,
+    ):
+        for engine in engines:
+            engine.state.fault = "hang"
+        started = time.monotonic()
+        status, body, _ = await post(http, gw, {**CHAT, "stream": stream})
+        waited_s = time.monotonic() - started
+        assert status == 504
+        assert orjson.loads(body)["error"]["code"] == "upstream_first_byte_timeout"
+        assert budget_s <= waited_s < 2 * budget_s
+
+
+async def test_first_byte_timeout_fails_over_within_the_budget(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A replica that hangs past the budget costs the request its budget: 504, not a retry
+    with a fresh budget on the next replica."""
     async with (
         fake_engines(2) as engines,
         running_gateway(fleet_of(engines), settings(first_byte_s=0.3)) as gw,
     ):
         engines[0].state.fault = "hang"
-        status, _, _ = await post(http, gw, {**CHAT, "stream": True})
-        assert status == 200
-        engines[1].state.fault = "hang"
-        for stream in (False, True):
-            status, body, _ = await post(http, gw, {**CHAT, "stream": stream})
-            assert status == 504
-            assert orjson.loads(body)["error"]["code"] == "upstream_first_byte_timeout"
+        statuses = [(await post(http, gw, CHAT))[0] for _ in range(4)]
+        assert sorted(statuses) == [200, 200, 504, 504]  # round robin: every other one hangs
 
 
 async def _read_stream(http: aiohttp.ClientSession, gw: RunningGateway) -> list[bytes]:

@@ -68,8 +68,6 @@ async def test_released_fifo_when_a_replica_turns_ready() -> None:
     assert h.holds.held(M) == 0
     assert h.window.snapshot(M, h.clock.now()).held == 0
     assert h.metric("fleetserve_held_requests") == 0
-    assert h.metric("fleetserve_hold_seconds_count") == 3
-    assert h.metric("fleetserve_hold_seconds_sum") == pytest.approx(12.0)
 
 
 async def test_wait_past_the_bound_is_503_no_replica_ready() -> None:
@@ -84,7 +82,6 @@ async def test_wait_past_the_bound_is_503_no_replica_ready() -> None:
     assert (err.status, err.code, err.headers) == (503, "no_replica_ready", {"Retry-After": "2"})
     assert "within 120 s" in err.message
     assert h.holds.held(M) == 0
-    assert h.metric("fleetserve_hold_seconds_sum") == pytest.approx(120.0)
 
 
 async def test_bound_counts_from_the_first_wait() -> None:

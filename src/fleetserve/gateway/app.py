@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import orjson
-from starlette.applications import Starlette
 
 from fleetserve.clock import Clock, RealClock
 from fleetserve.config import FleetFile, GatewaySettings, load_fleet_file
@@ -24,7 +23,9 @@ from fleetserve.gateway.hold import DemandHook, HoldQueue
 from fleetserve.gateway.monitor import FleetMonitor, SignalParser
 from fleetserve.gateway.proxy import Proxy
 from fleetserve.gateway.routes import AdminView, build_routes_app
+from fleetserve.gateway.shutdown import Shutdown, shutting_down_error
 from fleetserve.gateway.upstream import UpstreamClient
+from fleetserve.gateway.watchdog import Watchdog
 from fleetserve.routing.picker import Picker
 from fleetserve.routing.pickers import make_picker
 from fleetserve.telemetry.metrics import GatewayMetrics
@@ -95,9 +96,18 @@ def build_gateway(
         on_demand=on_demand,
     )  # fmt: skip
 
+    watchdog = Watchdog(clock, settings.timeouts, metrics)
+    shutdown = Shutdown(clock, settings.shutdown_grace_s)
+    shutdown.on_begin(lambda: holds.close(shutting_down_error(settings.retry_after_s)))
+    shutdown.on_deadline(lambda: log.warning(
+        "shutdown grace of %g s is over: ending %d open request(s)",
+        settings.shutdown_grace_s, watchdog.end_all("shutdown"),
+    ))  # fmt: skip
+
     @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+    async def lifespan() -> AsyncIterator[None]:
         await monitor.start()
+        await watchdog.start()
         try:
             async with contextlib.AsyncExitStack() as running:
                 for service in services:
@@ -105,15 +115,21 @@ def build_gateway(
                     running.push_async_callback(service.stop)
                 yield
         finally:
+            shutdown.cancel()
+            await watchdog.stop()
             await monitor.stop()
             await upstream.close()
 
     simulated = frozenset(spec.name for spec in fleet_file.models if spec.engine == "sim")
     cold = build_routes_app(
-        fleet, metrics, clock, lifespan, window, holds, settings.admin_key, admin_views, simulated
-    )
-    proxy = Proxy(fleet, pickers, upstream, settings, metrics, clock, window, holds)
-    return GatewayApp(proxy, fleet, settings, metrics, clock, cold, window, holds)
+        fleet, metrics, clock, window, holds, shutdown, settings.admin_key, admin_views,
+        simulated,
+    )  # fmt: skip
+    proxy = Proxy(fleet, pickers, upstream, settings, metrics, clock, window, holds, shutdown)
+    return GatewayApp(
+        proxy, fleet, settings, metrics, clock, cold, window, holds,
+        watchdog=watchdog, shutdown=shutdown, lifespan=lifespan,
+    )  # fmt: skip
 
 
 def fleet_for(settings: GatewaySettings) -> Fleet:

@@ -2,24 +2,41 @@
 
 The hot path avoids framework objects per request (measured: Starlette's Request/Response
 cost about 30% of one worker's throughput here). A watcher on `receive()` cancels the work
-when the client disconnects, which also closes the upstream request.
+when the client disconnects, which also closes the upstream request; the `Watchdog` cancels
+it when the client is too slow or the shutdown deadline passes, and the request then answers
+as its state allows (408, 503, or an SSE error event). The app runs the lifespan itself, so
+a start-up failure (an engine that cannot start) is one line, not a traceback
+(`startup_error`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 from starlette.types import ASGIApp
 
 from fleetserve.clock import Clock
 from fleetserve.config import GatewaySettings
-from fleetserve.errors import ApiError, MethodNotAllowedError, ModelNotFoundError
+from fleetserve.errors import (
+    ApiError,
+    FleetserveError,
+    MethodNotAllowedError,
+    ModelNotFoundError,
+    RequestTimeoutError,
+)
 from fleetserve.fleet.fleet import Fleet
+from fleetserve.gateway.connection import ABORT_EXTENSION, WATCHDOG_STATE
+from fleetserve.gateway.exchange import Exchange
 from fleetserve.gateway.hold import HoldQueue
 from fleetserve.gateway.proxy import Proxy
+from fleetserve.gateway.shutdown import CONNECTION_CLOSE, Shutdown, shutting_down_error
+from fleetserve.gateway.watchdog import Watchdog
 from fleetserve.protocol.asgi import (
     ClientGoneError,
     Receive,
@@ -30,6 +47,7 @@ from fleetserve.protocol.asgi import (
     send_error,
 )
 from fleetserve.protocol.inspect import inspect_request
+from fleetserve.protocol.sse import encode_error_event
 from fleetserve.telemetry.metrics import GatewayMetrics
 from fleetserve.telemetry.window import LoadWindow, estimate_demand_tokens
 
@@ -38,23 +56,16 @@ log = logging.getLogger("fleetserve.gateway")
 # path -> is it a chat request
 OPENAI_PATHS = {"/v1/chat/completions": True, "/v1/completions": False}
 CLIENT_CLOSED = 499  # nginx's code for "client closed request", for metrics only
+CLOSE = [CONNECTION_CLOSE]
+
+Lifespan = Callable[[], AbstractAsyncContextManager[None]]
 
 
-class _Guard:
-    __slots__ = ("disconnected", "finishing")
-
-    def __init__(self) -> None:
-        self.disconnected = False
-        self.finishing = False
-
-
-async def _watch_disconnect(receive: Receive, task: asyncio.Task[None], guard: _Guard) -> None:
+async def _watch_disconnect(receive: Receive, exchange: Exchange) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            if not guard.finishing:
-                guard.disconnected = True
-                task.cancel()
+            exchange.end("client_gone")
             return
 
 
@@ -69,6 +80,10 @@ class GatewayApp:
         cold: ASGIApp,
         window: LoadWindow,
         holds: HoldQueue,
+        *,
+        watchdog: Watchdog,
+        shutdown: Shutdown,
+        lifespan: Lifespan,
     ) -> None:
         self.proxy = proxy
         self.fleet = fleet
@@ -78,11 +93,16 @@ class GatewayApp:
         self.cold = cold
         self.window = window  # the autoscaler reads load here (same process) or at /admin/load
         self.holds = holds
+        self.watchdog = watchdog
+        self.shutdown = shutdown
+        self.lifespan = lifespan
+        self.startup_error: FleetserveError | None = None
         self._ids = itertools.count(1)
         self._id_prefix = f"fs-{os.getpid():x}-"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        kind = scope["type"]
+        if kind == "http":
             chat = OPENAI_PATHS.get(scope["path"])
             if chat is not None:
                 if scope["method"] == "POST":
@@ -92,16 +112,73 @@ class GatewayApp:
                         send, MethodNotAllowedError(f"{scope['path']} accepts POST only")
                     )
                 return
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
         await self.cold(scope, receive, send)
 
+    # -- lifespan -----------------------------------------------------------------------
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Start the background services; a FleetserveError at start is kept for the caller
+        to print (uvicorn is told without a message, so it logs no traceback) and the server
+        exits."""
+        await receive()  # lifespan.startup
+        state = scope.get("state")
+        if isinstance(state, dict):  # the connections find the watchdog here
+            state[WATCHDOG_STATE] = self.watchdog
+        running = contextlib.AsyncExitStack()
+        try:
+            await running.enter_async_context(self.lifespan())
+        except FleetserveError as exc:
+            self.startup_error = exc
+            await send({"type": "lifespan.startup.failed", "message": ""})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        try:
+            await running.aclose()
+        finally:
+            await send({"type": "lifespan.shutdown.complete"})
+
+    # -- the hot path ---------------------------------------------------------------------
     async def _openai(self, scope: Scope, receive: Receive, send: Send, chat: bool) -> None:
-        t0 = self.clock.now()
-        model = "-"
-        status = 500
+        task = asyncio.current_task()
+        assert task is not None
+        exchange = Exchange(task=task, reading_since=self.clock.now())
+        watched = self.watchdog.open
+        watched.add(exchange)
+        try:
+            await self._serve(scope, receive, send, chat, exchange, task)
+        finally:
+            watched.discard(exchange)
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        chat: bool,
+        exchange: Exchange,
+        task: asyncio.Task[None],
+    ) -> None:
         try:
             body = await read_body(
                 receive, self.settings.max_body_bytes, header(scope, b"content-length")
             )
+        except ClientGoneError:
+            return
+        except ApiError as err:
+            await self._reject(send, err, exchange)
+            return
+        except asyncio.CancelledError:
+            if exchange.ended_by is None:
+                raise
+            task.uncancel()
+            self.metrics.finished("-", await self._ended_early(scope, send, exchange))
+            return
+        exchange.reading_since = 0.0
+        t0 = self.clock.now()  # the budget, TTFT and e2e count from the end of the body
+        try:
             info = inspect_request(body, chat=chat)
             model = info.model
             if not self.fleet.serves(model):
@@ -109,37 +186,70 @@ class GatewayApp:
                     f"the model {model!r} does not exist; served: {sorted(self.fleet.models())}",
                     param="model",
                 )
-        except ClientGoneError:
-            return
         except ApiError as err:
-            await send_error(send, err)
-            self.metrics.finished(model if self.fleet.serves(model) else "-", err.status, 0.0)
+            await self._reject(send, err, exchange)
             return
+        exchange.model = model
         rid = header(scope, b"x-request-id")
         request_id = rid.decode("latin-1") if rid else f"{self._id_prefix}{next(self._ids)}"
-        task = asyncio.current_task()
-        assert task is not None
-        guard = _Guard()
-        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, task, guard))
+        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, exchange))
         gauge = self.metrics.in_flight_child(model)
         gauge.inc()
         self.window.arrived(model, t0, estimate_demand_tokens(len(body), info.max_tokens))
+        status = 500
         try:
-            outcome = await self.proxy.forward(info, scope["path"], body, request_id, send, t0)
-            guard.finishing = True
-            status = outcome.status
+            await self.proxy.forward(info, scope["path"], body, request_id, send, t0, exchange)
+            exchange.finishing = True
+            status = exchange.status
         except ApiError as err:
-            guard.finishing = True
+            exchange.finishing = True
             status = err.status
-            await send_error(send, err)
+            await send_error(send, err, CLOSE if self.shutdown.draining else None)
         except asyncio.CancelledError:
-            if not guard.disconnected:
+            if exchange.ended_by is None:
                 raise
-            status = CLIENT_CLOSED
             task.uncancel()
+            exchange.finishing = True
+            status = await self._ended_early(scope, send, exchange)
         finally:
             watcher.cancel()
             gauge.dec()
             now = self.clock.now()
             self.window.finished(model, now)
-            self.metrics.finished(model, status, now - t0)
+            served = 200 <= status < 300 and not exchange.stream_failed
+            self.metrics.finished(model, status, now - t0 if served else None)
+
+    async def _reject(self, send: Send, err: ApiError, exchange: Exchange) -> None:
+        """A request refused before it reached a replica: counted, not timed."""
+        exchange.finishing = True
+        exchange.reading_since = 0.0
+        await send_error(send, err, CLOSE if self.shutdown.draining else None)
+        model = exchange.model if self.fleet.serves(exchange.model) else "-"
+        self.metrics.finished(model, err.status)
+
+    async def _ended_early(self, scope: Scope, send: Send, exchange: Exchange) -> int:
+        """Answer a request the watchdog or the client ended; the status to count."""
+        exchange.finishing = True
+        reason = exchange.ended_by
+        if reason == "body_timeout":
+            err = RequestTimeoutError(
+                f"the request body did not arrive within {self.settings.timeouts.body_read_s:g} s"
+            )
+            await send_error(send, err, CLOSE)
+            return err.status
+        if reason == "write_stall":
+            abort = scope.get("extensions", {}).get(ABORT_EXTENSION)
+            if abort is not None:
+                abort()  # nothing more can be written to it
+            return CLIENT_CLOSED
+        if reason == "shutdown":
+            gone = shutting_down_error(self.settings.retry_after_s)
+            if not exchange.head_sent:
+                await send_error(send, gone, CLOSE)
+            else:
+                event = encode_error_event(gone)
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                exchange.stream_failed = True
+            return gone.status
+        return CLIENT_CLOSED  # client_gone

@@ -19,8 +19,9 @@ granted to waiters one by one, the slot reserved (`Fleet.begin`) before the wait
 a request arriving meanwhile cannot take it; an uncapped replica that turns ready releases
 every waiter to be routed as usual. A held request ends with a 503 (Retry-After) when the
 queue is full or the wait bound passes; a client that disconnects leaves the queue at once
-(its task is cancelled), handing back a slot granted to it. Time comes from the injected
-Clock, so tests run holds on a fake clock.
+(its task is cancelled), handing back a slot granted to it. When the gateway shuts down,
+`close()` answers every held request (and any later one) with 503 at once. Time comes from
+the injected Clock, so tests run holds on a fake clock.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class HoldQueue:
         self.on_demand = on_demand
         self._retry = {"Retry-After": str(retry_after_s)}
         self._queues: dict[str, deque[Waiter]] = {}
+        self._closed: NoReplicaError | None = None  # shutting down: nothing is held any more
         self._boot_ids = frozenset(r.id for r in fleet.replicas())
         fleet.subscribe(self._on_change)
 
@@ -123,6 +125,8 @@ class HoldQueue:
         there and calls `Fleet.end` after), or None: route as usual. `started` is when this
         request first began to wait: the bound covers all its waits.
         """
+        if self._closed is not None:
+            raise self._closed
         queue = self._queues.setdefault(model, deque())
         ready = self._has_ready(model)
         if len(queue) >= self.settings.max_held:
@@ -139,8 +143,7 @@ class HoldQueue:
             )
         waiter: Waiter = asyncio.get_running_loop().create_future()
         queue.append(waiter)
-        entered = self.clock.now()
-        self.window.hold_started(model, entered)
+        self.window.hold_started(model, self.clock.now())
         gauge = self.metrics.held.labels(model)
         gauge.inc()
         if len(queue) == 1 and not ready:
@@ -154,10 +157,8 @@ class HoldQueue:
             if not waiter.done():
                 waiter.cancel()
                 queue.remove(waiter)
-            now = self.clock.now()
-            self.window.hold_ended(model, now)
+            self.window.hold_ended(model, self.clock.now())
             gauge.dec()
-            self.metrics.hold.labels(model).observe(now - entered)
         return waiter.result()
 
     async def _wait(
@@ -217,7 +218,7 @@ class HoldQueue:
 
     def _hand_back(self, waiter: Waiter) -> None:
         """A waiter granted a slot that will not use it (cancelled, failed): pass it on."""
-        if not waiter.done() or waiter.cancelled():
+        if not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
             return
         replica_id = waiter.result()
         if replica_id is not None:
@@ -254,6 +255,20 @@ class HoldQueue:
             if not waiter.done():
                 self.fleet.begin(replica.id)
                 waiter.set_result(replica.id)
+
+    def close(self, error: NoReplicaError) -> int:
+        """Answer every held request with `error` now, and every later one (shutdown).
+
+        Returns how many were waiting."""
+        self._closed = error
+        answered = 0
+        for queue in self._queues.values():
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    waiter.set_exception(error)
+                    answered += 1
+        return answered
 
     def release(self, model: str) -> int:
         """Wake every request held for `model`, oldest first, to be routed; returns how many."""

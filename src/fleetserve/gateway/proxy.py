@@ -1,9 +1,12 @@
 """Forwarding one request to a replica, with failover.
 
 Failures before anything reached the client (connect errors, 5xx, timeouts before the first
-byte) are retried on another replica, up to `max_attempts`. Once a stream has started, a
-failure ends it with an SSE error event in OpenAI's shape. Upstream 4xx answers are the
-client's problem and pass through unchanged.
+byte) are retried on another replica, up to `max_attempts`, within ONE first-byte budget per
+request (`timeouts.first_byte_s`, counted from the end of the body read, less time held at
+the gateway): each attempt gets what its predecessors left, so a request never waits
+attempts x first_byte_s. For a non-stream request the budget covers the whole answer. Once a
+stream has started, a failure ends it with an SSE error event in OpenAI's shape. Upstream 4xx
+answers are the client's problem and pass through unchanged.
 
 When the model has no ready replica but can get one, or every ready replica is at its
 `max_concurrency`, the request is held (gateway/hold.py) and then sent to the replica whose slot
@@ -14,8 +17,6 @@ shorten it); time held for a cold start does not.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from fleetserve.clock import Clock
 from fleetserve.config import DEFAULT_PICKER, GatewaySettings
@@ -31,8 +32,10 @@ from fleetserve.errors import (
 )
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.replica import Replica
+from fleetserve.gateway.exchange import Exchange
 from fleetserve.gateway.hold import HoldQueue
 from fleetserve.gateway.keepalive import SSE_HEADERS_BASE, StreamKeepAlive, answer_as_event
+from fleetserve.gateway.shutdown import CONNECTION_CLOSE, Shutdown
 from fleetserve.gateway.upstream import UpstreamClient
 from fleetserve.protocol.asgi import Send, send_bytes
 from fleetserve.protocol.inspect import RequestInfo
@@ -44,20 +47,7 @@ from fleetserve.telemetry.metrics import GatewayMetrics
 from fleetserve.telemetry.window import LoadWindow
 
 REPLICA_HEADER = b"x-fleetserve-replica"  # which replica served: for debugging and fault tests
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What happened to a request, for metrics and logs."""
-
-    status: int = 0
-    replica: str | None = None
-    attempts: int = 0
-    stream_failed: bool = False
-    head_sent: bool = False  # a held stream's 200 head is out: errors go in-stream now
-    hold_started: float | None = None
-    hold_s: float = 0.0  # time spent held: not charged to the first-byte budget
-    cold_hold_s: float = 0.0  # the part held with no ready replica: left out of the window's TTFT
+MIN_ATTEMPT_S = 0.001  # the first attempt always gets a try, however little budget is left
 
 
 def _error_kind(err: UpstreamError) -> str:
@@ -93,6 +83,7 @@ class Proxy:
         clock: Clock,
         window: LoadWindow,
         holds: HoldQueue | None = None,
+        shutdown: Shutdown | None = None,
     ) -> None:
         self.fleet = fleet
         self.pickers = pickers
@@ -102,6 +93,7 @@ class Proxy:
         self.clock = clock
         self.window = window
         self.holds = holds
+        self.shutdown = shutdown or Shutdown(clock, settings.shutdown_grace_s)
 
     def _pick(self, info: RequestInfo, tried: set[str]) -> ReplicaSnapshot | None:
         ready = self.fleet.ready(info.model)
@@ -113,29 +105,29 @@ class Proxy:
             picker = self.pickers[info.model] = make_picker(DEFAULT_PICKER)
         return picker.pick(route, ready)
 
-    async def _hold(self, info: RequestInfo, send: Send, outcome: Outcome) -> str | None:
+    async def _hold(self, info: RequestInfo, send: Send, exchange: Exchange) -> str | None:
         """Hold until a replica can take the request; the id of one reserved for it, or None."""
         holds = self.holds
         assert holds is not None
         now = self.clock.now()
-        if outcome.hold_started is None:
-            outcome.hold_started = now
-        started = outcome.hold_started
+        if exchange.hold_started is None:
+            exchange.hold_started = now
+        started = exchange.hold_started
         cold = not self.fleet.ready(info.model)
         ticker = None
         if info.stream:
-            ticker = StreamKeepAlive(send, holds.settings, started, outcome.head_sent)
+            ticker = StreamKeepAlive(send, holds.settings, started, exchange.head_sent)
             ticker.next_at = max(ticker.next_at, now)  # a second hold: tick on from now
         try:
             return await holds.hold(info.model, started, ticker)
         finally:
             end = self.clock.now()
-            outcome.hold_s = end - started
+            exchange.hold_s = end - started
             if cold:
-                outcome.cold_hold_s += end - now
+                exchange.cold_hold_s += end - now
             if ticker is not None and ticker.head_sent:
-                outcome.head_sent = True
-                outcome.status = 200
+                exchange.head_sent = True
+                exchange.status = 200
 
     def _granted(self, replica_id: str) -> Replica | None:
         """The replica whose slot a hold reserved, if it can still serve; else the slot back."""
@@ -162,23 +154,35 @@ class Proxy:
         )
 
     async def forward(
-        self, info: RequestInfo, path: str, body: bytes, request_id: str, send: Send, t0: float
-    ) -> Outcome:
-        """Serve the request from some replica, or raise the ApiError to answer with."""
-        outcome = Outcome()
+        self,
+        info: RequestInfo,
+        path: str,
+        body: bytes,
+        request_id: str,
+        send: Send,
+        t0: float,
+        exchange: Exchange,
+    ) -> None:
+        """Serve the request from some replica, or raise the ApiError to answer with.
+
+        `t0` is when the body was read: the first-byte budget counts from there. What
+        happened is written on `exchange` as it happens (the watchdog and metrics read it).
+        """
         try:
-            await self._forward(info, path, body, request_id, send, t0, outcome)
+            await self._forward(info, path, body, request_id, send, t0, exchange)
         except ApiError as err:
-            if not outcome.head_sent:
+            if not exchange.head_sent:
                 raise
             # A held stream's head is out: the failure can only be told in-stream.
-            outcome.status = err.status
-            outcome.stream_failed = True
+            exchange.status = err.status
+            exchange.stream_failed = True
             await send(
                 {"type": "http.response.body", "body": encode_error_event(err), "more_body": True}
             )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return outcome
+        finally:
+            if exchange.hold_started is not None:  # once per request, all its holds together
+                self.metrics.hold.labels(info.model).observe(exchange.hold_s)
 
     async def _forward(
         self,
@@ -188,47 +192,57 @@ class Proxy:
         request_id: str,
         send: Send,
         t0: float,
-        outcome: Outcome,
+        exchange: Exchange,
     ) -> None:
         tried: set[str] = set()
         last: UpstreamError | None = None
         attempt = 0
         holds = self.holds
+        budget_s = self.settings.timeouts.first_byte_s
         while attempt < self.settings.max_attempts:
+            remaining_s = budget_s - (self.clock.now() - t0 - exchange.hold_s)
+            if attempt and remaining_s <= 0:  # earlier attempts spent the request's budget
+                last = UpstreamTimeoutError("first_byte", budget_s)
+                break
             replica: ReplicaSnapshot | Replica | None = self._pick(info, tried)
             reserved = False
             if replica is None:
                 if tried or holds is None or not holds.should_hold(info.model):
                     break
-                granted = await self._hold(info, send, outcome)
+                granted = await self._hold(info, send, exchange)
                 if granted is None:
                     continue
                 replica = self._granted(granted)
                 if replica is None:
                     continue
                 reserved = True  # the hold counted it in flight already
+                remaining_s = budget_s - (self.clock.now() - t0 - exchange.hold_s)
             if attempt:
                 self.metrics.retries.labels(info.model, _error_kind(last) if last else "").inc()
             tried.add(replica.id)
             attempt += 1
-            outcome.attempts = attempt
-            outcome.replica = replica.id
+            exchange.attempts = attempt
+            exchange.replica = replica.id
             url = replica.url + path
-            tag = [(REPLICA_HEADER, replica.id.encode())]
+            tag = self._tag(replica.id)
             if not reserved:
                 self.fleet.begin(replica.id)
             try:
+                timeout_s = max(remaining_s, MIN_ATTEMPT_S)
                 if info.stream:
-                    await self._stream(info, url, body, request_id, send, t0, outcome, tag)
+                    await self._stream(
+                        info, url, body, request_id, send, t0, timeout_s, exchange, tag
+                    )
                 else:
-                    response = await self.upstream.send(url, body, request_id)
+                    response = await self.upstream.send(url, body, request_id, timeout_s)
+                    exchange.finishing = True  # the answer is in hand: shutdown lets it out
                     await send_bytes(
                         send, response.status, response.body, response.content_type.encode(), tag
                     )
-                    outcome.status = response.status
+                    exchange.status = response.status
             except UpstreamStatusError as err:
                 if not err.retryable:  # 4xx: the request's fault, not the replica's
-                    await self._pass_on(send, err, tag, outcome)
+                    await self._pass_on(send, err, tag, exchange)
                     self.fleet.record_success(replica.id, self.clock.now())
                     return
                 last = err
@@ -242,28 +256,35 @@ class Proxy:
                 self.fleet.end(replica.id)
                 if holds is not None:
                     holds.freed(replica.id, info.model)
-            if not outcome.stream_failed:
+            if not exchange.stream_failed:
                 self.fleet.record_success(replica.id, self.clock.now())
             return
         if not tried:
             raise self._no_replica(info.model)
         if isinstance(last, UpstreamStatusError):  # pass the engine's own 5xx answer on
-            tag = [(REPLICA_HEADER, (outcome.replica or "").encode())]
-            await self._pass_on(send, last, tag, outcome)
+            await self._pass_on(send, last, self._tag(exchange.replica or ""), exchange)
             return
         raise _final_error(last, info.model, len(tried))
+
+    def _tag(self, replica_id: str) -> list[tuple[bytes, bytes]]:
+        """Headers of an answer: which replica served it; `Connection: close` while the
+        gateway shuts down (clients reconnect to another gateway replica)."""
+        tag = [(REPLICA_HEADER, replica_id.encode())]
+        if self.shutdown.draining:
+            tag.append(CONNECTION_CLOSE)
+        return tag
 
     async def _pass_on(
         self,
         send: Send,
         err: UpstreamStatusError,
         tag: list[tuple[bytes, bytes]],
-        outcome: Outcome,
+        exchange: Exchange,
     ) -> None:
         """Answer with the replica's own error, or end the held stream with it as an event."""
-        outcome.status = err.status
-        if outcome.head_sent:
-            outcome.stream_failed = True
+        exchange.status = err.status
+        if exchange.head_sent:
+            exchange.stream_failed = True
             event = answer_as_event(err.status, err.body)
             await send({"type": "http.response.body", "body": event, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -283,15 +304,15 @@ class Proxy:
         request_id: str,
         send: Send,
         t0: float,
-        outcome: Outcome,
+        first_byte_s: float,
+        exchange: Exchange,
         tag: list[tuple[bytes, bytes]],
     ) -> None:
         clock = self.clock
-        first_byte_s = self.settings.timeouts.first_byte_s
-        async with self.upstream.stream(url, body, request_id) as stream:
-            waited_s = clock.now() - t0 - outcome.hold_s  # a hold does not eat the budget
-            remaining = max(first_byte_s - waited_s, 0.001)
-            first = await stream.next_chunk(timeout_s=remaining)
+        deadline = clock.now() + first_byte_s
+        async with self.upstream.stream(url, body, request_id, first_byte_s) as stream:
+            left_s = max(deadline - clock.now(), MIN_ATTEMPT_S)
+            first = await stream.next_chunk(timeout_s=left_s)
             if not first:
                 raise UpstreamClosedError("replica ended the stream before sending anything")
             # Committed: from here on a failure cannot be retried, only reported in-stream.
@@ -299,28 +320,33 @@ class Proxy:
             self.metrics.observe_ttft(info.model, now - t0)
             # The autoscaler's window leaves a cold-start hold out (more replicas cannot
             # shorten it) but keeps time held at capacity (more replicas would).
-            self.window.observe_ttft(info.model, now, now - t0 - outcome.cold_hold_s)
-            if not outcome.head_sent:
+            self.window.observe_ttft(info.model, now, now - t0 - exchange.cold_hold_s)
+            # Writes to the client are stamped: the watchdog cuts a client that stops reading.
+            exchange.sending_since = now
+            if not exchange.head_sent:
                 headers = [
                     (b"content-type", stream.content_type.encode()), *SSE_HEADERS_BASE, *tag
                 ]  # fmt: skip
                 await send(
                     {"type": "http.response.start", "status": stream.status, "headers": headers}
                 )
+                exchange.head_sent = True
             await send({"type": "http.response.body", "body": first, "more_body": True})
-            outcome.status = stream.status
+            exchange.sending_since = 0.0
+            exchange.status = stream.status
             itl = self.metrics.itl_child(info.model)
             last_at = now
             while True:
                 try:
                     chunk = await stream.next_chunk()
                 except UpstreamError as err:
-                    self._failed(info.model, outcome.replica or "", err)
-                    outcome.stream_failed = True
+                    self._failed(info.model, exchange.replica or "", err)
+                    exchange.stream_failed = True
                     gone = UpstreamFailedError(
                         f"the replica serving this stream failed mid-way: {err}",
                         code="upstream_stream_error",
                     )
+                    exchange.sending_since = clock.now()
                     await send(
                         {
                             "type": "http.response.body",
@@ -334,5 +360,9 @@ class Proxy:
                 now = clock.now()
                 itl.observe(now - last_at)
                 last_at = now
+                exchange.sending_since = now
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                exchange.sending_since = 0.0
+            exchange.sending_since = clock.now()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+            exchange.sending_since = 0.0

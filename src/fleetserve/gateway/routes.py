@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hmac
 from collections.abc import Callable, Mapping
-from contextlib import AbstractAsyncContextManager
 
 import orjson
 from starlette.applications import Starlette
@@ -22,6 +21,7 @@ from fleetserve.clock import Clock
 from fleetserve.errors import ApiError, AuthenticationError, MethodNotAllowedError, NotFoundError
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.gateway.hold import HoldQueue
+from fleetserve.gateway.shutdown import Shutdown
 from fleetserve.protocol.envelope import api_error_body
 from fleetserve.routing.snapshot import ReplicaState
 from fleetserve.telemetry.metrics import GatewayMetrics, exposition
@@ -49,9 +49,9 @@ def build_routes_app(
     fleet: Fleet,
     metrics: GatewayMetrics,
     clock: Clock,
-    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]],
     window: LoadWindow,
     holds: HoldQueue,
+    shutdown: Shutdown,
     admin_key: str | None = None,
     admin_views: Mapping[str, AdminView] | None = None,
     simulated_models: frozenset[str] = frozenset(),
@@ -74,11 +74,16 @@ def build_routes_app(
         return _json({"status": "ok"})
 
     async def ready(_: Request) -> Response:
-        """Ready when some model has a ready replica or can hold requests until it has one."""
+        """Ready when some model has a ready replica or can hold requests until it has one,
+        and the gateway is not shutting down (load balancers stop sending at once)."""
         ready_models = [m for m in fleet.models() if fleet.ready(m)]
         holding = [m for m in fleet.models() if m not in ready_models and holds.can_hold(m)]
-        ok = bool(ready_models or holding)
-        body = {"ready": ok, "models_ready": ready_models, "models_can_hold": holding}
+        ok = bool(ready_models or holding) and not shutdown.draining
+        body: dict[str, object] = {
+            "ready": ok, "models_ready": ready_models, "models_can_hold": holding,
+        }  # fmt: skip
+        if shutdown.draining:
+            body["shutting_down"] = True
         return _json(body, 200 if ok else 503)
 
     async def models(_: Request) -> Response:
@@ -178,5 +183,4 @@ def build_routes_app(
             Route("/admin/replicas/{replica_id:path}/drain", admin_drain, methods=["POST"]),
         ],
         exception_handlers={HTTPException: not_found},
-        lifespan=lifespan,
     )

@@ -108,15 +108,25 @@ class _TlsStream(UpstreamStream):
 
 
 class _StreamContext:
-    def __init__(self, client: UpstreamClient, url: str, body: bytes, request_id: str) -> None:
+    def __init__(
+        self,
+        client: UpstreamClient,
+        url: str,
+        body: bytes,
+        request_id: str,
+        first_byte_s: float | None,
+    ) -> None:
         self._client = client
         self._url = url
         self._body = body
         self._request_id = request_id
+        self._first_byte_s = first_byte_s
         self._stream: UpstreamStream | None = None
 
     async def __aenter__(self) -> UpstreamStream:
-        self._stream = await self._client.open_stream(self._url, self._body, self._request_id)
+        self._stream = await self._client.open_stream(
+            self._url, self._body, self._request_id, self._first_byte_s
+        )
         return self._stream
 
     async def __aexit__(
@@ -158,13 +168,15 @@ class UpstreamClient:
             self._session = None
         await self.http1.close()
 
-    async def send(self, url: str, body: bytes, request_id: str) -> BufferedResponse:
-        """POST and read the whole answer; non-2xx answers raise UpstreamStatusError."""
+    async def send(
+        self, url: str, body: bytes, request_id: str, timeout_s: float | None = None
+    ) -> BufferedResponse:
+        """POST and read the whole answer within `timeout_s` (default: the first-byte
+        timeout); non-2xx answers raise UpstreamStatusError."""
+        timeout_s = self.timeouts.first_byte_s if timeout_s is None else timeout_s
         if url.startswith("https://"):
-            return await self._send_tls(url, body, request_id)
-        response = await self.http1.request(
-            url, body, request_id, self.timeouts.first_byte_s, stream=False
-        )
+            return await self._send_tls(url, body, request_id, timeout_s)
+        response = await self.http1.request(url, body, request_id, timeout_s, stream=False)
         data = response.body()
         response.finish()
         content_type = response.content_type or JSON
@@ -172,18 +184,24 @@ class UpstreamClient:
             raise UpstreamStatusError(response.status, data, content_type)
         return BufferedResponse(response.status, content_type, data)
 
-    def stream(self, url: str, body: bytes, request_id: str) -> _StreamContext:
-        """`async with client.stream(...) as s:` opens a stream; non-2xx raise on entry."""
-        return _StreamContext(self, url, body, request_id)
+    def stream(
+        self, url: str, body: bytes, request_id: str, first_byte_s: float | None = None
+    ) -> _StreamContext:
+        """`async with client.stream(...) as s:` opens a stream; non-2xx raise on entry.
 
-    async def open_stream(self, url: str, body: bytes, request_id: str) -> UpstreamStream:
+        The response head must come within `first_byte_s` (default: the first-byte timeout).
+        """
+        return _StreamContext(self, url, body, request_id, first_byte_s)
+
+    async def open_stream(
+        self, url: str, body: bytes, request_id: str, first_byte_s: float | None = None
+    ) -> UpstreamStream:
         """The stream behind `stream()`; whoever calls this must `finish()` or `close()` it."""
-        if url.startswith("https://"):
-            return await self._open_tls_stream(url, body, request_id)
         timeouts = self.timeouts
-        response = await self.http1.request(
-            url, body, request_id, timeouts.first_byte_s, stream=True
-        )
+        first_byte_s = timeouts.first_byte_s if first_byte_s is None else first_byte_s
+        if url.startswith("https://"):
+            return await self._open_tls_stream(url, body, request_id, first_byte_s)
+        response = await self.http1.request(url, body, request_id, first_byte_s, stream=True)
         if response.status >= 400:
             try:
                 data = await response.read(timeouts.idle_s, MAX_ERROR_BODY_BYTES)
@@ -198,16 +216,18 @@ class UpstreamClient:
 
     # https:// through aiohttp
 
-    async def _post_tls(self, url: str, body: bytes, request_id: str) -> aiohttp.ClientResponse:
+    async def _post_tls(
+        self, url: str, body: bytes, request_id: str, first_byte_s: float
+    ) -> aiohttp.ClientResponse:
         """POST; the response head is read. Connect and first-byte failures are mapped."""
         timeouts = self.timeouts
         try:
-            async with asyncio.timeout(timeouts.first_byte_s):
+            async with asyncio.timeout(first_byte_s):
                 return await self.session.post(
                     url, data=body, headers={"Content-Type": JSON, "X-Request-Id": request_id}
                 )
         except TimeoutError as exc:
-            raise UpstreamTimeoutError("first_byte", timeouts.first_byte_s) from exc
+            raise UpstreamTimeoutError("first_byte", first_byte_s) from exc
         except aiohttp.ServerTimeoutError as exc:  # sock_connect
             raise UpstreamTimeoutError("connect", timeouts.connect_s) from exc
         except aiohttp.ClientConnectorError as exc:
@@ -222,12 +242,17 @@ class UpstreamClient:
         finally:
             response.release()
 
-    async def _send_tls(self, url: str, body: bytes, request_id: str) -> BufferedResponse:
-        response = await self._post_tls(url, body, request_id)
+    async def _send_tls(
+        self, url: str, body: bytes, request_id: str, timeout_s: float
+    ) -> BufferedResponse:
+        """The whole answer within `timeout_s`, head and body together."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        response = await self._post_tls(url, body, request_id, timeout_s)
+        left_s = max(deadline - asyncio.get_running_loop().time(), 0.001)
         try:
-            data = await self._read_tls(response, self.timeouts.first_byte_s)
+            data = await self._read_tls(response, left_s)
         except TimeoutError as exc:
-            raise UpstreamTimeoutError("first_byte", self.timeouts.first_byte_s) from exc
+            raise UpstreamTimeoutError("first_byte", timeout_s) from exc
         except aiohttp.ClientError as exc:
             raise UpstreamClosedError(f"replica closed the connection: {exc}") from exc
         content_type = response.headers.get("Content-Type", JSON)
@@ -235,8 +260,10 @@ class UpstreamClient:
             raise UpstreamStatusError(response.status, data, content_type)
         return BufferedResponse(response.status, content_type, data)
 
-    async def _open_tls_stream(self, url: str, body: bytes, request_id: str) -> UpstreamStream:
-        response = await self._post_tls(url, body, request_id)
+    async def _open_tls_stream(
+        self, url: str, body: bytes, request_id: str, first_byte_s: float
+    ) -> UpstreamStream:
+        response = await self._post_tls(url, body, request_id, first_byte_s)
         if response.status >= 400:
             try:
                 data = await self._read_tls(response, self.timeouts.idle_s)

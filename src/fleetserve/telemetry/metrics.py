@@ -47,15 +47,19 @@ class GatewayMetrics:
             ["model", "status"], registry=reg,
         )  # fmt: skip
         self.ttft = Histogram(
-            "fleetserve_ttft_seconds", "Time to first token of streams, measured at the gateway.",
+            "fleetserve_ttft_seconds",
+            "Time to first token of streams at the gateway, from the end of the request body.",
             ["model"], buckets=TTFT_BUCKETS, registry=reg,
         )  # fmt: skip
         self.itl = Histogram(
             "fleetserve_itl_seconds", "Gap between stream chunks, measured at the gateway.",
             ["model"], buckets=ITL_BUCKETS, registry=reg,
         )  # fmt: skip
+        # Served requests only (2xx from a replica, stream not cut), so its quantiles describe
+        # serving; rejections and failures are counted in fleetserve_requests by status.
         self.e2e = Histogram(
-            "fleetserve_e2e_seconds", "Request arrival to last byte, measured at the gateway.",
+            "fleetserve_e2e_seconds",
+            "End of the request body to the last byte of the answer, for served requests.",
             ["model"], buckets=E2E_BUCKETS, registry=reg,
         )  # fmt: skip
         self.in_flight = Gauge(
@@ -75,8 +79,15 @@ class GatewayMetrics:
             ["model"], registry=reg, multiprocess_mode="livesum",
         )  # fmt: skip
         self.hold = Histogram(
-            "fleetserve_hold_seconds", "Time requests were held waiting for a ready replica.",
+            "fleetserve_hold_seconds",
+            "Time a held request waited at the gateway for a replica, all its holds together.",
             ["model"], buckets=HOLD_BUCKETS, registry=reg,
+        )  # fmt: skip
+        self.client_timeouts = Counter(
+            "fleetserve_client_timeouts",
+            "Clients cut off for being slow: kind header_read and body_read (answered 408), "
+            "write_stall (a stream the client stopped reading).",
+            ["kind"], registry=reg,
         )  # fmt: skip
         # Set by the autoscaler, which runs in one process: the most recent value wins.
         self.desired_replicas = Gauge(
@@ -101,12 +112,15 @@ class GatewayMetrics:
             child = self._itl[model] = self.itl.labels(model)
         return child
 
-    def finished(self, model: str, status: int, e2e_s: float) -> None:
+    def finished(self, model: str, status: int, e2e_s: float | None = None) -> None:
+        """Count an answered request; `e2e_s` for a served one (None: rejected or failed)."""
         key = (model, status)
         counter = self._requests.get(key)
         if counter is None:
             counter = self._requests[key] = self.requests.labels(model, str(status))
         counter.inc()
+        if e2e_s is None:
+            return
         child = self._e2e.get(model)
         if child is None:
             child = self._e2e[model] = self.e2e.labels(model)

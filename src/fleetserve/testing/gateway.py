@@ -6,13 +6,12 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
-import uvicorn
-
 from fleetserve.config import FleetFile, GatewaySettings
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.processes import free_port
 from fleetserve.gateway.app import build_gateway
 from fleetserve.gateway.asgi import GatewayApp
+from fleetserve.gateway.serve import GatewayServer, make_server
 
 START_TIMEOUT_S = 10.0
 
@@ -27,9 +26,10 @@ async def wait_until(
 
 
 class RunningGateway:
-    def __init__(self, app: GatewayApp, url: str) -> None:
+    def __init__(self, app: GatewayApp, url: str, server: GatewayServer) -> None:
         self.app = app
         self.url = url
+        self.server = server
 
     @property
     def fleet(self) -> Fleet:
@@ -44,11 +44,8 @@ async def running_gateway(
     port = free_port()
     settings = settings.model_copy(update={"port": port, "host": "127.0.0.1"})
     app = build_gateway(settings, fleet_file)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", loop="none",
-        http="httptools", access_log=False, lifespan="on",
-    )  # fmt: skip
-    server = uvicorn.Server(config)
+    server = make_server(app, settings)
+    server.config.loop = "none"  # the test's own event loop
     task = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(START_TIMEOUT_S):
@@ -57,7 +54,7 @@ async def running_gateway(
                     task.result()
                     raise RuntimeError("gateway exited during start-up")
                 await asyncio.sleep(0.01)
-        yield RunningGateway(app, f"http://127.0.0.1:{port}")
+        yield RunningGateway(app, f"http://127.0.0.1:{port}", server)
     finally:
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
