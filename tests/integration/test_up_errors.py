@@ -52,6 +52,19 @@ def test_engine_that_exits_at_start_shows_its_log(tmp_path: Path) -> None:
     assert "last lines of" in stderr
 
 
+def test_autoscaled_engine_that_exits_at_start_is_one_clear_error(tmp_path: Path) -> None:
+    """The floor of an autoscaled fleet starts inside the gateway's lifespan: a failure
+    there is the same clear error and a non-zero exit, not uvicorn's traceback."""
+    model = tmp_path / "broken.gguf"
+    model.write_bytes(b"GGUF" + b"\xff" * 64)
+    code, stderr = run_up("--model", str(model), "--replicas", "1:2")
+    assert code == 1
+    assert "Traceback" not in stderr
+    assert "ERROR" not in stderr  # nothing from uvicorn's logger
+    assert "exited with code 1 while starting; last lines of its log" in stderr
+    assert stderr.count("error:") == 1
+
+
 def test_not_enough_memory_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     me = EngineProcess("replica-0", "http://127.0.0.1:1", SimpleNamespace(pid=psutil.Process().pid),  # type: ignore[arg-type]
                        Path("/dev/null"))  # fmt: skip

@@ -43,7 +43,7 @@ class EngineProcess:
             text = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return "(no log)"
-        return "\n".join(text[-lines:])
+        return "\n".join(text[-lines:]) or "(the log is empty)"
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> int | None:
         """SIGTERM its process group, SIGKILL after `grace_s`; returns the exit status."""

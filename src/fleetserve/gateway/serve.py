@@ -133,7 +133,23 @@ def make_server(app: GatewayApp, settings: GatewaySettings) -> GatewayServer:
     Set `server.should_exit = True` to stop it; the app's lifespan then stops its services.
     """
     config = uvicorn.Config(app, **_common(settings))  # type: ignore[arg-type]
+    # uvicorn configured its loggers just now; the start-up failure is the app's to tell.
+    logging.getLogger("uvicorn.error").addFilter(_StartupFailedFilter(app))
     return GatewayServer(config, app)
+
+
+class _StartupFailedFilter(logging.Filter):
+    """Drops uvicorn's "Application startup failed" line when the app keeps the reason to
+    print it as one clear error itself."""
+
+    def __init__(self, app: GatewayApp) -> None:
+        super().__init__()
+        self.app = app
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.app.startup_error is None or not record.getMessage().startswith(
+            "Application startup failed"
+        )
 
 
 def _serve(server: GatewayServer) -> None:

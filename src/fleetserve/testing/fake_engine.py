@@ -26,6 +26,7 @@ class FakeEngineState:
     fault_status: int = 500
     chunks: int = 8
     chunk_delay_s: float = 0.0
+    pad_bytes: int = 0  # extra characters in each chunk's text (big streams)
     fail_after_chunks: int = 2
     received: list[bytes] = field(default_factory=list)
     cancelled: int = 0
@@ -34,17 +35,18 @@ class FakeEngineState:
     healthy: bool = True
 
 
-def _chunk(i: int, model: str, chat: bool) -> bytes:
+def _chunk(i: int, model: str, chat: bool, pad_bytes: int = 0) -> bytes:
+    text = f"t{i} " + "x" * pad_bytes
     if chat:
         payload: dict[str, object] = {
             "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0,
-            "model": model, "choices": [{"index": 0, "delta": {"content": f"t{i} "},
+            "model": model, "choices": [{"index": 0, "delta": {"content": text},
                                          "finish_reason": None}],
         }  # fmt: skip
     else:
         payload = {
             "id": "cmpl-fake", "object": "text_completion", "created": 0, "model": model,
-            "choices": [{"index": 0, "text": f"t{i} ", "finish_reason": None}],
+            "choices": [{"index": 0, "text": text, "finish_reason": None}],
         }  # fmt: skip
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
@@ -160,7 +162,7 @@ class FakeEngine:
             if i == state.fail_after_chunks and state.fault == "stall_mid_stream":
                 await asyncio.sleep(3600)
             await asyncio.sleep(state.chunk_delay_s)
-            await response.write(_chunk(i, model, chat))
+            await response.write(_chunk(i, model, chat, state.pad_bytes))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         state.completed += 1
