@@ -12,6 +12,7 @@ import pytest
 
 from fleetserve.fleet.processes import free_port
 from fleetserve.testing.fake_engine import fake_engines
+from fleetserve.testing.gateway import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -65,6 +66,69 @@ async def test_two_workers_share_a_port_and_metrics_add_up(tmp_path: Path) -> No
             assert totals == {40.0}
             served = {e.name: e.state.completed for e in engines}
             assert sum(served.values()) == 40
+        finally:
+            proc.terminate()
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+async def _engine_load(http: aiohttp.ClientSession, url: str) -> int:
+    """running + waiting, as the engine's own /metrics says."""
+    async with http.get(url + "/metrics") as r:
+        text = await r.text()
+    total = 0.0
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+        match = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
+        assert match, text
+        total += float(match.group(1))
+    return int(total)
+
+
+async def test_admin_views_of_two_workers_answer_for_the_whole_gateway(tmp_path: Path) -> None:
+    streams_n = 16
+    async with fake_engines(2) as engines, aiohttp.ClientSession() as http:
+        for engine in engines:
+            engine.state.chunks, engine.state.chunk_delay_s = 120, 0.05  # 6 s streams
+        port = free_port()
+        argv = [sys.executable, "-m", "fleetserve", "gateway", "--port", str(port),
+                "--model", "m", "--workers", "2", "--engine", "vllm",
+                *(arg for e in engines for arg in ("--upstream", e.url))]  # fmt: skip
+        log = tmp_path / "gateway.log"
+        with log.open("wb") as out:
+            proc = await asyncio.create_subprocess_exec(*argv, stdout=out, stderr=out)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            async with asyncio.timeout(20):
+                while not await _ready(http, url):
+                    assert proc.returncode is None, log.read_text()
+                    await asyncio.sleep(0.1)
+
+            async def stream() -> int:
+                # A connection each, so the kernel spreads them over both workers.
+                async with (
+                    aiohttp.ClientSession() as own,
+                    own.post(url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r,
+                ):
+                    await r.read()
+                    return r.status
+
+            tasks = [asyncio.create_task(stream()) for _ in range(streams_n)]
+            await wait_until(lambda: sum(e.state.active for e in engines) == streams_n, 10)
+            engines_say = sum([await _engine_load(http, e.url) for e in engines])
+            assert engines_say == streams_n
+            for _ in range(6):  # each call lands on either worker; each answers for both
+                async with asyncio.timeout(5):
+                    while True:
+                        async with http.get(url + "/admin/load") as r:
+                            load = (await r.json())["models"]["m"]
+                        async with http.get(url + "/admin/fleet") as r:
+                            fleet = await r.json()
+                        in_flight = sum(rep["in_flight"] for rep in fleet["replicas"])
+                        if load["in_flight"] == in_flight == engines_say:
+                            break
+                        await asyncio.sleep(0.05)
+                assert fleet["workers"] == 2
+                assert load["arrival_rps"] > 0
+            assert await asyncio.gather(*tasks) == [200] * streams_n
         finally:
             proc.terminate()
             assert await asyncio.wait_for(proc.wait(), 20) == 0

@@ -5,10 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Protocol
-
-import orjson
 
 from fleetserve.clock import Clock, RealClock
 from fleetserve.config import FleetFile, GatewaySettings, load_fleet_file
@@ -21,6 +20,7 @@ from fleetserve.fleet.replica import EjectionPolicy
 from fleetserve.gateway.asgi import GatewayApp
 from fleetserve.gateway.hold import DemandHook, HoldQueue
 from fleetserve.gateway.monitor import FleetMonitor, SignalParser
+from fleetserve.gateway.peers import Peers, WorkerContext, WorkerLink
 from fleetserve.gateway.proxy import Proxy
 from fleetserve.gateway.routes import AdminView, build_routes_app
 from fleetserve.gateway.shutdown import Shutdown, shutting_down_error
@@ -32,10 +32,6 @@ from fleetserve.telemetry.metrics import GatewayMetrics
 from fleetserve.telemetry.window import LoadWindow
 
 log = logging.getLogger("fleetserve.gateway")
-
-# Workers started by uvicorn re-import the app; the parent passes the resolved configuration
-# in this variable so every worker serves exactly what the parent validated.
-CONFIG_ENV = "FLEETSERVE_GATEWAY_CONFIG"
 
 
 class BackgroundService(Protocol):
@@ -58,6 +54,7 @@ def build_gateway(
     on_demand: DemandHook | None = None,
     admin_views: Mapping[str, AdminView] | None = None,
     hold_models: Iterable[str] = (),
+    worker: WorkerContext | None = None,
 ) -> GatewayApp:
     """One gateway worker. The keyword hooks are for a composition root in the same process:
 
@@ -70,6 +67,8 @@ def build_gateway(
     - `admin_views`: more JSON views at `/admin/<name>`, behind the admin key.
     - `hold_models`: models that hold requests while they have no ready replica, on top of
       those with an `autoscale` section in the fleet file.
+    - `worker`: this is one of several worker processes (gateway/workers.py): it reports to
+      the others and its admin views answer for all of them (gateway/peers.py).
     """
     clock = clock or RealClock()
     health = settings.health
@@ -89,12 +88,37 @@ def build_gateway(
     upstream = UpstreamClient(settings.timeouts)
     monitor = FleetMonitor(fleet, health, clock, parsers)
     autoscaled = {spec.name for spec in fleet_file.models if spec.autoscale is not None}
+    link: WorkerLink | None = None
+
+    def wake_parent(model: str) -> None:  # the worker's report first, then the signal
+        if link is not None:
+            link.wake_parent(model)
+
+    if worker is not None and worker.follow:
+        on_demand = wake_parent
     holds = HoldQueue(
         fleet, settings.hold, clock, window, metrics,
         retry_after_s=settings.retry_after_s,
         autoscaled=autoscaled | set(hold_models),
         on_demand=on_demand,
     )  # fmt: skip
+    peers = None
+    if worker is not None:
+        peers = Peers(worker.run, clock)
+        link = WorkerLink(
+            worker.run, fleet, window, clock, holds.held,
+            parent_pid=worker.parent_pid, follow=worker.follow, workers=worker.workers,
+            on_orphaned=lambda: os.kill(os.getpid(), signal.SIGTERM),
+            on_parent_view=lambda view: _desired_from(view, metrics),
+        )  # fmt: skip
+        services = [link, *services]
+        if worker.follow:
+            views = link
+
+            def parent_view() -> object:
+                return views.parent_view or {}
+
+            admin_views = {**(admin_views or {}), "autoscaler": parent_view}
 
     watchdog = Watchdog(clock, settings.timeouts, metrics)
     shutdown = Shutdown(clock, settings.shutdown_grace_s)
@@ -123,13 +147,20 @@ def build_gateway(
     simulated = frozenset(spec.name for spec in fleet_file.models if spec.engine == "sim")
     cold = build_routes_app(
         fleet, metrics, clock, window, holds, shutdown, settings.admin_key, admin_views,
-        simulated,
+        simulated, peers,
     )  # fmt: skip
     proxy = Proxy(fleet, pickers, upstream, settings, metrics, clock, window, holds, shutdown)
     return GatewayApp(
         proxy, fleet, settings, metrics, clock, cold, window, holds,
         watchdog=watchdog, shutdown=shutdown, lifespan=lifespan,
     )  # fmt: skip
+
+
+def _desired_from(view: dict[str, object], metrics: GatewayMetrics) -> None:
+    """The parent's autoscaler decided: its target in this worker's /metrics too."""
+    desired, model = view.get("desired"), view.get("model")
+    if isinstance(desired, int) and isinstance(model, str):
+        metrics.set_desired_replicas(model, desired)
 
 
 def fleet_for(settings: GatewaySettings) -> Fleet:
@@ -160,22 +191,6 @@ def _discoveries(
         for spec in fleet_file.models
         if spec.discovery is not None
     ]
-
-
-def encode_config(settings: GatewaySettings, fleet_file: FleetFile) -> str:
-    return orjson.dumps(
-        {"settings": settings.model_dump(mode="json"), "fleet": fleet_file.model_dump(mode="json")}
-    ).decode()
-
-
-def app_from_env() -> GatewayApp:
-    """uvicorn factory for worker processes: rebuild the app from CONFIG_ENV."""
-    raw = os.environ.get(CONFIG_ENV)
-    if not raw:
-        raise ConfigError(f"{CONFIG_ENV} is not set; start workers with `fleetserve gateway`")
-    data = orjson.loads(raw)
-    settings = GatewaySettings.model_validate(data["settings"])
-    return build_gateway(settings, FleetFile.model_validate(data["fleet"]))
 
 
 def resolve_fleet(settings: GatewaySettings, inline: FleetFile | None) -> FleetFile:

@@ -21,6 +21,7 @@ from fleetserve.clock import Clock
 from fleetserve.errors import ApiError, AuthenticationError, MethodNotAllowedError, NotFoundError
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.gateway.hold import HoldQueue
+from fleetserve.gateway.peers import Peers, merged_window
 from fleetserve.gateway.shutdown import Shutdown
 from fleetserve.protocol.envelope import api_error_body
 from fleetserve.routing.snapshot import ReplicaState
@@ -55,7 +56,10 @@ def build_routes_app(
     admin_key: str | None = None,
     admin_views: Mapping[str, AdminView] | None = None,
     simulated_models: frozenset[str] = frozenset(),
+    peers: Peers | None = None,
 ) -> Starlette:
+    """The cold routes. With `peers` (one of several worker processes) the admin views add
+    the other workers' reports in, so they answer for the whole gateway."""
     views = dict(admin_views or {})
     if clash := BUILT_IN_VIEWS & views.keys():
         raise ValueError(f"admin views {sorted(clash)} would hide built-in admin routes")
@@ -110,6 +114,11 @@ def build_routes_app(
         if denied := admin_denied(request):
             return denied
         now = clock.now()
+        reports = peers.reports() if peers is not None else []
+        others: dict[str, int] = {}
+        for report in reports:
+            for rid, n in report.in_flight.items():
+                others[rid] = others.get(rid, 0) + n
         replicas = [
             {
                 "id": r.id,
@@ -118,7 +127,7 @@ def build_routes_app(
                 "state": r.state.value,
                 "state_for_s": round(now - r.state_since, 3),
                 "reason": r.reason,
-                "in_flight": r.in_flight,
+                "in_flight": r.in_flight + others.get(r.id, 0),
                 "running": r.signals.running,
                 "waiting": r.signals.waiting,
                 "kv_usage_frac": r.signals.kv_usage_frac,
@@ -128,16 +137,19 @@ def build_routes_app(
             for r in fleet.replicas()
         ]
         by_state = {s.value: n for s, n in fleet.count_by_state().items()}
-        held = {m: holds.held(m) for m in fleet.models()}
+        held = {m: holds.held(m) + sum(r.held.get(m, 0) for r in reports) for m in fleet.models()}
         return _json({"replicas": replicas, "by_state": by_state, "ready": by_state.get(
-            ReplicaState.READY.value, 0), "held": held})  # fmt: skip
+            ReplicaState.READY.value, 0), "held": held, "workers": 1 + len(reports)})  # fmt: skip
 
     async def admin_load(request: Request) -> Response:
         """The rolling load window per model: what a standalone autoscaler polls."""
         if denied := admin_denied(request):
             return denied
         now = clock.now()
-        models = {m: dataclasses.asdict(window.snapshot(m, now)) for m in fleet.models()}
+        source = window
+        if peers is not None:
+            source = merged_window(window, peers.reports(), now, window.window_s)
+        models = {m: dataclasses.asdict(source.snapshot(m, now)) for m in fleet.models()}
         return _json({"window_s": window.window_s, "models": models})
 
     def admin_view(name: str, view: AdminView) -> Route:
@@ -157,6 +169,8 @@ def build_routes_app(
         if replica is None:
             return _error(NotFoundError(f"no replica {replica_id!r}", code="replica_not_found"))
         fleet.drain(replica_id, clock.now())
+        if peers is not None:
+            peers.drain(replica_id)  # every worker routes, so every worker drains it
         return _json(
             {"id": replica_id, "state": replica.state.value, "in_flight": replica.in_flight}
         )

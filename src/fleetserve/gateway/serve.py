@@ -5,20 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import shutil
 import signal
 import socket
-import tempfile
 from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
 
 from fleetserve.config import FleetFile, GatewaySettings
-from fleetserve.gateway.app import CONFIG_ENV, build_gateway, encode_config
+from fleetserve.gateway.app import build_gateway
 from fleetserve.gateway.asgi import GatewayApp
 from fleetserve.gateway.connection import GatewayHttpProtocol
+from fleetserve.gateway.workers import run_workers
 
 log = logging.getLogger("fleetserve.gateway")
 
@@ -173,20 +171,7 @@ def _common(settings: GatewaySettings) -> dict[str, object]:
 
 
 def _run(settings: GatewaySettings, fleet_file: FleetFile) -> None:
-    common = _common(settings)
     if settings.workers == 1:
         _serve(make_server(build_gateway(settings, fleet_file), settings))
         return
-    # Several workers: prometheus_client sums them through files in a private directory.
-    metrics_dir = tempfile.mkdtemp(prefix="fleetserve-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    os.environ[CONFIG_ENV] = encode_config(settings, fleet_file)
-    try:
-        uvicorn.run(
-            "fleetserve.gateway.app:app_from_env",
-            factory=True,
-            workers=settings.workers,
-            **common,  # type: ignore[arg-type]
-        )
-    finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+    run_workers(settings, fleet_file)

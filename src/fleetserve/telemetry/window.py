@@ -133,6 +133,57 @@ class LoadWindow:
         if load.held > 0:
             load.held -= 1
 
+    # -- several processes -------------------------------------------------------------------
+    def export(self, now: float) -> dict[str, object]:
+        """This window's live buckets as plain JSON data, for another process to merge
+        (`absorb`): the gateway's worker processes each keep a window of their own."""
+        current = int(now // self.bucket_s)
+        oldest = current - self._buckets + 1
+        models: dict[str, object] = {}
+        for model, load in self._models.items():
+            buckets = [
+                [stamp, load.arrivals[i], load.completed[i], load.tokens[i], load.ttft[i]]
+                for i, stamp in enumerate(load.stamps)
+                if oldest <= stamp <= current
+            ]
+            models[model] = {
+                "first_at": load.first_at, "open": load.open, "held": load.held,
+                "buckets": buckets,
+            }  # fmt: skip
+        return {"window_s": self.window_s, "bucket_s": self.bucket_s, "models": models}
+
+    def absorb(self, exported: dict[str, object], now: float) -> None:
+        """Add another window's `export()` into this one (same window and bucket widths);
+        buckets older than this window at `now` are left out.
+
+        Buckets are numbered from the monotonic clock, which all processes of one machine
+        share, so the same second lands in the same bucket; the sum is exact, TTFT bins too.
+        ValueError if the data does not have the shape `export()` gives."""
+        if exported.get("bucket_s") != self.bucket_s or exported.get("window_s") != self.window_s:
+            raise ValueError("windows of different widths cannot be merged")
+        models = exported.get("models")
+        if not isinstance(models, dict):
+            raise ValueError("no models in the exported window")  # noqa: TRY004 (bad data)
+        oldest = int(now // self.bucket_s) - self._buckets + 1
+        try:
+            for model, data in models.items():
+                load = self._load(str(model), float(data["first_at"]))
+                load.first_at = min(load.first_at, float(data["first_at"]))
+                load.open += int(data["open"])
+                load.held += int(data["held"])
+                for stamp, arrivals, completed, tokens, ttft in data["buckets"]:
+                    if int(stamp) < oldest:
+                        continue
+                    i = load.slot(int(stamp))
+                    load.arrivals[i] += int(arrivals)
+                    load.completed[i] += int(completed)
+                    load.tokens[i] += int(tokens)
+                    bins = load.ttft[i]
+                    for b, n in ttft.items():
+                        bins[int(b)] = bins.get(int(b), 0) + int(n)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not an exported load window: {exc}") from exc
+
     # -- reads --------------------------------------------------------------------------------
     def snapshot(self, model: str, now: float) -> LoadSnapshot:
         load = self._models.get(model)
