@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sys
 from pathlib import Path
 
 import aiohttp
+import psutil
 import pytest
 
 from fleetserve.fleet.processes import free_port
@@ -132,3 +134,61 @@ async def test_admin_views_of_two_workers_answer_for_the_whole_gateway(tmp_path:
         finally:
             proc.terminate()
             assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+async def test_a_dead_worker_leaves_no_gauges_behind_and_is_replaced(tmp_path: Path) -> None:
+    async with fake_engines(1) as engines, aiohttp.ClientSession() as http:
+        engine = engines[0]
+        engine.state.chunks, engine.state.chunk_delay_s = 400, 0.05  # 20 s streams
+        port = free_port()
+        argv = [sys.executable, "-m", "fleetserve", "gateway", "--port", str(port),
+                "--model", "m", "--workers", "2", "--upstream", engine.url]  # fmt: skip
+        log = tmp_path / "gateway.log"
+        with log.open("wb") as out:
+            proc = await asyncio.create_subprocess_exec(*argv, stdout=out, stderr=out)
+        url = f"http://127.0.0.1:{port}"
+
+        def workers() -> list[psutil.Process]:
+            children = psutil.Process(proc.pid).children()
+            return [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+
+        async def in_flight_metric() -> float:
+            async with http.get(url + "/metrics") as r:
+                text = await r.text()
+            match = re.search(r'^fleetserve_in_flight\{model="m"\} (\S+)$', text, re.MULTILINE)
+            return float(match.group(1)) if match else 0.0
+
+        try:
+            async with asyncio.timeout(20):
+                while not await _ready(http, url):
+                    assert proc.returncode is None, log.read_text()
+                    await asyncio.sleep(0.1)
+
+            async def stream() -> None:
+                async with (
+                    aiohttp.ClientSession() as own,
+                    own.post(url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r,
+                ):
+                    with contextlib.suppress(aiohttp.ClientPayloadError):
+                        await r.read()
+
+            tasks = [asyncio.create_task(stream()) for _ in range(8)]
+            await wait_until(lambda: engine.state.active == 8, 10)
+            busy = [w for w in workers() if any(
+                c.laddr.port == port for c in w.net_connections() if c.status == "ESTABLISHED"
+            )]  # fmt: skip
+            victim = busy[0]
+            victim.kill()
+            await wait_until(lambda: engine.state.active < 8, 10)  # its streams were cut
+            async with asyncio.timeout(10):  # the dead worker's gauge is gone from the sum
+                while await in_flight_metric() != engine.state.active:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+            assert engine.state.active < 8
+            await wait_until(lambda: len(workers()) == 2, 10)  # and a new worker took its place
+            assert victim.pid not in {w.pid for w in workers()}
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            proc.terminate()
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
