@@ -238,6 +238,27 @@ async def test_bad_requests_get_openai_errors(
         assert ok == 200
 
 
+async def test_latency_histograms_hold_served_requests_only(http: aiohttp.ClientSession) -> None:
+    """Rejected requests (400, 404, 413) are counted by status, not timed: they used to add
+    0 s samples to e2e and pull its quantiles down."""
+    small = settings().model_copy(update={"max_body_bytes": 4096})
+    async with fake_engines(1) as engines, running_gateway(fleet_of(engines), small) as gw:
+        for body in (b"{not json", {**CHAT, "model": "nope"}, {**CHAT, "x": "y" * 5000}):
+            status, _, _ = await post(http, gw, body)
+            assert status in (400, 404, 413)
+        assert (await post(http, gw, CHAT))[0] == 200
+        registry = gw.app.metrics.registry
+        assert registry is not None
+        assert registry.get_sample_value("fleetserve_e2e_seconds_count", {"model": MODEL}) == 1
+        rejected = {
+            code: registry.get_sample_value(
+                "fleetserve_requests_total", {"model": "-", "status": code}
+            )
+            for code in ("400", "404", "413")
+        }
+        assert rejected == {"400": 1, "404": 1, "413": 1}
+
+
 async def test_wrong_method_and_unknown_path(http: aiohttp.ClientSession) -> None:
     async with fake_engines(1) as engines, running_gateway(fleet_of(engines), settings()) as gw:
         async with http.get(gw.url + "/v1/chat/completions") as r:

@@ -166,3 +166,32 @@ async def test_a_stream_the_client_stops_reading_is_cut_and_its_slot_freed(
                 raise asyncio.IncompleteReadError(b"", None)  # a clean EOF counts as dropped
         writer.close()
         await still_serves(gw)
+
+
+async def test_a_slow_upload_does_not_count_in_ttft(engine: FakeEngine) -> None:
+    """TTFT (what the autoscaler reacts to) counts from the end of the body: a client that
+    takes a second to upload does not make the replicas look slow."""
+    upload_s = 1.0
+    async with running_gateway(fleet_of([engine]), quick(body_read_s=5.0)) as gw:
+        body = orjson.dumps({**CHAT, "stream": True})
+        reader, writer = await connect(gw)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:10]
+        )
+        await writer.drain()
+        await asyncio.sleep(upload_s)  # the client's slow upload, the thing under test
+        writer.write(body[10:])
+        await writer.drain()
+        async with asyncio.timeout(READ_TIMEOUT_S):
+            raw = await reader.readuntil(b"data: [DONE]\n\n")
+        writer.close()
+        assert parse(raw)[0] == 200
+        registry = gw.app.metrics.registry
+        assert registry is not None
+        ttft_sum = registry.get_sample_value("fleetserve_ttft_seconds_sum", {"model": MODEL})
+        assert ttft_sum is not None
+        assert ttft_sum < upload_s / 2
+        window_p95 = gw.app.window.snapshot(MODEL, gw.app.clock.now()).ttft_p95_s
+        assert window_p95 is not None
+        assert window_p95 < upload_s / 2
