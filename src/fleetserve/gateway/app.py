@@ -27,6 +27,7 @@ from fleetserve.gateway.routes import AdminView, build_routes_app
 from fleetserve.gateway.upstream import UpstreamClient
 from fleetserve.routing.picker import Picker
 from fleetserve.routing.pickers import make_picker
+from fleetserve.supervisor import Supervisor
 from fleetserve.telemetry.metrics import GatewayMetrics
 from fleetserve.telemetry.window import LoadWindow
 
@@ -57,6 +58,7 @@ def build_gateway(
     on_demand: DemandHook | None = None,
     admin_views: Mapping[str, AdminView] | None = None,
     hold_models: Iterable[str] = (),
+    supervisor: Supervisor | None = None,
 ) -> GatewayApp:
     """One gateway worker. The keyword hooks are for a composition root in the same process:
 
@@ -69,13 +71,16 @@ def build_gateway(
     - `admin_views`: more JSON views at `/admin/<name>`, behind the admin key.
     - `hold_models`: models that hold requests while they have no ready replica, on top of
       those with an `autoscale` section in the fleet file.
+    - `supervisor`: the one the composition root's services run under (else a new one); the
+      monitor and discovery run under it too, and /ready and /metrics report its services.
     """
     clock = clock or RealClock()
+    supervisor = supervisor or Supervisor(clock)
     health = settings.health
     if fleet is None:
         fleet = fleet_for(settings)
     _add_static(fleet, fleet_file, clock.now())
-    services = [*services, *_discoveries(settings, fleet_file, fleet, clock)]
+    services = [*services, *_discoveries(settings, fleet_file, fleet, clock, supervisor)]
     window = window or LoadWindow(settings.load_window_s)
     pickers: dict[str, Picker] = {
         spec.name: make_picker(spec.picker, load_factor=spec.prefix_load_factor)
@@ -86,7 +91,7 @@ def build_gateway(
     }
     metrics = GatewayMetrics()
     upstream = UpstreamClient(settings.timeouts)
-    monitor = FleetMonitor(fleet, health, clock, parsers)
+    monitor = FleetMonitor(fleet, health, clock, parsers, supervisor)
     autoscaled = {spec.name for spec in fleet_file.models if spec.autoscale is not None}
     holds = HoldQueue(
         fleet, settings.hold, clock, window, metrics,
@@ -110,8 +115,9 @@ def build_gateway(
 
     simulated = frozenset(spec.name for spec in fleet_file.models if spec.engine == "sim")
     cold = build_routes_app(
-        fleet, metrics, clock, lifespan, window, holds, settings.admin_key, admin_views, simulated
-    )
+        fleet, metrics, clock, lifespan, window, holds, settings.admin_key, admin_views, simulated,
+        supervisor,
+    )  # fmt: skip
     proxy = Proxy(fleet, pickers, upstream, settings, metrics, clock, window, holds)
     return GatewayApp(proxy, fleet, settings, metrics, clock, cold, window, holds)
 
@@ -135,12 +141,16 @@ def _add_static(fleet: Fleet, fleet_file: FleetFile, now: float) -> None:
 
 
 def _discoveries(
-    settings: GatewaySettings, fleet_file: FleetFile, fleet: Fleet, clock: Clock
+    settings: GatewaySettings,
+    fleet_file: FleetFile,
+    fleet: Fleet,
+    clock: Clock,
+    supervisor: Supervisor,
 ) -> list[BackgroundService]:
     """One EndpointSlice watch per model whose replicas Kubernetes knows (ConfigError now if
     no Kubernetes configuration loads)."""
     return [
-        KubernetesDiscovery.connect(fleet, spec, clock, settings.kubeconfig)
+        KubernetesDiscovery.connect(fleet, spec, clock, settings.kubeconfig, supervisor)
         for spec in fleet_file.models
         if spec.discovery is not None
     ]

@@ -24,6 +24,7 @@ from fleetserve.fleet.fleet import Fleet
 from fleetserve.gateway.hold import HoldQueue
 from fleetserve.protocol.envelope import api_error_body
 from fleetserve.routing.snapshot import ReplicaState
+from fleetserve.supervisor import Supervisor
 from fleetserve.telemetry.metrics import GatewayMetrics, exposition
 from fleetserve.telemetry.window import LoadWindow
 
@@ -55,6 +56,7 @@ def build_routes_app(
     admin_key: str | None = None,
     admin_views: Mapping[str, AdminView] | None = None,
     simulated_models: frozenset[str] = frozenset(),
+    supervisor: Supervisor | None = None,
 ) -> Starlette:
     views = dict(admin_views or {})
     if clash := BUILT_IN_VIEWS & views.keys():
@@ -74,11 +76,16 @@ def build_routes_app(
         return _json({"status": "ok"})
 
     async def ready(_: Request) -> Response:
-        """Ready when some model has a ready replica or can hold requests until it has one."""
+        """Ready when some model has a ready replica or can hold requests until it has one.
+
+        Background services are listed, and those restarting after a failure named under
+        `degraded`, but they do not decide readiness: that is about serving requests."""
         ready_models = [m for m in fleet.models() if fleet.ready(m)]
         holding = [m for m in fleet.models() if m not in ready_models and holds.can_hold(m)]
         ok = bool(ready_models or holding)
         body = {"ready": ok, "models_ready": ready_models, "models_can_hold": holding}
+        if supervisor is not None:
+            body |= supervisor.view()
         return _json(body, 200 if ok else 503)
 
     async def models(_: Request) -> Response:
@@ -99,7 +106,8 @@ def build_routes_app(
         ]
 
     async def metrics_page(_: Request) -> Response:
-        return Response(exposition(metrics, state_counts), media_type=PROMETHEUS_TEXT)
+        services = None if supervisor is None else supervisor.counts
+        return Response(exposition(metrics, state_counts, services), media_type=PROMETHEUS_TEXT)
 
     async def admin_fleet(request: Request) -> Response:
         if denied := admin_denied(request):

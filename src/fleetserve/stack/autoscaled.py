@@ -30,6 +30,7 @@ from fleetserve.gateway.asgi import GatewayApp
 from fleetserve.gateway.serve import serve_app
 from fleetserve.routing.snapshot import ReplicaState
 from fleetserve.stack.launcher import AdapterLauncher
+from fleetserve.supervisor import Supervisor
 from fleetserve.telemetry.window import LoadWindow
 
 
@@ -120,6 +121,7 @@ def build_autoscaled_gateway(
 ) -> GatewayApp:
     """The gateway with a local actuator and the autoscaler loop in its process."""
     clock = RealClock()
+    supervisor = Supervisor(clock)  # the loop, the watcher, the monitor: one /ready view
     fleet = fleet_for(settings)
     window = LoadWindow(settings.load_window_s)
     actuator = LocalActuator(
@@ -133,6 +135,7 @@ def build_autoscaled_gateway(
             drain_grace_s=spec.drain_grace_s,
             max_concurrency=spec.max_concurrency,
         ),
+        supervisor,
     )
 
     def figures(model: str, now: float) -> GatewayFigures:
@@ -144,8 +147,9 @@ def build_autoscaled_gateway(
             arrival_tps=load.demand_tps,
         )
 
+    observer = FleetObserver(fleet, spec.model, figures)
     loop = AutoscaleLoop(
-        spec.model, FleetObserver(fleet, spec.model, figures), actuator, spec.autoscale, clock
+        spec.model, observer, actuator, spec.autoscale, clock, supervisor=supervisor
     )
     model = ModelSpec(
         name=spec.model,
@@ -167,6 +171,7 @@ def build_autoscaled_gateway(
         ],
         on_demand=lambda _model: loop.wake(),
         admin_views={"autoscaler": loop.view},
+        supervisor=supervisor,
     )
     # The gateway's metrics exist once it is built; the loop only decides after it starts.
     loop.on_decision = lambda decision: app.metrics.set_desired_replicas(

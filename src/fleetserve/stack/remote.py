@@ -1,5 +1,5 @@
 """The autoscaler alone (`fleetserve autoscaler`): reads a gateway over HTTP, scales a
-Kubernetes Deployment, and serves its own /admin/autoscaler, /metrics and /health."""
+Kubernetes Deployment, and serves its own /admin/autoscaler, /metrics, /health and /ready."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ from fleetserve.fleet.actuators import Actuator
 from fleetserve.fleet.kubernetes import KubernetesActuator, KubernetesTarget
 from fleetserve.fleet.processes import LOOPBACK
 from fleetserve.gateway.serve import terminate_as_interrupt
+from fleetserve.supervisor import Supervisor
+from fleetserve.telemetry.metrics import ServiceCollector
+
+JSON = "application/json"
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class RemoteAutoscalerSpec:
     kubeconfig: Path | None = None
     context: str | None = None
     host: str = LOOPBACK
-    port: int = 8081  # its own /admin/autoscaler, /metrics and /health
+    port: int = 8081  # its own /admin/autoscaler, /metrics, /health and /ready
 
 
 def build_remote_autoscaler(
@@ -45,6 +49,7 @@ def build_remote_autoscaler(
 ) -> tuple[AutoscaleLoop, Starlette]:
     """The loop reading a gateway over HTTP and scaling a Deployment, and its small HTTP app."""
     clock = RealClock()
+    supervisor = Supervisor(clock)
     observer = GatewayObserver(spec.gateway_url, spec.model, spec.admin_key)
     if actuator is None:
         actuator = KubernetesActuator.connect(
@@ -59,6 +64,7 @@ def build_remote_autoscaler(
         "fleetserve_replicas", "Replicas by state, as the autoscaler last observed them.",
         ["model", "state"], registry=registry,
     )  # fmt: skip
+    registry.register(ServiceCollector(supervisor.counts))
 
     def on_decision(decision: Decision) -> None:
         desired.labels(spec.model).set(decision.desired)
@@ -70,8 +76,9 @@ def build_remote_autoscaler(
                     replicas.labels(spec.model, state).set(value)
 
     loop = AutoscaleLoop(
-        spec.model, observer, actuator, spec.autoscale, clock, on_decision=on_decision
-    )
+        spec.model, observer, actuator, spec.autoscale, clock,
+        on_decision=on_decision, supervisor=supervisor,
+    )  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -89,6 +96,11 @@ def build_remote_autoscaler(
     async def health(_: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
+    async def ready(_: Request) -> Response:
+        """The loop's services, as the gateway's /ready lists them (always 200: it serves
+        nothing that a load balancer routes to)."""
+        return Response(orjson.dumps({"ready": True} | supervisor.view()), media_type=JSON)
+
     async def metrics(_: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -96,6 +108,7 @@ def build_remote_autoscaler(
         routes=[
             Route("/admin/autoscaler", view),
             Route("/health", health),
+            Route("/ready", ready),
             Route("/metrics", metrics),
         ],
         lifespan=lifespan,
