@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -18,7 +19,7 @@ from fleetserve.errors import ConfigError
 from fleetserve.fleet.discovery import populate_static
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.kubernetes_discovery import KubernetesDiscovery
-from fleetserve.fleet.replica import EjectionPolicy
+from fleetserve.fleet.replica import EjectionPolicy, Replica
 from fleetserve.gateway.asgi import GatewayApp
 from fleetserve.gateway.hold import DemandHook, HoldQueue
 from fleetserve.gateway.monitor import FleetMonitor, SignalParser
@@ -30,6 +31,7 @@ from fleetserve.routing.pickers import make_picker
 from fleetserve.supervisor import Supervisor
 from fleetserve.telemetry.metrics import GatewayMetrics
 from fleetserve.telemetry.window import LoadWindow
+from fleetserve.transport.http1 import Http1Client
 
 log = logging.getLogger("fleetserve.gateway")
 
@@ -91,6 +93,7 @@ def build_gateway(
     }
     metrics = GatewayMetrics()
     upstream = UpstreamClient(settings.timeouts)
+    fleet.subscribe(functools.partial(_forget_when_removed, fleet, upstream.http1))
     monitor = FleetMonitor(fleet, health, clock, parsers, supervisor)
     autoscaled = {spec.name for spec in fleet_file.models if spec.autoscale is not None}
     holds = HoldQueue(
@@ -120,6 +123,13 @@ def build_gateway(
     )  # fmt: skip
     proxy = Proxy(fleet, pickers, upstream, settings, metrics, clock, window, holds)
     return GatewayApp(proxy, fleet, settings, metrics, clock, cold, window, holds)
+
+
+def _forget_when_removed(fleet: Fleet, client: Http1Client, replica: Replica) -> None:
+    """A Fleet listener: a replica that left the fleet leaves the connection pool, unless
+    another replica (of another model) has the same URL."""
+    if fleet.get(replica.id) is None and all(r.url != replica.url for r in fleet.replicas()):
+        client.forget(replica.url)
 
 
 def fleet_for(settings: GatewaySettings) -> Fleet:
