@@ -136,7 +136,12 @@ def fleet_for(settings: GatewaySettings) -> Fleet:
     """An empty Fleet that ejects replicas as the settings' health section says."""
     health = settings.health
     return Fleet(
-        EjectionPolicy(health.eject_after_failures, health.eject_base_s, health.eject_max_s)
+        EjectionPolicy(
+            health.eject_after_failures,
+            health.eject_base_s,
+            health.eject_max_s,
+            health.eject_decay_s,
+        )
     )
 
 
