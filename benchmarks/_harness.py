@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
-import math
 import os
 import re
 import signal
@@ -32,6 +31,7 @@ import psutil
 import uvloop
 
 from fleetserve.fleet.processes import free_port, stop_process_group
+from fleetserve.telemetry.quantiles import percentile_of
 
 LOCALHOST = "127.0.0.1"
 STOP_GRACE_S = 10.0
@@ -207,7 +207,7 @@ def loopback_round_trip(
                 time.sleep(gap_s)
     finally:
         procs.stop(proc)
-    p50, p99 = percentile(samples, 50), percentile(samples, 99)
+    p50, p99 = percentile_of(samples, 50), percentile_of(samples, 99)
     if p50 is None or p99 is None:
         raise RuntimeError(f"no round trips to {name}")
     return RoundTrip(p50 * 1e6, p99 * 1e6)
@@ -347,15 +347,6 @@ def run_wrk(
 # --- open loop (fixed rate) --------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], pct: float) -> float | None:
-    """Nearest-rank percentile of unsorted values; None when there are none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
-    return ordered[rank - 1]
-
-
 @dataclass(frozen=True, slots=True)
 class OpenLoopSpec:
     url: str
@@ -390,7 +381,7 @@ class OpenLoopResult:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
     def ms(self, values: Sequence[float], pct: float) -> float | None:
-        value = percentile(values, pct)
+        value = percentile_of(values, pct)
         return None if value is None else value * 1000.0
 
 

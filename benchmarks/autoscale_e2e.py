@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetserve.fleet.processes import free_port
+from fleetserve.telemetry.quantiles import percentile_of
 
 MODEL = "sim-llama-3.1-8b"
 
@@ -60,16 +61,6 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> Non
             pass
         time.sleep(0.2)
     raise SystemExit(f"`fleetserve up` not ready after {timeout_s:g}s")
-
-
-def p95(values: list[float]) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = 0.95 * (len(ordered) - 1)
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def fmt_ms(value: float | None) -> str:
@@ -154,7 +145,7 @@ def analyse(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
     def window_p95(lo: float, hi: float) -> float | None:
         values = [float(r["ttft_s"]) for r in ok
                   if r["ttft_s"] and lo <= float(r["intended_s"]) < hi]  # fmt: skip
-        return p95(values)
+        return percentile_of(values, 95)
 
     recovered = None
     if first_new is not None:

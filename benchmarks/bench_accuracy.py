@@ -65,11 +65,12 @@ from fleetserve.bench.lengths import Fixed
 from fleetserve.bench.patterns import ramp
 from fleetserve.bench.records import RequestRecord
 from fleetserve.bench.runner import RunLimits, run_closed_loop
-from fleetserve.bench.samples import collect_samples, percentile, request_times
+from fleetserve.bench.samples import collect_samples, request_times
 from fleetserve.bench.schedule import ClosedLoop
 from fleetserve.bench.workload import BuiltRequest, Workload, WorkloadSpec
 from fleetserve.clock import RealClock
 from fleetserve.fleet.processes import free_port
+from fleetserve.telemetry.quantiles import percentile
 
 MODEL = "sim-llama"
 ENGINE_CORE = 1

@@ -48,9 +48,10 @@ import orjson
 import psutil
 import uvloop
 
-from benchmarks._harness import CpuWindow, SseCheck, percentile, sigterm_as_exit
+from benchmarks._harness import CpuWindow, SseCheck, sigterm_as_exit
 from fleetserve.engines.sim.text import count_tokens
 from fleetserve.fleet.processes import free_port
+from fleetserve.telemetry.quantiles import percentile_of
 from fleetserve.testing.stack import (
     SimStack,
     fleetserve_argv,
@@ -502,7 +503,7 @@ class Point:
 
 
 def _ms(values: Sequence[float], pct: float) -> float | None:
-    value = percentile(values, pct)
+    value = percentile_of(values, pct)
     return None if value is None else value * 1000.0
 
 
