@@ -31,6 +31,7 @@ import psutil
 import uvloop
 
 from fleetserve.fleet.processes import free_port, stop_process_group
+from fleetserve.protocol.sse import SseDecoder, chunk_has_content
 from fleetserve.telemetry.quantiles import percentile_of
 
 LOCALHOST = "127.0.0.1"
@@ -412,47 +413,36 @@ def merge_results(parts: Sequence[OpenLoopResult]) -> OpenLoopResult:
 
 
 class SseCheck:
-    """Counts content deltas of an OpenAI SSE stream as bytes arrive; notes `[DONE]`."""
+    """Counts the content chunks of an OpenAI SSE stream as bytes arrive; notes `[DONE]`.
 
-    def __init__(self, chat: bool) -> None:
-        self.chat = chat
+    Framing and what counts as content are fleetserve's own (`protocol.sse`), as bench's.
+    A data field that is not JSON raises ValueError (orjson.JSONDecodeError).
+    """
+
+    def __init__(self) -> None:
         self.content_chunks = 0
         self.done = False
         self.after_done = False
-        self._buffer = b""
+        self._events = SseDecoder()
 
     def feed(self, data: bytes) -> bool:
         """Returns whether `data` completed an event carrying content."""
-        self._buffer += data
         saw_content = False
-        while True:
-            end = self._buffer.find(b"\n\n")
-            if end < 0:
-                return saw_content
-            event, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
-            for line in event.split(b"\n"):
-                if line.startswith(b"data:"):
-                    saw_content |= self._data(line[5:].strip())
-
-    def _data(self, payload: bytes) -> bool:
-        if self.done:
-            self.after_done = True
-            return False
-        if payload == b"[DONE]":
-            self.done = True
-            return False
-        choices = orjson.loads(payload).get("choices") or []
-        found = False
-        for choice in choices:
-            text = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
-            if text:
-                self.content_chunks += 1
-                found = True
-        return found
+        for payload in self._events.feed(data):
+            if self.done:
+                self.after_done = True
+            elif payload == b"[DONE]":
+                self.done = True
+            else:
+                chunk = orjson.loads(payload)
+                if type(chunk) is dict and chunk_has_content(chunk):
+                    self.content_chunks += 1
+                    saw_content = True
+        return saw_content
 
     @property
     def valid(self) -> bool:
-        return self.done and not self.after_done and not self._buffer.strip()
+        return self.done and not self.after_done and not self._events.pending
 
 
 def _content_of(body: bytes, chat: bool) -> str:
@@ -481,7 +471,7 @@ async def _one_request(
                 res.e2e_s.append(t_end - t_sched)
                 res.ok += 1
                 return
-            check = SseCheck(spec.chat)
+            check = SseCheck()
             ttft: float | None = None
             reads = 0
             async for chunk in response.content.iter_any():

@@ -33,6 +33,7 @@ from benchmarks._harness import Processes, sigterm_as_exit, wait_ready
 from fleetserve.engines.llamacpp.build import find_llama_server
 from fleetserve.engines.llamacpp.model import DEFAULT_MODEL_NAME, packaged_model_path
 from fleetserve.fleet.processes import free_port
+from fleetserve.protocol.sse import SseDecoder, chunk_has_content
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -70,15 +71,15 @@ async def _one(
     }
     async with session.post(url + "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
-        async for raw in response.content:
-            line = raw.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            event = orjson.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(event["error"])
-            for choice in event.get("choices", ()):
-                if choice.get("delta", {}).get("content"):
+        events = SseDecoder()
+        async for raw in response.content.iter_any():
+            for data in events.feed(raw):
+                if data == b"[DONE]":
+                    continue
+                event = orjson.loads(data)
+                if "error" in event:
+                    raise RuntimeError(event["error"])
+                if chunk_has_content(event):
                     into.tokens += 1  # llama-server streams one token per chunk
     into.requests += 1
 

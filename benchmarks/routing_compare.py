@@ -243,7 +243,7 @@ async def stream_one(
                 await response.read()
                 out.error = f"http_{response.status}"
                 return out
-            check = SseCheck(chat=True)
+            check = SseCheck()
             async for chunk in response.content.iter_any():
                 if check.feed(chunk) and out.ttft_s is None:
                     out.ttft_s = time.perf_counter() - t_sched
