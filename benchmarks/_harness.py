@@ -1,8 +1,9 @@
-"""Shared benchmark plumbing: pinned processes, readiness, free ports, wrk, open-loop load.
+"""Shared benchmark plumbing: pinned processes, free ports, wrk, open-loop load.
 
-Every process is started in its own session (so its whole group can be stopped by PID),
-pinned with `taskset`, and stopped by `Processes` on exit, on an error or on Ctrl-C. Every
-load run is bounded in count and in time. Everything talks to 127.0.0.1 only.
+Every process is a `fleetserve.testing.processes.ManagedProcess` (own session, so its whole
+group is stopped by PID; `wait_ready` for its readiness), pinned with `taskset`, and stopped
+by `Processes` on exit, on an error or on Ctrl-C. Every load run is bounded in count and in
+time. Everything talks to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import socket
 import statistics
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,30 +32,13 @@ import uvloop
 from fleetserve.fleet.processes import free_port, stop_process_group
 from fleetserve.protocol.sse import SseDecoder, chunk_has_content
 from fleetserve.telemetry.quantiles import percentile_of
+from fleetserve.testing.processes import ManagedProcess
 
 LOCALHOST = "127.0.0.1"
 STOP_GRACE_S = 10.0
 
 
 # --- processes ---------------------------------------------------------------------------
-
-
-@dataclass
-class ManagedProcess:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
 
 
 class Processes:
@@ -79,24 +61,22 @@ class Processes:
         core: int | None,
         env: dict[str, str] | None = None,
     ) -> ManagedProcess:
+        """Start `argv` pinned to `core` (taskset execs the command, so the PID and the group
+        are the server itself); wait for it with `proc.wait_ready(url, timeout_s)`."""
         pinned = ["taskset", "-c", str(core), *argv] if core is not None else list(argv)
-        log_path = self.log_dir / f"{name}.log"
-        with log_path.open("wb") as log:
-            # taskset execs the command, so the PID (and the group) is the server itself.
-            popen = subprocess.Popen(
-                pinned,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**os.environ, **(env or {})},
-            )
-        proc = ManagedProcess(name, popen, log_path)
+        proc = ManagedProcess(
+            pinned,
+            log_path=self.log_dir / f"{name}.log",
+            env={**os.environ, **env} if env else None,
+            stop_timeout_s=STOP_GRACE_S,
+            name=name,
+        )
+        proc.start()
         self._procs.append(proc)
         return proc
 
     def stop(self, proc: ManagedProcess) -> None:
-        stop_process_group(proc.popen)
+        proc.stop()
         if proc in self._procs:
             self._procs.remove(proc)
 
@@ -122,32 +102,6 @@ def sigterm_as_exit() -> Iterator[None]:
 def pin_self(core: int) -> None:
     """Pin this process (the load generator and orchestrator) to `core`."""
     os.sched_setaffinity(0, {core})
-
-
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def wait_ready(url: str, proc: ManagedProcess, timeout_s: float) -> None:
-    """Poll `url` until it answers 200; fail early, with its log, if the process exits."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(
-                f"{proc.name} exited with {proc.popen.returncode} before it was ready:\n"
-                f"{proc.log_tail()}"
-            )
-        try:
-            with _NO_PROXY.open(url, timeout=1.0) as response:
-                if response.status == 200:
-                    return
-                last = f"status {response.status}"
-        except urllib.error.HTTPError as exc:
-            last = f"status {exc.code}"
-        except (urllib.error.URLError, OSError) as exc:
-            last = str(exc)
-        time.sleep(0.05)
-    raise RuntimeError(f"{proc.name} not ready at {url} after {timeout_s:.0f} s ({last})")
 
 
 # --- loopback round trip (the machine's own floor) ------------------------------------------
@@ -188,8 +142,8 @@ def loopback_round_trip(
                 conn = socket.create_connection((LOCALHOST, port), timeout=2.0)
                 break
             except OSError:
-                if time.monotonic() > deadline or proc.popen.poll() is not None:
-                    raise RuntimeError(f"{name} did not start:\n{proc.log_tail()}") from None
+                if time.monotonic() > deadline or not proc.running:
+                    raise RuntimeError(f"{name} did not start:\n{proc.log_text()}") from None
                 time.sleep(0.02)
         samples = []
         with conn:

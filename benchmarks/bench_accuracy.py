@@ -59,7 +59,7 @@ import aiohttp
 import psutil
 import uvloop
 
-from benchmarks._harness import Processes, pin_self, sigterm_as_exit, wait_ready
+from benchmarks._harness import Processes, pin_self, sigterm_as_exit
 from fleetserve.bench.client import BenchClient, ClientSettings
 from fleetserve.bench.lengths import Fixed
 from fleetserve.bench.patterns import ramp
@@ -432,7 +432,7 @@ def start_engines(procs: Processes, args: argparse.Namespace) -> list[tuple[str,
         proc = procs.start(f"engine-{i}", argv, ENGINE_CORE)
         urls.append((f"http://127.0.0.1:{port}", proc))
     for url, proc in urls:
-        wait_ready(f"{url}/health", proc, READY_TIMEOUT_S)
+        proc.wait_ready(f"{url}/health", READY_TIMEOUT_S)
     return [(url, proc.pid) for url, proc in urls]
 
 

@@ -29,7 +29,7 @@ import aiohttp
 import orjson
 import psutil
 
-from benchmarks._harness import Processes, sigterm_as_exit, wait_ready
+from benchmarks._harness import Processes, sigterm_as_exit
 from fleetserve.engines.llamacpp.build import find_llama_server
 from fleetserve.engines.llamacpp.model import DEFAULT_MODEL_NAME, packaged_model_path
 from fleetserve.fleet.processes import free_port
@@ -144,7 +144,7 @@ def run_direct(
     ]  # fmt: skip
     server = procs.start("llama-direct", argv, core=None)
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url + "/health", server, 60)
+    server.wait_ready(url + "/health", 60)
     results = measure(url, args)
     memory = rss_mib([server.pid])
     procs.stop(server)
@@ -159,14 +159,14 @@ def run_gateway(
     start = time.monotonic()
     up = procs.start("fleetserve-up", argv, core=None)
     url = f"http://127.0.0.1:{port}"
-    ready_s = asyncio.run(_first_answer(url, up.popen, 60)) - start
+    ready_s = asyncio.run(_first_answer(url, 60)) - start
     results = measure(url, args)
     memory = rss_mib(llama_pids(up.pid))
     procs.stop(up)
     return results, memory, ready_s
 
 
-async def _first_answer(url: str, popen: object, timeout_s: float) -> float:
+async def _first_answer(url: str, timeout_s: float) -> float:
     """Poll with a one-token chat request until the gateway answers it; returns the time."""
     body = {
         "model": DEFAULT_MODEL_NAME,
