@@ -4,7 +4,8 @@ Each tool's requests come in as (intended, sent, end) times on one clock plus an
 the lag is sent - intended (GuideLLM calls it the dispatch delay: `request_start -
 targeted_start`), the achieved rate counts successful requests over the span from the first
 intended send to the last answer (a generator that falls behind stretches the span), and the
-most in flight is counted from send to end.
+most in flight is counted from send to end. Lag percentiles are fleetserve's one definition
+(`telemetry.quantiles`, linear interpolation as numpy's default).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from fleetserve.telemetry.quantiles import percentile_of
 
 LAG_P99_TARGET_S = 0.005
 ACHIEVED_FRACTION = 0.95  # of the asked rate, for a rate to count as sustained
@@ -62,11 +65,6 @@ class RunStats:
         return self.sent > 0 and self.ok == self.sent and self.max_in_flight >= self.asked
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else math.nan
-
-
 def max_in_flight(timings: Sequence[Timing]) -> int:
     edges = sorted(
         [(t.sent_s, 1) for t in timings if not math.isnan(t.sent_s)]
@@ -103,13 +101,17 @@ def summarize(
         ok=len(ok),
         errors=errors,
         achieved_rps=len(ok) / span_s if ok and span_s > 0 else 0.0,
-        lag_p50_s=percentile(lags, 0.5),
-        lag_p99_s=percentile(lags, 0.99),
+        lag_p50_s=_or_nan(percentile_of(lags, 50)),
+        lag_p99_s=_or_nan(percentile_of(lags, 99)),
         lag_max_s=max(lags) if lags else math.nan,
         max_in_flight=max_in_flight(timings),
         cpu_pct=cpu_pct,
         note=note,
     )
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 def failed_run(tool: str, asked: float, expected: int, why: str) -> RunStats:

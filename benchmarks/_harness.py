@@ -1,8 +1,9 @@
-"""Shared benchmark plumbing: pinned processes, readiness, free ports, wrk, open-loop load.
+"""Shared benchmark plumbing: pinned processes, free ports, wrk, open-loop load.
 
-Every process is started in its own session (so its whole group can be stopped by PID),
-pinned with `taskset`, and stopped by `Processes` on exit, on an error or on Ctrl-C. Every
-load run is bounded in count and in time. Everything talks to 127.0.0.1 only.
+Every process is a `fleetserve.testing.processes.ManagedProcess` (own session, so its whole
+group is stopped by PID; `wait_ready` for its readiness), pinned with `taskset`, and stopped
+by `Processes` on exit, on an error or on Ctrl-C. Every load run is bounded in count and in
+time. Everything talks to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
-import math
 import os
 import re
 import signal
@@ -19,8 +19,6 @@ import socket
 import statistics
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,30 +30,15 @@ import psutil
 import uvloop
 
 from fleetserve.fleet.processes import free_port, stop_process_group
+from fleetserve.protocol.sse import SseDecoder, chunk_has_content
+from fleetserve.telemetry.quantiles import percentile_of
+from fleetserve.testing.processes import ManagedProcess
 
 LOCALHOST = "127.0.0.1"
 STOP_GRACE_S = 10.0
 
 
 # --- processes ---------------------------------------------------------------------------
-
-
-@dataclass
-class ManagedProcess:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
 
 
 class Processes:
@@ -78,24 +61,22 @@ class Processes:
         core: int | None,
         env: dict[str, str] | None = None,
     ) -> ManagedProcess:
+        """Start `argv` pinned to `core` (taskset execs the command, so the PID and the group
+        are the server itself); wait for it with `proc.wait_ready(url, timeout_s)`."""
         pinned = ["taskset", "-c", str(core), *argv] if core is not None else list(argv)
-        log_path = self.log_dir / f"{name}.log"
-        with log_path.open("wb") as log:
-            # taskset execs the command, so the PID (and the group) is the server itself.
-            popen = subprocess.Popen(
-                pinned,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**os.environ, **(env or {})},
-            )
-        proc = ManagedProcess(name, popen, log_path)
+        proc = ManagedProcess(
+            pinned,
+            log_path=self.log_dir / f"{name}.log",
+            env={**os.environ, **env} if env else None,
+            stop_timeout_s=STOP_GRACE_S,
+            name=name,
+        )
+        proc.start()
         self._procs.append(proc)
         return proc
 
     def stop(self, proc: ManagedProcess) -> None:
-        stop_process_group(proc.popen)
+        proc.stop()
         if proc in self._procs:
             self._procs.remove(proc)
 
@@ -121,32 +102,6 @@ def sigterm_as_exit() -> Iterator[None]:
 def pin_self(core: int) -> None:
     """Pin this process (the load generator and orchestrator) to `core`."""
     os.sched_setaffinity(0, {core})
-
-
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def wait_ready(url: str, proc: ManagedProcess, timeout_s: float) -> None:
-    """Poll `url` until it answers 200; fail early, with its log, if the process exits."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(
-                f"{proc.name} exited with {proc.popen.returncode} before it was ready:\n"
-                f"{proc.log_tail()}"
-            )
-        try:
-            with _NO_PROXY.open(url, timeout=1.0) as response:
-                if response.status == 200:
-                    return
-                last = f"status {response.status}"
-        except urllib.error.HTTPError as exc:
-            last = f"status {exc.code}"
-        except (urllib.error.URLError, OSError) as exc:
-            last = str(exc)
-        time.sleep(0.05)
-    raise RuntimeError(f"{proc.name} not ready at {url} after {timeout_s:.0f} s ({last})")
 
 
 # --- loopback round trip (the machine's own floor) ------------------------------------------
@@ -187,8 +142,8 @@ def loopback_round_trip(
                 conn = socket.create_connection((LOCALHOST, port), timeout=2.0)
                 break
             except OSError:
-                if time.monotonic() > deadline or proc.popen.poll() is not None:
-                    raise RuntimeError(f"{name} did not start:\n{proc.log_tail()}") from None
+                if time.monotonic() > deadline or not proc.running:
+                    raise RuntimeError(f"{name} did not start:\n{proc.log_text()}") from None
                 time.sleep(0.02)
         samples = []
         with conn:
@@ -207,7 +162,7 @@ def loopback_round_trip(
                 time.sleep(gap_s)
     finally:
         procs.stop(proc)
-    p50, p99 = percentile(samples, 50), percentile(samples, 99)
+    p50, p99 = percentile_of(samples, 50), percentile_of(samples, 99)
     if p50 is None or p99 is None:
         raise RuntimeError(f"no round trips to {name}")
     return RoundTrip(p50 * 1e6, p99 * 1e6)
@@ -347,15 +302,6 @@ def run_wrk(
 # --- open loop (fixed rate) --------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], pct: float) -> float | None:
-    """Nearest-rank percentile of unsorted values; None when there are none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
-    return ordered[rank - 1]
-
-
 @dataclass(frozen=True, slots=True)
 class OpenLoopSpec:
     url: str
@@ -390,7 +336,7 @@ class OpenLoopResult:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
     def ms(self, values: Sequence[float], pct: float) -> float | None:
-        value = percentile(values, pct)
+        value = percentile_of(values, pct)
         return None if value is None else value * 1000.0
 
 
@@ -421,47 +367,36 @@ def merge_results(parts: Sequence[OpenLoopResult]) -> OpenLoopResult:
 
 
 class SseCheck:
-    """Counts content deltas of an OpenAI SSE stream as bytes arrive; notes `[DONE]`."""
+    """Counts the content chunks of an OpenAI SSE stream as bytes arrive; notes `[DONE]`.
 
-    def __init__(self, chat: bool) -> None:
-        self.chat = chat
+    Framing and what counts as content are fleetserve's own (`protocol.sse`), as bench's.
+    A data field that is not JSON raises ValueError (orjson.JSONDecodeError).
+    """
+
+    def __init__(self) -> None:
         self.content_chunks = 0
         self.done = False
         self.after_done = False
-        self._buffer = b""
+        self._events = SseDecoder()
 
     def feed(self, data: bytes) -> bool:
         """Returns whether `data` completed an event carrying content."""
-        self._buffer += data
         saw_content = False
-        while True:
-            end = self._buffer.find(b"\n\n")
-            if end < 0:
-                return saw_content
-            event, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
-            for line in event.split(b"\n"):
-                if line.startswith(b"data:"):
-                    saw_content |= self._data(line[5:].strip())
-
-    def _data(self, payload: bytes) -> bool:
-        if self.done:
-            self.after_done = True
-            return False
-        if payload == b"[DONE]":
-            self.done = True
-            return False
-        choices = orjson.loads(payload).get("choices") or []
-        found = False
-        for choice in choices:
-            text = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
-            if text:
-                self.content_chunks += 1
-                found = True
-        return found
+        for payload in self._events.feed(data):
+            if self.done:
+                self.after_done = True
+            elif payload == b"[DONE]":
+                self.done = True
+            else:
+                chunk = orjson.loads(payload)
+                if type(chunk) is dict and chunk_has_content(chunk):
+                    self.content_chunks += 1
+                    saw_content = True
+        return saw_content
 
     @property
     def valid(self) -> bool:
-        return self.done and not self.after_done and not self._buffer.strip()
+        return self.done and not self.after_done and not self._events.pending
 
 
 def _content_of(body: bytes, chat: bool) -> str:
@@ -490,7 +425,7 @@ async def _one_request(
                 res.e2e_s.append(t_end - t_sched)
                 res.ok += 1
                 return
-            check = SseCheck(spec.chat)
+            check = SseCheck()
             ttft: float | None = None
             reads = 0
             async for chunk in response.content.iter_any():

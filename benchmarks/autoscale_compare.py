@@ -103,11 +103,11 @@ from benchmarks._autoscale_study import (
     Simulation,
     make_workload,
 )
-from benchmarks._harness import percentile
 from fleetserve.bench.patterns import Pattern, spike, stages, steady, value_at, wave
 from fleetserve.config import AutoscaleSettings
 from fleetserve.engines.sim.profiles import get_profile
 from fleetserve.errors import ConfigError
+from fleetserve.telemetry.quantiles import percentile_of
 
 PROFILE = "a10g"
 MAX_REPLICAS = 8
@@ -154,9 +154,9 @@ def summarize(shape: str, seed: int, result: RunResult, slo_s: float) -> Summary
         seed=seed,
         requests=total,
         attainment=met / total if total else 1.0,
-        ttft_p50_s=percentile(served, 50),
-        ttft_p95_s=percentile(served, 95),
-        ttft_p99_s=percentile(served, 99),
+        ttft_p50_s=percentile_of(served, 50),
+        ttft_p95_s=percentile_of(served, 95),
+        ttft_p99_s=percentile_of(served, 99),
         failed=sum(1 for r in result.requests if r.failed is not None),
         replica_seconds=result.replica_seconds,
         peak_replicas=result.peak_replicas,

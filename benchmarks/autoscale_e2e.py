@@ -23,53 +23,21 @@ import csv
 import itertools
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from fleetserve.fleet.processes import free_port
+from fleetserve.telemetry.quantiles import percentile_of
+from fleetserve.testing.processes import ManagedProcess, get_json
 
 MODEL = "sim-llama-3.1-8b"
 
 
 def fleetserve(*args: str) -> list[str]:
     return [sys.executable, "-m", "fleetserve", *args]
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.loads(response.read())
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"`fleetserve up` exited with {proc.returncode}")
-        try:
-            fleet = get_json(f"{url}/admin/fleet")
-            if fleet.get("ready", 0) >= 1:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"`fleetserve up` not ready after {timeout_s:g}s")
-
-
-def p95(values: list[float]) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = 0.95 * (len(ordered) - 1)
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def fmt_ms(value: float | None) -> str:
@@ -86,19 +54,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"models:\n  - name: {MODEL}\n    engine: sim\n    autoscale:\n"
         f"      period_s: {args.period}\n      target_concurrency: {args.target}\n"
     )
-    up_log = (out / "up.log").open("wb")
-    up = subprocess.Popen(
-        fleetserve(
-            "up", "--engine", "sim", "--profile", "a10g", "--model", MODEL,
-            "--replicas", args.replicas, "--port", str(port), "--ttft-slo", str(args.slo),
-            "--cold-start-s", str(args.cold_start), "--fleet-file", str(fleet_file),
-            "--drain-grace-s", "30",
-        ),
-        stdout=up_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True,
+    argv = fleetserve(
+        "up", "--engine", "sim", "--profile", "a10g", "--model", MODEL,
+        "--replicas", args.replicas, "--port", str(port), "--ttft-slo", str(args.slo),
+        "--cold-start-s", str(args.cold_start), "--fleet-file", str(fleet_file),
+        "--drain-grace-s", "30",
     )  # fmt: skip
-    try:
-        wait_ready(url, up, 60)
+    with ManagedProcess(argv, log_path=out / "up.log", stop_timeout_s=30) as up:
+        up.wait_for(lambda: get_json(f"{url}/admin/fleet").get("ready", 0) >= 1, 60, "a replica")
         spike = f"spike:base={args.base},peak={args.peak},at={args.at},for={args.hold}"
         bench = subprocess.run(
             fleetserve(
@@ -112,13 +75,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if bench.returncode != 0:
             raise SystemExit(f"bench failed:\n{bench.stderr.decode()[-3000:]}")
         view = get_json(f"{url}/admin/autoscaler")
-    finally:
-        os.killpg(up.pid, signal.SIGTERM)
-        try:
-            up.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-        up_log.close()
     report = json.loads((out / "bench" / "report.json").read_text())
     with (out / "bench" / "requests.csv").open() as f:
         requests = list(csv.DictReader(f))
@@ -154,7 +110,7 @@ def analyse(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
     def window_p95(lo: float, hi: float) -> float | None:
         values = [float(r["ttft_s"]) for r in ok
                   if r["ttft_s"] and lo <= float(r["intended_s"]) < hi]  # fmt: skip
-        return p95(values)
+        return percentile_of(values, 95)
 
     recovered = None
     if first_new is not None:

@@ -59,17 +59,18 @@ import aiohttp
 import psutil
 import uvloop
 
-from benchmarks._harness import Processes, pin_self, sigterm_as_exit, wait_ready
+from benchmarks._harness import Processes, pin_self, sigterm_as_exit
 from fleetserve.bench.client import BenchClient, ClientSettings
 from fleetserve.bench.lengths import Fixed
 from fleetserve.bench.patterns import ramp
 from fleetserve.bench.records import RequestRecord
 from fleetserve.bench.runner import RunLimits, run_closed_loop
-from fleetserve.bench.samples import collect_samples, percentile, request_times
+from fleetserve.bench.samples import collect_samples, request_times
 from fleetserve.bench.schedule import ClosedLoop
 from fleetserve.bench.workload import BuiltRequest, Workload, WorkloadSpec
 from fleetserve.clock import RealClock
 from fleetserve.fleet.processes import free_port
+from fleetserve.telemetry.quantiles import percentile
 
 MODEL = "sim-llama"
 ENGINE_CORE = 1
@@ -431,7 +432,7 @@ def start_engines(procs: Processes, args: argparse.Namespace) -> list[tuple[str,
         proc = procs.start(f"engine-{i}", argv, ENGINE_CORE)
         urls.append((f"http://127.0.0.1:{port}", proc))
     for url, proc in urls:
-        wait_ready(f"{url}/health", proc, READY_TIMEOUT_S)
+        proc.wait_ready(f"{url}/health", READY_TIMEOUT_S)
     return [(url, proc.pid) for url, proc in urls]
 
 

@@ -43,7 +43,7 @@ from benchmarks._guidellm import (
     run_guidellm,
     write_dataset,
 )
-from benchmarks._harness import Processes, pin_self, sigterm_as_exit, wait_ready
+from benchmarks._harness import Processes, pin_self, sigterm_as_exit
 from fleetserve.bench.client import BenchClient, ClientSettings
 from fleetserve.bench.lengths import Fixed
 from fleetserve.bench.patterns import steady
@@ -143,7 +143,7 @@ def _start_engines(procs: Processes, count: int, profile: str, cores: Sequence[i
                 "--model", MODEL, "--profile", profile, "--cold-start-s", "0",
                 "--max-num-seqs", "4096", "--kv-capacity-tokens", "4194304"]  # fmt: skip
         proc = procs.start(f"{profile}-{k}", argv, cores[k % len(cores)] if cores else None)
-        wait_ready(f"http://127.0.0.1:{port}/health", proc, 30.0)
+        proc.wait_ready(f"http://127.0.0.1:{port}/health", 30.0)
         urls.append(f"http://127.0.0.1:{port}")
     return urls
 

@@ -29,10 +29,11 @@ import aiohttp
 import orjson
 import psutil
 
-from benchmarks._harness import Processes, sigterm_as_exit, wait_ready
+from benchmarks._harness import Processes, sigterm_as_exit
 from fleetserve.engines.llamacpp.build import find_llama_server
 from fleetserve.engines.llamacpp.model import DEFAULT_MODEL_NAME, packaged_model_path
 from fleetserve.fleet.processes import free_port
+from fleetserve.protocol.sse import SseDecoder, chunk_has_content
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -70,15 +71,15 @@ async def _one(
     }
     async with session.post(url + "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
-        async for raw in response.content:
-            line = raw.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            event = orjson.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(event["error"])
-            for choice in event.get("choices", ()):
-                if choice.get("delta", {}).get("content"):
+        events = SseDecoder()
+        async for raw in response.content.iter_any():
+            for data in events.feed(raw):
+                if data == b"[DONE]":
+                    continue
+                event = orjson.loads(data)
+                if "error" in event:
+                    raise RuntimeError(event["error"])
+                if chunk_has_content(event):
                     into.tokens += 1  # llama-server streams one token per chunk
     into.requests += 1
 
@@ -143,7 +144,7 @@ def run_direct(
     ]  # fmt: skip
     server = procs.start("llama-direct", argv, core=None)
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url + "/health", server, 60)
+    server.wait_ready(url + "/health", 60)
     results = measure(url, args)
     memory = rss_mib([server.pid])
     procs.stop(server)
@@ -158,14 +159,14 @@ def run_gateway(
     start = time.monotonic()
     up = procs.start("fleetserve-up", argv, core=None)
     url = f"http://127.0.0.1:{port}"
-    ready_s = asyncio.run(_first_answer(url, up.popen, 60)) - start
+    ready_s = asyncio.run(_first_answer(url, 60)) - start
     results = measure(url, args)
     memory = rss_mib(llama_pids(up.pid))
     procs.stop(up)
     return results, memory, ready_s
 
 
-async def _first_answer(url: str, popen: object, timeout_s: float) -> float:
+async def _first_answer(url: str, timeout_s: float) -> float:
     """Poll with a one-token chat request until the gateway answers it; returns the time."""
     body = {
         "model": DEFAULT_MODEL_NAME,

@@ -37,7 +37,6 @@ from benchmarks._harness import (
     LOCALHOST,
     CpuUsage,
     CpuWindow,
-    ManagedProcess,
     OpenLoopResult,
     OpenLoopSpec,
     Processes,
@@ -48,10 +47,10 @@ from benchmarks._harness import (
     run_open_loop,
     run_wrk,
     sigterm_as_exit,
-    wait_ready,
     wrk_post_script,
 )
 from fleetserve.fleet.processes import free_port
+from fleetserve.testing.processes import ManagedProcess
 
 MODEL = "bench-model"
 CHAT_PATH = "/v1/chat/completions"
@@ -240,7 +239,7 @@ def _start_stack(procs: Processes, setup: Setup) -> tuple[dict[str, str], list[M
         proc = procs.start(f"engine{i}", _engine_argv(setup, port), setup.load_core)
         engines.append((proc, f"http://{LOCALHOST}:{port}"))
     for proc, url in engines:
-        wait_ready(url + "/health", proc, READY_TIMEOUT_S)
+        proc.wait_ready(url + "/health", READY_TIMEOUT_S)
     port = free_port()
     engine_kind = "sim" if setup.upstream_kind == "sim" else "vllm"
     argv = [str(setup.fleetserve), "gateway", "--port", str(port), "--model", MODEL]
@@ -249,7 +248,7 @@ def _start_stack(procs: Processes, setup: Setup) -> tuple[dict[str, str], list[M
     argv += ["--engine", engine_kind]
     gateway = procs.start("gateway", argv, setup.gateway_core)
     gateway_url = f"http://{LOCALHOST}:{port}"
-    wait_ready(gateway_url + "/ready", gateway, READY_TIMEOUT_S)
+    gateway.wait_ready(gateway_url + "/ready", READY_TIMEOUT_S)
     return {"direct": engines[0][1], "gateway": gateway_url}, [gateway, *(p for p, _ in engines)]
 
 

@@ -48,9 +48,10 @@ import orjson
 import psutil
 import uvloop
 
-from benchmarks._harness import CpuWindow, SseCheck, percentile, sigterm_as_exit
+from benchmarks._harness import CpuWindow, SseCheck, sigterm_as_exit
 from fleetserve.engines.sim.text import count_tokens
 from fleetserve.fleet.processes import free_port
+from fleetserve.telemetry.quantiles import percentile_of
 from fleetserve.testing.stack import (
     SimStack,
     fleetserve_argv,
@@ -242,7 +243,7 @@ async def stream_one(
                 await response.read()
                 out.error = f"http_{response.status}"
                 return out
-            check = SseCheck(chat=True)
+            check = SseCheck()
             async for chunk in response.content.iter_any():
                 if check.feed(chunk) and out.ttft_s is None:
                     out.ttft_s = time.perf_counter() - t_sched
@@ -502,7 +503,7 @@ class Point:
 
 
 def _ms(values: Sequence[float], pct: float) -> float | None:
-    value = percentile(values, pct)
+    value = percentile_of(values, pct)
     return None if value is None else value * 1000.0
 
 

@@ -15,23 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 from fleetserve.fleet.processes import free_port
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.loads(response.read())
+from fleetserve.testing.processes import ManagedProcess, get_json
 
 
 def chat(url: str, model: str) -> float:
@@ -49,18 +41,6 @@ def chat(url: str, model: str) -> float:
         if response.status != 200:
             raise SystemExit(f"request answered {response.status}")
     return time.monotonic() - start
-
-
-def wait_until(check: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def main() -> None:
@@ -85,28 +65,18 @@ def main() -> None:
         if args.engine == "sim"
         else []
     )
-    log = (out / "up.log").open("wb")
-    up = subprocess.Popen(
-        [sys.executable, "-m", "fleetserve", "up", "--engine", args.engine, "--replicas", "0:1",
-         "--port", str(port), "--fleet-file", str(fleet), "--drain-grace-s", "5", *extra],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    argv = [sys.executable, "-m", "fleetserve", "up", "--engine", args.engine, "--replicas",
+            "0:1", "--port", str(port), "--fleet-file", str(fleet), "--drain-grace-s", "5",
+            *extra]  # fmt: skip
     cold: list[float] = []
     warm: list[float] = []
-    try:
-        wait_until(lambda: get_json(f"{url}/health")["status"] == "ok", 30, "the gateway")
+    with ManagedProcess(argv, log_path=out / "up.log", stop_timeout_s=30) as up:
+        up.wait_ready(f"{url}/health", 30)
         for _ in range(args.trials):
-            wait_until(lambda: not get_json(f"{url}/admin/fleet")["replicas"], 120, "zero replicas")
+            up.wait_for(lambda: not get_json(f"{url}/admin/fleet")["replicas"], 120, "0 replicas")
             cold.append(chat(url, model))
             warm.append(chat(url, model))
         view = get_json(f"{url}/admin/autoscaler")
-    finally:
-        os.killpg(up.pid, signal.SIGTERM)
-        try:
-            up.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-        log.close()
     starts = (view.get("actuator") or {}).get("cold_starts_s") or []
     added = [c - w for c, w in zip(cold, warm, strict=True)]
     label = "SIMULATED engine (a10g profile)" if args.engine == "sim" else "llama.cpp, SmolLM2-135M"

@@ -66,6 +66,12 @@ class HealthSettings(BaseModel):
     eject_after_failures: int = Field(3, ge=1, description="consecutive failures that eject")
     eject_base_s: float = Field(2.0, gt=0, description="first ejection; doubles each time")
     eject_max_s: float = Field(60.0, gt=0)
+    eject_decay_s: float = Field(
+        10.0,
+        gt=0,
+        description="each this long a replica stays healthy takes one ejection off its count "
+        "(Envoy's outlier `interval`), so its later ejections are short again",
+    )
 
 
 class HoldSettings(BaseModel):

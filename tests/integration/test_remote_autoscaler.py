@@ -86,6 +86,8 @@ async def test_autoscaler_scales_a_deployment_from_gateway_load(
                     view = orjson.loads(await response.read())
                 async with session.get(f"{status_url}/metrics") as response:
                     metrics = await response.text()
+                async with session.get(f"{status_url}/ready") as response:
+                    ready = orjson.loads(await response.read())
             log = proc.log_text()
     assert statuses == [200] * 8
     assert state["replicas"] > 1, log
@@ -96,6 +98,13 @@ async def test_autoscaler_scales_a_deployment_from_gateway_load(
     assert view["actuator"]["kind"] == "kubernetes"
     assert any(c["direction"] == "up" for c in view["changes"]), view["changes"]
     assert f'fleetserve_desired_replicas{{model="{MODEL}"}}' in metrics
+    # Its supervised services, as a gateway reports them.
+    assert f'fleetserve_service_up{{service="autoscaler/{MODEL}"}} 1.0' in metrics
+    assert f'fleetserve_service_restarts_total{{service="autoscaler/{MODEL}"}} 0.0' in metrics
+    assert ready["services"][f"autoscaler/{MODEL}"] == {
+        "state": "running", "restarts": 0, "last_error": None,
+    }  # fmt: skip
+    assert ready["degraded"] == []
     assert "Traceback" not in log
 
 

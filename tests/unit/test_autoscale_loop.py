@@ -127,6 +127,45 @@ async def test_failed_actuation_is_recorded_and_retried() -> None:
     assert errors == ["actuation failed: deployment ns/x: forbidden"] * 2
 
 
+class FailsOnce:
+    """An observer with a bug that shows once: a ValueError (as a JSONDecodeError is)."""
+
+    def __init__(self, inner: FleetObserver, at_call: int) -> None:
+        self.inner = inner
+        self.at_call = at_call
+        self.calls = 0
+
+    async def observe(self, now: float, current: int) -> Observation:
+        self.calls += 1
+        if self.calls == self.at_call:
+            raise ValueError("Expecting value: line 1 column 1 (char 0)")
+        return await self.inner.observe(now, current)
+
+
+async def test_unexpected_observer_error_restarts_the_loop_and_it_keeps_deciding() -> None:
+    settings = AutoscaleSettings(min_replicas=1, max_replicas=4, period_s=5)
+    clock = FakeClock()
+    fleet = Fleet()
+    actuator = SimActuator(clock, cold_start_s=0, fleet=fleet, model=MODEL)
+    observer = FailsOnce(FleetObserver(fleet, MODEL, Figures()), at_call=3)
+    loop = AutoscaleLoop(MODEL, observer, actuator, settings, clock)
+    await actuator.set_replicas(1)
+    await loop.start()
+    try:
+        await clock.advance(60)
+        decided_at = [e.at for e in loop.timeline.entries()]
+        assert observer.calls >= 10
+        assert decided_at[-1] >= 55  # still deciding long after the failure at t=10
+        # The loop was restarted once, after a backoff of at most the supervisor's first step.
+        status = loop.supervisor.status(f"autoscaler/{MODEL}")
+        assert status is not None
+        assert status.restarts == 1
+        assert status.last_error == "ValueError: Expecting value: line 1 column 1 (char 0)"
+    finally:
+        await loop.stop()
+    assert loop.supervisor.statuses() == ()
+
+
 @pytest.mark.parametrize("period_s", [1.0, 5.0])
 async def test_loop_steps_once_per_period(period_s: float) -> None:
     settings = AutoscaleSettings(min_replicas=1, max_replicas=2, period_s=period_s)

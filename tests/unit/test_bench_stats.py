@@ -10,12 +10,13 @@ import pytest
 
 from fleetserve.bench.records import ErrorKind, FleetSample, RequestRecord
 from fleetserve.bench.report.model import Percentiles, RunConfig, SloSpec
-from fleetserve.bench.samples import describe, percentile
+from fleetserve.bench.samples import describe
 from fleetserve.bench.saturation import SweepPoint, find_saturation
 from fleetserve.bench.series import per_second
 from fleetserve.bench.slo import parse_slos
 from fleetserve.bench.stats import histogram, summarize
 from fleetserve.errors import ConfigError
+from fleetserve.telemetry.quantiles import percentile, percentile_of
 
 CONFIG = RunConfig(url="http://127.0.0.1:1", model="m", load="test", duration_s=4.0)
 EPS = 1e-12
@@ -86,6 +87,11 @@ def close(got: float | None, want: float) -> bool:
 )
 def test_percentile_interpolates_like_numpy(values: list[float], p: float, want: float) -> None:
     assert close(percentile(values, p), want)
+
+
+def test_percentile_of_sorts_and_is_none_when_empty() -> None:
+    assert percentile_of([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile_of([], 99) is None
 
 
 def test_percentile_rejects_empty_and_out_of_range() -> None:

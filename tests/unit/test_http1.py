@@ -594,6 +594,56 @@ def test_close_closes_pooled_connections(run: Run) -> None:
     run(scenario())
 
 
+def test_forget_drops_the_pools_and_heads_of_replicas_that_left(run: Run) -> None:
+    async def scenario() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            http = await stack.enter_async_context(client())
+            for _ in range(20):  # replicas come and go, each on a new port
+                server = await stack.enter_async_context(ScriptedServer(answer_with(reply())))
+                await post(http, server.url)
+                assert origin(server) in http.origins()
+                http.forget(server.url)
+                assert http.origins() == set()
+                await asyncio.wait_for(server.peers[0].eof.wait(), 2)  # its idle one closed
+            assert http.origins() == set()
+
+    run(scenario())
+
+
+def test_forget_does_not_pool_a_connection_in_use_again(run: Run) -> None:
+    async def scenario() -> None:
+        async with (
+            ScriptedServer(answer_with(chunked(b"a", b"b"))) as server,
+            client() as http,
+        ):
+            response = await http.request(server.url, b"{}", "rid-s", 2.0, stream=True)
+            http.forget(origin(server))  # the replica left while this request was served
+            while await response.next_chunk(2.0, "idle"):
+                pass
+            response.finish()
+            assert http.origins() == set()
+            assert http.idle_count(origin(server)) == 0
+            await asyncio.wait_for(server.peers[0].eof.wait(), 2)
+            assert await post(http, server.url) == (200, b"ab")  # afresh, should it come back
+            assert http.idle_count(origin(server)) == 1
+
+    run(scenario())
+
+
+def test_pools_of_replicas_gone_without_forget_are_dropped(run: Run) -> None:
+    async def scenario() -> None:
+        async with client() as http:
+            for _ in range(150):
+                # The replica closes after answering, as one that went away would.
+                async with ScriptedServer(answer_with(reply(), keep=False)) as server:
+                    await post(http, server.url)
+                await wait_until(lambda: http.idle_count(origin(server)) == 0)  # seen closed
+            # At most twice the live pools (none) past the threshold where they are swept.
+            assert len(http._idle) <= 64
+
+    run(scenario())
+
+
 # Back-pressure (the protocol object, with a recording transport) ----------------------------
 
 

@@ -22,8 +22,9 @@ from fleetserve.config import DiscoverySpec, KubernetesDiscoverySpec, ModelSpec,
 from fleetserve.errors import ConfigError
 from fleetserve.fleet.endpoint_slices import Held, SliceEndpoints, merge, plan, slice_endpoints
 from fleetserve.fleet.fleet import Fleet
-from fleetserve.fleet.kubernetes_discovery import Backoff, KubernetesDiscovery
+from fleetserve.fleet.kubernetes_discovery import KubernetesDiscovery
 from fleetserve.fleet.processes import LOOPBACK, free_port
+from fleetserve.fleet.replica import Replica
 from fleetserve.routing.snapshot import ReplicaState
 from fleetserve.testing.clock import FakeClock
 
@@ -235,10 +236,12 @@ async def harness_factory() -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
         api = FakeSliceApi(handler)
         url = str(server.url).rstrip("/")
 
-        async def make(*slices: dict[str, Any], spec: ModelSpec | None = None) -> Harness:
+        async def make(
+            *slices: dict[str, Any], spec: ModelSpec | None = None, fleet: Fleet | None = None
+        ) -> Harness:
             for obj in slices:
                 api.put(obj, silently=True)
-            fleet, clock = Fleet(), RecordingClock()
+            fleet, clock = Fleet() if fleet is None else fleet, RecordingClock()
             watcher = discovery(url, fleet, clock, spec or model_spec())
             await watcher.start()
             started.append(watcher)
@@ -440,6 +443,33 @@ async def test_api_errors_back_off_then_recover(
     ]  # fmt: skip
 
 
+class FleetWithABug(Fleet):
+    """A Fleet whose first `add` fails as no caller expects (a bug, not an API error)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adds = 0
+
+    def add(self, replica: Replica) -> None:
+        self.adds += 1
+        if self.adds == 1:
+            raise RuntimeError("a bug in add")
+        super().add(replica)
+
+
+async def test_an_unexpected_error_restarts_discovery_and_it_keeps_watching(
+    harness_factory: Callable[..., Awaitable[Harness]],
+) -> None:
+    h = await harness_factory(endpoint_slice("s1", [endpoint(A)]), fleet=FleetWithABug())
+    await h.requests_are([listed()])
+    await eventually(lambda: h.clock.sleepers == 2, h.clock.backoffs)  # tick + restart backoff
+    await h.clock.advance(0.5)  # the supervisor's first backoff is 0.5 s at most
+    await h.requests_are([listed(), listed(), watched(101)])
+    await h.fleet_is({URL_A: STARTING})
+    h.api.put(endpoint_slice("s2", [endpoint(B)]))
+    await h.fleet_is({URL_A: STARTING, URL_B: STARTING})
+
+
 async def test_a_failed_watch_keeps_the_fleet_and_lists_again_after_backoff(
     harness_factory: Callable[..., Awaitable[Harness]],
 ) -> None:
@@ -572,17 +602,6 @@ def test_plan(
 ) -> None:
     result = plan(serving, held, gone, now, remove_after_s=30.0)
     assert (result.remove, result.drain, result.add, dict(result.gone_since)) == expected
-
-
-@pytest.mark.parametrize(
-    ("attempt", "jitter", "delay"),
-    [(1, 0.0, 0.25), (1, 1.0, 0.5), (2, 0.5, 0.75), (4, 0.0, 2.0), (7, 0.0, 15.0),
-     (30, 0.999, 29.985)],
-)  # fmt: skip
-def test_backoff_doubles_with_half_jitter_and_a_cap(
-    attempt: int, jitter: float, delay: float
-) -> None:
-    assert Backoff(base_s=0.5, max_s=30.0).delay_s(attempt, jitter) == pytest.approx(delay)
 
 
 # -- the fleet file -------------------------------------------------------------------------

@@ -16,7 +16,13 @@ from fleetserve.errors import (
 )
 from fleetserve.protocol.envelope import api_error_body
 from fleetserve.protocol.inspect import PREFIX_KEY_CHARS, inspect_request
-from fleetserve.protocol.sse import DONE, SseDecoder, encode_error_event, encode_event
+from fleetserve.protocol.sse import (
+    DONE,
+    SseDecoder,
+    encode_error_event,
+    encode_event,
+    event_has_content,
+)
 
 
 @pytest.mark.parametrize(
@@ -30,12 +36,43 @@ from fleetserve.protocol.sse import DONE, SseDecoder, encode_error_event, encode
         pytest.param([b"data: a\ndata: b\n\n"], [b"a\nb"], id="multi-line-data"),
         pytest.param([b"event: x\nid: 1\ndata:a\n\n"], [b"a"], id="other-fields-no-space"),
         pytest.param([b"data: a\n"], [], id="unterminated"),
+        pytest.param([b"data: a\r", b"\n\r\n"], [b"a"], id="crlf-split-between-reads"),
+        pytest.param([b"data\n\n"], [b""], id="data-without-colon-is-empty"),
+        pytest.param([b"data: a\n\n\n\ndata: b\n\n"], [b"a", b"b"], id="extra-blank-lines"),
+        pytest.param([b": only a comment\n\n"], [], id="comment-only-event"),
+        pytest.param([b"datum: x\ndata: a\n\n"], [b"a"], id="field-named-like-data"),
     ],
 )
 def test_sse_decoder(pieces: list[bytes], expected: list[bytes]) -> None:
     decoder = SseDecoder()
     events = [e for piece in pieces for e in decoder.feed(piece)]
     assert events == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        pytest.param(b'{"choices":[{"delta":{"content":"hi"}}]}', True, id="content"),
+        pytest.param(b'{"choices":[{"delta":{"role":"assistant","content":""}}]}', False,
+                     id="role-only-first-chunk"),
+        pytest.param(b'{"choices":[{"delta":{"reasoning_content":"hm"}}]}', True,
+                     id="reasoning-content"),
+        pytest.param(b'{"choices":[{"delta":{"reasoning":"hm"}}]}', True, id="reasoning"),
+        pytest.param(b'{"choices":[{"delta":{"tool_calls":[{"index":0}]}}]}', True,
+                     id="tool-calls"),
+        pytest.param(b'{"choices":[{"text":"hi"}]}', True, id="completions-text"),
+        pytest.param(b'{"choices":[],"usage":{"completion_tokens":3}}', False, id="usage-chunk"),
+        pytest.param(b'{"error":{"message":"gone"}}', False, id="error-event"),
+        pytest.param(b"[DONE]", False, id="done"),
+        pytest.param(b"not json", False, id="not-json"),
+        pytest.param(b"[1, 2]", False, id="not-an-object"),
+        pytest.param(b'{"choices": 5}', False, id="choices-not-a-list"),
+        pytest.param(b'{"choices": [7, {"delta": {"content": "x"}}]}', True,
+                     id="odd-choice-skipped"),
+    ],
+)  # fmt: skip
+def test_event_has_content(data: bytes, expected: bool) -> None:
+    assert event_has_content(data) is expected
 
 
 def test_sse_round_trip_and_error_event() -> None:

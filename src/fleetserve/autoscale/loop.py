@@ -4,7 +4,8 @@ The loop owns no policy: it gathers an `Observation` (from an `Observer`), calls
 `decide`, and hands the result to an `Actuator`. Every decision goes on a bounded timeline,
 with its reason, for the admin API, `fleetserve status` and metrics. An observation or
 actuation that fails is recorded on the timeline and the loop keeps going: a failed step
-never scales (missing data is never read as "idle").
+never scales (missing data is never read as "idle"). Any other error is the `Supervisor`'s:
+it logs it and restarts the loop with backoff, and `/ready` and the metrics show it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fleetserve.clock import Clock
 from fleetserve.config import AutoscaleSettings
 from fleetserve.errors import ActuatorError, FleetserveError
 from fleetserve.fleet.actuators import Actuator, ActuatorStatus
+from fleetserve.supervisor import Supervisor
 
 log = logging.getLogger("fleetserve.autoscale")
 
@@ -53,6 +55,7 @@ class AutoscaleLoop:
         *,
         on_decision: DecisionListener | None = None,
         timeline: Timeline | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.model = model
         self.observer = observer
@@ -61,6 +64,7 @@ class AutoscaleLoop:
         self.clock = clock
         self.timeline = timeline or Timeline()
         self.on_decision = on_decision  # told of every decision (metrics)
+        self.supervisor = supervisor or Supervisor(clock)
         self._state = AutoscaleState()
         self._applied: int | None = None
         self._wake = asyncio.Event()
@@ -71,8 +75,10 @@ class AutoscaleLoop:
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"autoscaler-{self.model}")
-            self._status_task = asyncio.create_task(self._refresh_status())
+            self._task = self.supervisor.spawn(f"autoscaler/{self.model}", self._run)
+            self._status_task = self.supervisor.spawn(
+                f"autoscaler-status/{self.model}", self._refresh_status
+            )
 
     async def stop(self) -> None:
         tasks = (self._task, self._status_task)

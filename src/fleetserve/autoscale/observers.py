@@ -2,7 +2,9 @@
 
 `FleetObserver` serves `fleetserve up`, where the autoscaler runs inside the gateway process
 and reads the same `Fleet` the router reads. `GatewayObserver` serves `fleetserve autoscaler`,
-a separate process that reads a gateway's `/admin/fleet` and `/admin/load`.
+a separate process that reads a gateway's `/admin/fleet` and `/admin/load`. An answer that
+is not JSON, or not of the shape those routes answer, is an `ObserveError` (the step is
+skipped), as an unreachable gateway is.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class GatewayObserver:
             await self._session.close()
             self._session = None
 
-    async def _get(self, path: str) -> Any:
+    async def _get(self, path: str) -> dict[str, Any]:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         url = f"{self.base_url}{path}"
@@ -79,15 +81,25 @@ class GatewayObserver:
                 if response.status != 200:
                     text = (await response.text())[:200]
                     raise ObserveError(f"GET {url} answered {response.status}: {text}")
-                return await response.json()
+                body = await response.json()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ObserveError(f"GET {url} failed: {exc!r}") from exc
+        except ValueError as exc:  # json.JSONDecodeError, or text that is not UTF-8
+            raise ObserveError(f"GET {url} answered a body that is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise ObserveError(f"GET {url} answered {type(body).__name__}, not an object")
+        return body
 
     async def observe(self, now: float, current: int) -> Observation:
         fleet = await self._get("/admin/fleet")
         load = await self._get("/admin/load")
+        replicas = fleet.get("replicas", [])
+        if not isinstance(replicas, list):
+            raise ObserveError(f"unexpected replicas in /admin/fleet: {replicas!r:.200}")
         snapshots = [
-            _snapshot(r) for r in fleet.get("replicas", []) if r.get("model") == self.model
+            _snapshot(r)
+            for r in replicas
+            if not isinstance(r, dict) or r.get("model") == self.model
         ]
         figures = _figures(load, self.model)
         return observe(
@@ -101,7 +113,9 @@ class GatewayObserver:
         )
 
 
-def _snapshot(replica: dict[str, Any]) -> ReplicaSnapshot:
+def _snapshot(replica: object) -> ReplicaSnapshot:
+    if not isinstance(replica, dict):
+        raise ObserveError(f"unexpected replica in /admin/fleet: {replica!r:.200}")
     try:
         state = ReplicaState(replica["state"])
         return ReplicaSnapshot(
@@ -109,26 +123,38 @@ def _snapshot(replica: dict[str, Any]) -> ReplicaSnapshot:
             url=str(replica.get("url", "")),
             model=str(replica["model"]),
             state=state,
-            in_flight=int(replica.get("in_flight") or 0),
+            in_flight=int(_number(replica.get("in_flight")) or 0),
             signals=EngineSignals(
-                running=replica.get("running"),
-                waiting=replica.get("waiting"),
-                kv_usage_frac=replica.get("kv_usage_frac"),
+                running=_number(replica.get("running")),
+                waiting=_number(replica.get("waiting")),
+                kv_usage_frac=_number(replica.get("kv_usage_frac")),
             ),
             last_seen=None,
         )
     except (KeyError, ValueError, TypeError) as exc:
-        raise ObserveError(f"unexpected replica in /admin/fleet: {replica!r}") from exc
+        raise ObserveError(f"unexpected replica in /admin/fleet: {replica!r:.200}") from exc
 
 
-def _figures(load: Any, model: str) -> GatewayFigures:
-    models = load.get("models", load) if isinstance(load, dict) else {}
+def _figures(load: dict[str, Any], model: str) -> GatewayFigures:
+    models = load.get("models", load)
     entry = models.get(model) if isinstance(models, dict) else None
     if not isinstance(entry, dict):
         return GatewayFigures()
-    return GatewayFigures(
-        held=int(entry.get("held") or 0),
-        ttft_p95_s=entry.get("ttft_p95_s"),
-        arrival_rps=entry.get("arrival_rps"),
-        arrival_tps=entry.get("demand_tps", entry.get("arrival_tps")),
-    )
+    try:
+        return GatewayFigures(
+            held=int(_number(entry.get("held")) or 0),
+            ttft_p95_s=_number(entry.get("ttft_p95_s")),
+            arrival_rps=_number(entry.get("arrival_rps")),
+            arrival_tps=_number(entry.get("demand_tps", entry.get("arrival_tps"))),
+        )
+    except TypeError as exc:
+        raise ObserveError(f"unexpected load of {model} in /admin/load: {entry!r:.200}") from exc
+
+
+def _number(value: object) -> float | None:
+    """A JSON number or null as the policy takes it; TypeError for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{value!r} is not a number")
+    return value

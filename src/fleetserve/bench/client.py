@@ -5,9 +5,10 @@ read of the body as it arrives (`transport.http1`, `stamp=clock.now`), so a chun
 when its bytes came off the socket, not when this task got round to parsing them.
 
 What counts (vLLM's benchmark definitions):
-- first token: the first SSE event whose delta carries generated text (`content`,
-  `reasoning_content` or `reasoning` for chat, `text` for completions). The role-only first
-  chunk and the usage chunk do not count. Every text-bearing event's arrival is kept.
+- first token: the first SSE event that carries generated output
+  (`protocol.sse.chunk_has_content`: a delta's `content`, `reasoning_content`, `reasoning` or
+  `tool_calls` for chat, `text` for completions). The role-only first chunk and the usage
+  chunk do not count. Every text-bearing event's arrival is kept.
 - tokens: from the final `usage` chunk (`tokens_from_usage=True`); without one, the number of
   text-bearing events (`False`: one event may carry several tokens).
 - non-stream requests have no first token: `first_token_s` stays None and TTFT is undefined.
@@ -37,6 +38,7 @@ from fleetserve.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from fleetserve.protocol.sse import SseDecoder, chunk_has_content
 from fleetserve.transport.http1 import Http1Client, Response
 
 REPLICA_HEADER = "x-fleetserve-replica"
@@ -127,7 +129,8 @@ class BenchClient:
             raise _FailedError("protocol", f"expected an SSE stream, got {response.content_type!r}")
         loop = asyncio.get_running_loop()
         idle_s = self.settings.idle_timeout_s
-        events = _SseEvents()
+        events = SseDecoder()
+        done = False
         t0 = self.t0
         times = record.token_times_s
         last = record.sent_s
@@ -139,10 +142,10 @@ class BenchClient:
             for part, stamp in zip(parts, stamps, strict=True):
                 last = stamp - t0
                 for payload in events.feed(part):
-                    if events.done:
+                    if done:
                         continue
                     if payload == b"[DONE]":
-                        events.done = True
+                        done = True
                     elif _event(payload, record):
                         times.append(last)
         record.end_s = last
@@ -150,7 +153,7 @@ class BenchClient:
             record.first_token_s = times[0]
         if record.output_tokens is None:
             record.output_tokens = len(times)
-        if not events.done and record.error_kind is None:
+        if not done and record.error_kind is None:
             raise _FailedError("stream_error", "the stream ended without data: [DONE]")
 
     def _buffered(self, response: Response, record: RequestRecord) -> None:
@@ -197,16 +200,7 @@ def _event(payload: bytes, record: RequestRecord) -> bool:
     usage = event.get("usage")
     if usage:
         _usage(usage, record)
-    for choice in event.get("choices") or ():
-        if type(choice) is not dict:
-            continue
-        delta = choice.get("delta")
-        if type(delta) is dict:
-            if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
-                return True
-        elif choice.get("text"):
-            return True
-    return False
+    return chunk_has_content(event)
 
 
 def _usage(usage: Any, record: RequestRecord) -> None:
@@ -253,40 +247,3 @@ def _classify(
         text = str(error)
         return ("protocol" if "malformed" in text or " over " in text else "disconnect"), text
     return "protocol", str(error)
-
-
-class _SseEvents:
-    """Incremental SSE framing: the data field of each whole event, in order.
-
-    The common case (one `data: ` line per event, LF line ends) costs one split per read;
-    CRLF, multi-line data and comment lines take the general path.
-    """
-
-    __slots__ = ("_buf", "done")
-
-    def __init__(self) -> None:
-        self._buf = b""
-        self.done = False
-
-    def feed(self, part: bytes) -> list[bytes]:
-        data = self._buf + part if self._buf else part
-        carry = b""
-        if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n")
-            if data.endswith(b"\r"):  # its \n may come in the next read
-                data, carry = data[:-1], b"\r"
-        events = data.split(b"\n\n")
-        self._buf = events.pop() + carry
-        out = []
-        for event in events:
-            if event.startswith(b"data: ") and b"\n" not in event:
-                out.append(event[6:])
-                continue
-            lines = [
-                line.partition(b":")[2].removeprefix(b" ")
-                for line in event.split(b"\n")
-                if line.startswith(b"data") and line[4:5] in (b":", b"")
-            ]
-            if lines:
-                out.append(b"\n".join(lines))
-        return out

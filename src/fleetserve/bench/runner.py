@@ -31,6 +31,7 @@ from fleetserve.bench.schedule import DEFAULT_MAX_REQUESTS, ClosedLoop, active_u
 from fleetserve.bench.workload import BuiltRequest
 from fleetserve.clock import Clock
 from fleetserve.errors import ConfigError
+from fleetserve.telemetry.quantiles import percentile_of
 
 DEFAULT_MAX_IN_FLIGHT = 10_000
 LAUNCH_BATCH = 256  # requests launched before the sender lets the loop run once
@@ -197,8 +198,7 @@ class _Run:
             previous = self.done
 
     def progress(self, rate_rps: float) -> Progress:
-        lags = sorted(self.lags)
-        p99 = lags[max(0, math.ceil(0.99 * len(lags)) - 1)] if lags else None
+        p99 = percentile_of(self.lags, 99)
         errors = self.done - self.ok
         sent = len(self.records) - self.skipped
         return Progress(self.now(), sent, self.done, self.ok, errors, self.in_flight, rate_rps, p99)

@@ -8,33 +8,20 @@ the schedule's intended send time (see `records.py`):
 - TPOT = (end_s - first_token_s) / (output_tokens - 1), per request with > 1 output token
 - e2e  = end_s - intended_s
 
-Percentiles interpolate linearly between order statistics, as numpy's default ("linear",
-Hyndman and Fan's type 7) does: the p-th percentile of sorted x[0..n-1] is read at rank
-h = (n - 1) * p / 100, between x[floor(h)] and x[floor(h) + 1].
+Percentiles are `fleetserve.telemetry.quantiles.percentile`: linear interpolation between
+order statistics, numpy's default, as vLLM's benchmark reports them.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from fleetserve.bench.records import RequestRecord
 from fleetserve.bench.report.model import Percentiles
-
-
-def percentile(sorted_values: Sequence[float], p: float) -> float:
-    """The p-th percentile (0-100) of an ascending, non-empty sequence."""
-    if not sorted_values:
-        raise ValueError("percentile of an empty sample")
-    if not 0 <= p <= 100:
-        raise ValueError(f"percentile must be in [0, 100], got {p!r}")
-    rank = (len(sorted_values) - 1) * p / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(sorted_values) - 1)
-    frac = rank - low
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * frac
+from fleetserve.telemetry.quantiles import percentile
 
 
 def describe(values: Iterable[float]) -> Percentiles:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from fleetserve.bench.records import FleetSample, RequestRecord
 from fleetserve.bench.report.model import SecondBucket
-from fleetserve.bench.samples import percentile, request_times
+from fleetserve.bench.samples import request_times
+from fleetserve.telemetry.quantiles import percentile_of
 
 
 @dataclass(slots=True)
@@ -33,10 +34,6 @@ class _Acc:
     ttft_s: list[float] = field(default_factory=list)
     e2e_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)
-
-
-def _pct(values: list[float], p: float) -> float | None:
-    return percentile(sorted(values), p) if values else None
 
 
 def per_second(
@@ -78,11 +75,11 @@ def per_second(
             completed=a.completed,
             errors=a.errors,
             output_tps=a.output_tokens,
-            ttft_p50_s=_pct(a.ttft_s, 50),
-            ttft_p95_s=_pct(a.ttft_s, 95),
-            e2e_p50_s=_pct(a.e2e_s, 50),
-            e2e_p95_s=_pct(a.e2e_s, 95),
-            itl_p95_s=_pct(a.itl_s, 95),
+            ttft_p50_s=percentile_of(a.ttft_s, 50),
+            ttft_p95_s=percentile_of(a.ttft_s, 95),
+            e2e_p50_s=percentile_of(a.e2e_s, 50),
+            e2e_p95_s=percentile_of(a.e2e_s, 95),
+            itl_p95_s=percentile_of(a.itl_s, 95),
             in_flight_mean=a.in_flight_s,
             replicas_ready=fleet_at[k][0],
             replicas_desired=fleet_at[k][1],

@@ -22,8 +22,9 @@ from collections.abc import Sequence
 from typing import get_args
 
 from fleetserve.bench.report.model import Goodput, SloMetric, SloReport, SloResult, SloSpec
-from fleetserve.bench.samples import RequestTimes, Samples, percentile
+from fleetserve.bench.samples import RequestTimes, Samples
 from fleetserve.errors import ConfigError
+from fleetserve.telemetry.quantiles import percentile
 
 MIN_ATTAINMENT = 0.9
 

@@ -33,10 +33,11 @@ from fleetserve.bench.report.model import (
     SloSpec,
     Totals,
 )
-from fleetserve.bench.samples import collect_samples, describe, percentile, request_times
+from fleetserve.bench.samples import collect_samples, describe, request_times
 from fleetserve.bench.series import per_second
 from fleetserve.bench.slo import MIN_ATTAINMENT, evaluate_slos
 from fleetserve.errors import ConfigError
+from fleetserve.telemetry.quantiles import percentile
 
 # Schedule lag p99 above this means the generator fell behind. 5 ms is the capacity bar of
 # issue 4 and a few times asyncio's timer jitter; it is fixed rather than relative to TTFT

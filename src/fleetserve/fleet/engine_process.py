@@ -8,9 +8,7 @@ in from above (an `EngineAdapter` turns a model and a port into one): `fleet` si
 
 from __future__ import annotations
 
-import http.client
 import subprocess
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ import aiohttp
 import psutil
 
 from fleetserve.errors import EngineError
-from fleetserve.fleet.processes import STOP_GRACE_S, stop_process_group
+from fleetserve.fleet.processes import STOP_GRACE_S, poll_http_ok, stop_process_group
 
 LOG_TAIL_LINES = 20
 MEMORY_HEADROOM = 1.2  # a replica grows past its idle footprint under load
@@ -67,19 +65,6 @@ def launch(command: Sequence[str], url: str, name: str, log_dir: Path) -> Engine
     return EngineProcess(name, url, process, log_path)
 
 
-def http_ok(base_url: str, path: str, timeout_s: float = 1.0) -> bool:
-    """True if GET base_url+path answers 200 (a blocking probe, for synchronous start-up)."""
-    host_port = base_url.split("://", 1)[1]
-    connection = http.client.HTTPConnection(host_port, timeout=timeout_s)
-    try:
-        connection.request("GET", path)
-        return connection.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        connection.close()
-
-
 class HttpProbe:
     """Asynchronous GET probes (200 is healthy) over one pooled session, made on first use."""
 
@@ -108,21 +93,22 @@ def wait_ready(
     engine: EngineProcess, health_path: str, timeout_s: float, poll_s: float = 0.1
 ) -> float:
     """Block until the engine's health path answers 200; return seconds waited."""
-    start = time.monotonic()
-    deadline = start + timeout_s
-    while time.monotonic() < deadline:
-        if engine.process.poll() is not None:
-            raise EngineError(
-                f"{engine.name} exited with code {engine.process.returncode} while starting; "
-                f"last lines of {engine.log_path}:\n{engine.log_tail()}"
-            )
-        if http_ok(engine.url, health_path):
-            return time.monotonic() - start
-        time.sleep(poll_s)
-    raise EngineError(
-        f"{engine.name} was not ready after {timeout_s:g}s; last lines of {engine.log_path}:\n"
-        f"{engine.log_tail()}"
-    )
+
+    def alive() -> bool:
+        return engine.process.poll() is None
+
+    wait = poll_http_ok(engine.url + health_path, timeout_s, alive=alive, poll_s=poll_s)
+    if wait.exited:
+        raise EngineError(
+            f"{engine.name} exited with code {engine.process.returncode} while starting; "
+            f"last lines of {engine.log_path}:\n{engine.log_tail()}"
+        )
+    if not wait.ready:
+        raise EngineError(
+            f"{engine.name} was not ready after {timeout_s:g}s ({wait.last}); last lines of "
+            f"{engine.log_path}:\n{engine.log_tail()}"
+        )
+    return wait.waited_s
 
 
 def replicas_that_fit(sample_pid: int, wanted: int) -> tuple[int, str]:

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
@@ -45,6 +44,7 @@ from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.kubernetes import DEFAULT_TIMEOUT_S, load_kubeconfig
 from fleetserve.fleet.replica import Replica
 from fleetserve.routing.snapshot import ReplicaState
+from fleetserve.supervisor import Backoff, Supervisor
 
 log = logging.getLogger("fleetserve.fleet.kubernetes_discovery")
 
@@ -52,19 +52,6 @@ log = logging.getLogger("fleetserve.fleet.kubernetes_discovery")
 # connection that silently died is replaced within that long.
 WATCH_TIMEOUT_S = 300
 WATCH_SLACK_S = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Delay before the n-th consecutive retry: base * 2**(n-1), capped, with equal jitter
-    (half fixed, half random), so many gateways do not retry in step."""
-
-    base_s: float = 0.5
-    max_s: float = 30.0
-
-    def delay_s(self, attempt: int, jitter_frac: float) -> float:
-        ceiling = min(self.max_s, self.base_s * 2.0 ** max(attempt - 1, 0))
-        return ceiling / 2 + ceiling / 2 * jitter_frac
 
 
 class KubernetesDiscovery:
@@ -82,6 +69,7 @@ class KubernetesDiscovery:
         jitter: Callable[[], float] = random.random,
         tick_s: float = 1.0,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.config = config
         self.fleet = fleet
@@ -92,6 +80,7 @@ class KubernetesDiscovery:
         self.jitter = jitter
         self.tick_s = tick_s
         self.timeout_s = timeout_s
+        self.supervisor = supervisor or Supervisor(clock)
         self.namespace: str = spec.namespace or config.namespace
         self._client: AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -104,12 +93,18 @@ class KubernetesDiscovery:
 
     @classmethod
     def connect(
-        cls, fleet: Fleet, model: ModelSpec, clock: Clock, kubeconfig: Path | None = None
+        cls,
+        fleet: Fleet,
+        model: ModelSpec,
+        clock: Clock,
+        kubeconfig: Path | None = None,
+        supervisor: Supervisor | None = None,
     ) -> KubernetesDiscovery:
         """Discovery for a model whose fleet-file entry has `discovery.kubernetes`; the
         configuration loads now, so a missing one is a ConfigError at start-up."""
         spec = _kubernetes_spec(model)
-        return cls(load_config(model, kubeconfig), fleet, model, spec, clock)
+        config = load_config(model, kubeconfig)
+        return cls(config, fleet, model, spec, clock, supervisor=supervisor)
 
     @property
     def source(self) -> str:
@@ -121,9 +116,10 @@ class KubernetesDiscovery:
         self._client = AsyncClient(
             config=self.config, namespace=self.namespace, timeout=httpx2.Timeout(self.timeout_s)
         )
+        # Supervised: an error `run` does not expect restarts it (a fresh list) with backoff.
         self._tasks = [
-            asyncio.create_task(self.run(), name=f"discovery {self.model.name}"),
-            asyncio.create_task(self._tick(), name=f"discovery tick {self.model.name}"),
+            self.supervisor.spawn(f"discovery/{self.model.name}", self.run),
+            self.supervisor.spawn(f"discovery-tick/{self.model.name}", self._tick),
         ]
 
     async def stop(self) -> None:

@@ -42,6 +42,7 @@ from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.processes import LOOPBACK, STOP_GRACE_S, free_port
 from fleetserve.fleet.replica import Replica
 from fleetserve.routing.snapshot import ReplicaState
+from fleetserve.supervisor import Supervisor
 
 log = logging.getLogger("fleetserve.fleet.local")
 
@@ -93,11 +94,13 @@ class LocalActuator:
         launcher: EngineLauncher,
         clock: Clock,
         settings: LocalActuatorSettings,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.fleet = fleet
         self.launcher = launcher
         self.clock = clock
         self.settings = settings
+        self.supervisor = supervisor or Supervisor(clock)
         self._probe = HttpProbe(settings.probe_timeout_s)
         self._owned: dict[str, _Owned] = {}
         self._names = itertools.count()
@@ -121,7 +124,8 @@ class LocalActuator:
             self._desired = n
             self._reap()
             if self._watcher is None:
-                self._watcher = asyncio.create_task(self._watch())
+                name = f"local-actuator-watch/{self.settings.model}"
+                self._watcher = self.supervisor.spawn(name, self._watch)
             active = self._active()
             if n > len(active):
                 self._scale_up(n - len(active), active)
@@ -325,6 +329,8 @@ class LocalActuator:
         return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
+        # One-shot tasks (a start, a drain): a failure is logged, not restarted (a second
+        # drain of the same replica would be wrong); the crash watcher is supervised.
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("local actuator task failed", exc_info=exc)

@@ -2,7 +2,11 @@
 
 Passive ejection follows Envoy's outlier detection: N consecutive failures eject the
 replica for a base time that doubles with each ejection (capped); when that passes, one
-half-open probe decides whether it comes back. `now` always comes in from the caller.
+half-open probe decides whether it comes back. As in Envoy, the ejection count decays while
+the replica serves: each `decay_s` it stays healthy takes one ejection off (Envoy decrements
+its ejection multiplier once per `interval`, 10 s by default, that a host is not ejected), so
+a replica that had outages long ago is not ejected for the longest time at its next one.
+`now` always comes in from the caller.
 """
 
 from __future__ import annotations
@@ -22,6 +26,20 @@ class EjectionPolicy:
     after_failures: int = 3
     base_s: float = 2.0
     max_s: float = 60.0
+    decay_s: float = 10.0  # healthy time that takes one ejection off the count
+
+    def ejection_s(self, ejections: int) -> float:
+        """How long the next ejection lasts after `ejections` earlier ones."""
+        return min(self.base_s * 2.0**ejections, self.max_s)
+
+    def count_after(self, ejections: int) -> int:
+        """The count after one more ejection: it stops growing once the ejection time has
+        reached the cap (as Envoy's does), so it never overflows and decays in a few steps."""
+        return ejections + 1 if self.base_s * 2.0**ejections < self.max_s else ejections
+
+    def decayed(self, ejections: int, healthy_s: float) -> int:
+        """The count after `healthy_s` of serving without an ejection."""
+        return max(0, ejections - int(healthy_s // self.decay_s))
 
 
 @dataclass(slots=True)
@@ -38,6 +56,7 @@ class Replica:
     consecutive_failures: int = 0
     ejections: int = 0
     ejected_until: float = 0.0
+    healthy_since: float = 0.0  # when it last became ready: the ejection count decays from then
     state_since: float = 0.0
     reason: str = ""
     _snapshot: ReplicaSnapshot | None = field(default=None, repr=False)
@@ -94,8 +113,10 @@ class Replica:
         return True
 
     def eject(self, now: float, policy: EjectionPolicy, reason: str) -> None:
-        backoff = min(policy.base_s * (2**self.ejections), policy.max_s)
-        self.ejections += 1
+        if self.state is not ReplicaState.UNHEALTHY:  # time spent ejected does not decay it
+            self.ejections = policy.decayed(self.ejections, now - self.healthy_since)
+        backoff = policy.ejection_s(self.ejections)
+        self.ejections = policy.count_after(self.ejections)
         self.ejected_until = now + backoff
         self._set_state(ReplicaState.UNHEALTHY, now, f"{reason}; ejected for {backoff:g}s")
 
@@ -108,6 +129,7 @@ class Replica:
         self.last_seen = now
         if self.state in (ReplicaState.STARTING, ReplicaState.UNHEALTHY):
             self.consecutive_failures = 0
+            self.healthy_since = now
             return self._set_state(ReplicaState.READY, now, "health probe passed")
         return False
 

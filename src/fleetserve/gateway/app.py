@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ from fleetserve.errors import ConfigError
 from fleetserve.fleet.discovery import populate_static
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.kubernetes_discovery import KubernetesDiscovery
-from fleetserve.fleet.replica import EjectionPolicy
+from fleetserve.fleet.replica import EjectionPolicy, Replica
 from fleetserve.gateway.asgi import GatewayApp
 from fleetserve.gateway.hold import DemandHook, HoldQueue
 from fleetserve.gateway.monitor import FleetMonitor, SignalParser
@@ -28,8 +29,10 @@ from fleetserve.gateway.upstream import UpstreamClient
 from fleetserve.gateway.watchdog import Watchdog
 from fleetserve.routing.picker import Picker
 from fleetserve.routing.pickers import make_picker
+from fleetserve.supervisor import Supervisor
 from fleetserve.telemetry.metrics import GatewayMetrics
 from fleetserve.telemetry.window import LoadWindow
+from fleetserve.transport.http1 import Http1Client
 
 log = logging.getLogger("fleetserve.gateway")
 
@@ -54,6 +57,7 @@ def build_gateway(
     on_demand: DemandHook | None = None,
     admin_views: Mapping[str, AdminView] | None = None,
     hold_models: Iterable[str] = (),
+    supervisor: Supervisor | None = None,
     worker: WorkerContext | None = None,
 ) -> GatewayApp:
     """One gateway worker. The keyword hooks are for a composition root in the same process:
@@ -67,15 +71,18 @@ def build_gateway(
     - `admin_views`: more JSON views at `/admin/<name>`, behind the admin key.
     - `hold_models`: models that hold requests while they have no ready replica, on top of
       those with an `autoscale` section in the fleet file.
+    - `supervisor`: the one the composition root's services run under (else a new one); the
+      monitor and discovery run under it too, and /ready and /metrics report its services.
     - `worker`: this is one of several worker processes (gateway/workers.py): it reports to
       the others and its admin views answer for all of them (gateway/peers.py).
     """
     clock = clock or RealClock()
+    supervisor = supervisor or Supervisor(clock)
     health = settings.health
     if fleet is None:
         fleet = fleet_for(settings)
     _add_static(fleet, fleet_file, clock.now())
-    services = [*services, *_discoveries(settings, fleet_file, fleet, clock)]
+    services = [*services, *_discoveries(settings, fleet_file, fleet, clock, supervisor)]
     window = window or LoadWindow(settings.load_window_s)
     pickers: dict[str, Picker] = {
         spec.name: make_picker(spec.picker, load_factor=spec.prefix_load_factor)
@@ -86,7 +93,8 @@ def build_gateway(
     }
     metrics = GatewayMetrics()
     upstream = UpstreamClient(settings.timeouts)
-    monitor = FleetMonitor(fleet, health, clock, parsers)
+    fleet.subscribe(functools.partial(_forget_when_removed, fleet, upstream.http1))
+    monitor = FleetMonitor(fleet, health, clock, parsers, supervisor)
     autoscaled = {spec.name for spec in fleet_file.models if spec.autoscale is not None}
     link: WorkerLink | None = None
 
@@ -109,7 +117,7 @@ def build_gateway(
             worker.run, fleet, window, clock, holds.held,
             parent_pid=worker.parent_pid, follow=worker.follow, workers=worker.workers,
             on_orphaned=lambda: os.kill(os.getpid(), signal.SIGTERM),
-            on_parent_view=lambda view: _desired_from(view, metrics),
+            on_parent_view=lambda view: _desired_from(view, metrics), supervisor=supervisor,
         )  # fmt: skip
         services = [link, *services]
         if worker.follow:
@@ -120,7 +128,7 @@ def build_gateway(
 
             admin_views = {**(admin_views or {}), "autoscaler": parent_view}
 
-    watchdog = Watchdog(clock, settings.timeouts, metrics)
+    watchdog = Watchdog(clock, settings.timeouts, metrics, supervisor)
     shutdown = Shutdown(clock, settings.shutdown_grace_s)
     shutdown.on_begin(lambda: holds.close(shutting_down_error(settings.retry_after_s)))
     shutdown.on_deadline(lambda: log.warning(
@@ -147,7 +155,7 @@ def build_gateway(
     simulated = frozenset(spec.name for spec in fleet_file.models if spec.engine == "sim")
     cold = build_routes_app(
         fleet, metrics, clock, window, holds, shutdown, settings.admin_key, admin_views,
-        simulated, peers,
+        simulated, supervisor, peers,
     )  # fmt: skip
     proxy = Proxy(fleet, pickers, upstream, settings, metrics, clock, window, holds, shutdown)
     return GatewayApp(
@@ -163,11 +171,23 @@ def _desired_from(view: dict[str, object], metrics: GatewayMetrics) -> None:
         metrics.set_desired_replicas(model, desired)
 
 
+def _forget_when_removed(fleet: Fleet, client: Http1Client, replica: Replica) -> None:
+    """A Fleet listener: a replica that left the fleet leaves the connection pool, unless
+    another replica (of another model) has the same URL."""
+    if fleet.get(replica.id) is None and all(r.url != replica.url for r in fleet.replicas()):
+        client.forget(replica.url)
+
+
 def fleet_for(settings: GatewaySettings) -> Fleet:
     """An empty Fleet that ejects replicas as the settings' health section says."""
     health = settings.health
     return Fleet(
-        EjectionPolicy(health.eject_after_failures, health.eject_base_s, health.eject_max_s)
+        EjectionPolicy(
+            health.eject_after_failures,
+            health.eject_base_s,
+            health.eject_max_s,
+            health.eject_decay_s,
+        )
     )
 
 
@@ -182,12 +202,16 @@ def _add_static(fleet: Fleet, fleet_file: FleetFile, now: float) -> None:
 
 
 def _discoveries(
-    settings: GatewaySettings, fleet_file: FleetFile, fleet: Fleet, clock: Clock
+    settings: GatewaySettings,
+    fleet_file: FleetFile,
+    fleet: Fleet,
+    clock: Clock,
+    supervisor: Supervisor,
 ) -> list[BackgroundService]:
     """One EndpointSlice watch per model whose replicas Kubernetes knows (ConfigError now if
     no Kubernetes configuration loads)."""
     return [
-        KubernetesDiscovery.connect(fleet, spec, clock, settings.kubeconfig)
+        KubernetesDiscovery.connect(fleet, spec, clock, settings.kubeconfig, supervisor)
         for spec in fleet_file.models
         if spec.discovery is not None
     ]

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
@@ -25,12 +26,16 @@ from fleetserve.config import HealthSettings
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.replica import Replica
 from fleetserve.routing.snapshot import EngineSignals, ReplicaState
+from fleetserve.supervisor import Supervisor
 
 log = logging.getLogger("fleetserve.gateway.monitor")
 
 SignalParser = Callable[[str], EngineSignals]
 STALE_AFTER_SCRAPES = 3
 STARTING_PROBE_S = 0.25
+# Every engine adapter serves these (vLLM, llama.cpp and the sim engine alike).
+HEALTH_PATH = "/health"
+METRICS_PATH = "/metrics"
 
 
 class FleetMonitor:
@@ -40,15 +45,13 @@ class FleetMonitor:
         settings: HealthSettings,
         clock: Clock,
         parsers: dict[str, SignalParser],
-        health_path: str = "/health",
-        metrics_path: str = "/metrics",
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.fleet = fleet
         self.settings = settings
         self.clock = clock
         self.parsers = parsers
-        self.health_path = health_path
-        self.metrics_path = metrics_path
+        self.supervisor = supervisor or Supervisor(clock)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -56,12 +59,15 @@ class FleetMonitor:
         timeout = aiohttp.ClientTimeout(total=self.settings.probe_timeout_s)
         self._session = aiohttp.ClientSession(timeout=timeout)
         await self.probe_all()  # static replicas become ready before the first request
+        rounds = [
+            ("monitor/probe", self.probe_all, self.settings.interval_s),
+            ("monitor/scrape", self.scrape_all, self.settings.scrape_interval_s),
+            ("monitor/probe-starting", self.probe_starting,
+             min(STARTING_PROBE_S, self.settings.interval_s)),
+        ]  # fmt: skip
         self._tasks = [
-            asyncio.create_task(self._loop(self.probe_all, self.settings.interval_s)),
-            asyncio.create_task(self._loop(self.scrape_all, self.settings.scrape_interval_s)),
-            asyncio.create_task(
-                self._loop(self.probe_starting, min(STARTING_PROBE_S, self.settings.interval_s))
-            ),
+            self.supervisor.spawn(name, functools.partial(self._loop, step, period_s))
+            for name, step, period_s in rounds
         ]
 
     async def stop(self) -> None:
@@ -75,12 +81,10 @@ class FleetMonitor:
             await self._session.close()
             self._session = None
 
-    async def _loop(self, step: Callable[[], object], period_s: float) -> None:
+    async def _loop(self, step: Callable[[], Awaitable[None]], period_s: float) -> None:
         while True:
             await self.clock.sleep(period_s)
-            result = step()
-            if asyncio.iscoroutine(result):
-                await result
+            await step()
 
     async def probe_all(self) -> None:
         now = self.clock.now()
@@ -98,7 +102,7 @@ class FleetMonitor:
     async def _probe(self, replica: Replica) -> None:
         assert self._session is not None
         try:
-            async with self._session.get(replica.url + self.health_path) as response:
+            async with self._session.get(replica.url + HEALTH_PATH) as response:
                 ok = response.status == 200
                 reason = f"status {response.status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -120,7 +124,7 @@ class FleetMonitor:
             return
         now = self.clock.now()
         try:
-            async with self._session.get(replica.url + self.metrics_path) as response:
+            async with self._session.get(replica.url + METRICS_PATH) as response:
                 if response.status != 200:
                     raise aiohttp.ClientResponseError(
                         response.request_info, (), status=response.status

@@ -34,6 +34,7 @@ from fleetserve.clock import Clock
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.replica import Replica
 from fleetserve.routing.snapshot import ReplicaState
+from fleetserve.supervisor import Supervisor
 from fleetserve.telemetry.window import LoadWindow
 
 log = logging.getLogger("fleetserve.gateway")
@@ -225,6 +226,7 @@ class WorkerLink:
         workers: int = 1,
         on_orphaned: Callable[[], None] | None = None,
         on_parent_view: Callable[[dict[str, object]], None] | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.run = run
         self.fleet = fleet
@@ -236,6 +238,7 @@ class WorkerLink:
         self.workers = workers
         self.on_orphaned = on_orphaned
         self.on_parent_view = on_parent_view
+        self.supervisor = supervisor or Supervisor(clock)
         self.parent_view: dict[str, object] | None = None  # the parent's autoscaler view
         self.pid = os.getpid()
         self._drained_seen = 0
@@ -245,7 +248,7 @@ class WorkerLink:
 
     async def start(self) -> None:
         self.step()
-        self._task = asyncio.create_task(self._run(), name="worker link")
+        self._task = self.supervisor.spawn("gateway/worker-link", self._run)
 
     async def stop(self) -> None:
         task, self._task = self._task, None

@@ -25,6 +25,7 @@ from fleetserve.gateway.peers import Peers, merged_window
 from fleetserve.gateway.shutdown import Shutdown
 from fleetserve.protocol.envelope import api_error_body
 from fleetserve.routing.snapshot import ReplicaState
+from fleetserve.supervisor import Supervisor
 from fleetserve.telemetry.metrics import GatewayMetrics, exposition
 from fleetserve.telemetry.window import LoadWindow
 
@@ -56,6 +57,7 @@ def build_routes_app(
     admin_key: str | None = None,
     admin_views: Mapping[str, AdminView] | None = None,
     simulated_models: frozenset[str] = frozenset(),
+    supervisor: Supervisor | None = None,
     peers: Peers | None = None,
 ) -> Starlette:
     """The cold routes. With `peers` (one of several worker processes) the admin views add
@@ -79,7 +81,10 @@ def build_routes_app(
 
     async def ready(_: Request) -> Response:
         """Ready when some model has a ready replica or can hold requests until it has one,
-        and the gateway is not shutting down (load balancers stop sending at once)."""
+        and the gateway is not shutting down (load balancers stop sending at once).
+
+        Background services are listed, and those restarting after a failure named under
+        `degraded`, but they do not decide readiness: that is about serving requests."""
         ready_models = [m for m in fleet.models() if fleet.ready(m)]
         holding = [m for m in fleet.models() if m not in ready_models and holds.can_hold(m)]
         ok = bool(ready_models or holding) and not shutdown.draining
@@ -88,6 +93,8 @@ def build_routes_app(
         }  # fmt: skip
         if shutdown.draining:
             body["shutting_down"] = True
+        if supervisor is not None:
+            body |= supervisor.view()
         return _json(body, 200 if ok else 503)
 
     async def models(_: Request) -> Response:
@@ -108,7 +115,8 @@ def build_routes_app(
         ]
 
     async def metrics_page(_: Request) -> Response:
-        return Response(exposition(metrics, state_counts), media_type=PROMETHEUS_TEXT)
+        services = None if supervisor is None else supervisor.counts
+        return Response(exposition(metrics, state_counts, services), media_type=PROMETHEUS_TEXT)
 
     async def admin_fleet(request: Request) -> Response:
         if denied := admin_denied(request):

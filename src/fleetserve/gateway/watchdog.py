@@ -25,6 +25,7 @@ from typing import Protocol
 from fleetserve.clock import Clock
 from fleetserve.config import TimeoutSettings
 from fleetserve.gateway.exchange import EndReason, Exchange
+from fleetserve.supervisor import Supervisor
 from fleetserve.telemetry.metrics import GatewayMetrics
 
 log = logging.getLogger("fleetserve.gateway")
@@ -47,8 +48,15 @@ class SlowConnection(Protocol):
 
 
 class Watchdog:
-    def __init__(self, clock: Clock, timeouts: TimeoutSettings, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        timeouts: TimeoutSettings,
+        metrics: GatewayMetrics,
+        supervisor: Supervisor | None = None,
+    ) -> None:
         self.clock = clock
+        self.supervisor = supervisor or Supervisor(clock)
         self.timeouts = timeouts
         self.metrics = metrics
         self.open: set[Exchange] = set()
@@ -63,7 +71,7 @@ class Watchdog:
 
     async def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="gateway watchdog")
+            self._task = self.supervisor.spawn("gateway/watchdog", self._run)
 
     async def stop(self) -> None:
         task, self._task = self._task, None

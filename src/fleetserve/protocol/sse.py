@@ -21,40 +21,80 @@ def encode_error_event(err: ApiError) -> bytes:
 
 
 class SseDecoder:
-    """Incremental decoder: feed raw bytes as they arrive, get whole events' data fields.
+    """Incremental decoder: feed raw bytes as they arrive, get each whole event's data field.
 
-    Handles events split across reads, CRLF or LF line ends, multi-line data fields and
-    comment lines (ignored), following the WHATWG event-stream rules that matter here.
+    Follows the WHATWG event-stream rules that OpenAI streams use: events split across reads,
+    CRLF or LF line ends, multi-line data fields (joined with LF), other fields and comment
+    lines (ignored). The common case, one `data: ` line per event with LF line ends, costs
+    one split per read: bench decodes thousands of streams at once with it.
     """
+
+    __slots__ = ("_buf",)
 
     def __init__(self) -> None:
         self._buf = b""
-        self._data: list[bytes] = []
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        self._buf += chunk
-        events: list[bytes] = []
-        while True:
-            nl = self._buf.find(b"\n")
-            if nl < 0:
-                break
-            line = self._buf[:nl]
-            self._buf = self._buf[nl + 1 :]
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if self._data:
-                    events.append(b"\n".join(self._data))
-                    self._data = []
+        data = self._buf + chunk if self._buf else chunk
+        carry = b""
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+            if data.endswith(b"\r"):  # its \n may come in the next read
+                data, carry = data[:-1], b"\r"
+        events = data.split(b"\n\n")
+        self._buf = events.pop() + carry
+        out = []
+        for event in events:
+            if event.startswith(b"data: ") and b"\n" not in event:
+                out.append(event[6:])
                 continue
-            if line.startswith(b":"):
-                continue
-            field, _, value = line.partition(b":")
-            if field == b"data":
-                self._data.append(value[1:] if value.startswith(b" ") else value)
-        return events
+            lines = [
+                line.partition(b":")[2].removeprefix(b" ")
+                for line in event.split(b"\n")
+                if line.startswith(b"data") and line[4:5] in (b":", b"")
+            ]
+            if lines:
+                out.append(b"\n".join(lines))
+        return out
 
     @property
     def pending(self) -> bool:
         """True when bytes of an unfinished event are buffered."""
-        return bool(self._buf.strip() or self._data)
+        return bool(self._buf.strip())
+
+
+def chunk_has_content(chunk: dict[str, object]) -> bool:
+    """Whether a decoded stream chunk carries generated output in one of its choices: a
+    delta's `content`, `reasoning_content` (vLLM, DeepSeek), `reasoning` (newer vLLM) or
+    `tool_calls` (chat), or a choice's `text` (completions). The role-only first chunk, the
+    usage chunk and an error event do not."""
+    choices = chunk.get("choices")
+    if type(choices) is not list:
+        return False
+    for choice in choices:
+        if type(choice) is not dict:
+            continue
+        delta = choice.get("delta")
+        if type(delta) is dict:
+            if (
+                delta.get("content")
+                or delta.get("reasoning_content")
+                or delta.get("reasoning")
+                or delta.get("tool_calls")
+            ):
+                return True
+        elif choice.get("text"):
+            return True
+    return False
+
+
+def event_has_content(data: bytes) -> bool:
+    """`chunk_has_content` of an event's data field as `SseDecoder` yields it; False for
+    `[DONE]` and for data that is not a JSON object."""
+    if data == b"[DONE]":
+        return False
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return type(chunk) is dict and chunk_has_content(chunk)

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -29,6 +29,8 @@ HOLD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.
                 90.0, 120.0, 180.0, 300.0, 600.0)  # fmt: skip
 
 StateCounts = Callable[[], Iterable[tuple[str, str, int]]]
+ServiceCounts = Callable[[], Iterable[tuple[str, bool, int]]]
+"""(service, running, restarts) of each supervised background service."""
 
 
 def multiprocess_dir() -> str | None:
@@ -152,8 +154,36 @@ class FleetStateCollector(Collector):
         yield family
 
 
-def exposition(metrics: GatewayMetrics, fleet_states: StateCounts) -> bytes:
-    """The /metrics body: this process's (or all workers') metrics plus the fleet's state."""
+class ServiceCollector(Collector):
+    """`fleetserve_service_up{service}` (1 running, 0 restarting after a failure) and
+    `fleetserve_service_restarts_total{service}`, read from the supervisor at scrape time."""
+
+    def __init__(self, services: ServiceCounts) -> None:
+        self._services = services
+
+    def collect(self) -> Iterable[Metric]:
+        up = GaugeMetricFamily(
+            "fleetserve_service_up",
+            "Whether a background service (health checks, autoscaler, discovery) is running.",
+            labels=["service"],
+        )
+        restarts = CounterMetricFamily(
+            "fleetserve_service_restarts",
+            "Restarts of a background service after an unexpected failure.",
+            labels=["service"],
+        )
+        for service, running, count in self._services():
+            up.add_metric([service], 1 if running else 0)
+            restarts.add_metric([service], count)
+        yield up
+        yield restarts
+
+
+def exposition(
+    metrics: GatewayMetrics, fleet_states: StateCounts, services: ServiceCounts | None = None
+) -> bytes:
+    """The /metrics body: this process's (or all workers') metrics plus the fleet's state and,
+    when given, the state of this process's background services."""
     registry = CollectorRegistry()
     if metrics.registry is None:
         path = multiprocess_dir()
@@ -163,6 +193,8 @@ def exposition(metrics: GatewayMetrics, fleet_states: StateCounts) -> bytes:
         for collector in (metrics.registry,):
             registry.register(_Forward(collector))
     registry.register(FleetStateCollector(fleet_states))
+    if services is not None:
+        registry.register(ServiceCollector(services))
     return generate_latest(registry)
 
 

@@ -204,7 +204,7 @@ class LoadWindow:
         span_s = max(min(covered_s, now - load.first_at), self.bucket_s)
         samples = sum(merged.values())
         return LoadSnapshot(
-            ttft_p95_s=_percentile(merged, samples, 0.95),
+            ttft_p95_s=_histogram_quantile(merged, samples, 0.95),
             ttft_samples=samples,
             arrival_rps=arrivals / span_s,
             demand_tps=tokens / span_s,
@@ -215,8 +215,11 @@ class LoadWindow:
         )
 
 
-def _percentile(bins: dict[int, int], total: int, q: float) -> float | None:
-    """The upper edge of the bin holding the q-quantile (nearest-rank), or None if empty."""
+def _histogram_quantile(bins: dict[int, int], total: int, q: float) -> float | None:
+    """The q-quantile (0-1) of a histogram: the upper edge of the bin that holds the
+    nearest-rank q-quantile (rank ceil(q * total)), so at most one bin's width above the
+    sample's own; None if empty. Not `telemetry.quantiles.percentile`: the samples are gone,
+    only their bins are kept (as Prometheus' histogram_quantile, without interpolation)."""
     if total == 0:
         return None
     rank = max(math.ceil(q * total), 1)

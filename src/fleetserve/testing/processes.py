@@ -1,23 +1,49 @@
-"""Real processes on loopback for integration tests: free ports, readiness, clean stops.
+"""Real processes on loopback for integration tests and benchmarks: readiness, clean stops.
 
 `ManagedProcess` starts a command in its own process group with its output in a log file, and
 stops it by PID: SIGTERM to the group, then SIGKILL to the group if it has not exited in time,
-so nothing it spawned outlives the test. Every wait here is bounded.
+so nothing it spawned outlives the test. Its waits (`wait_ready` blocking, `wait_http_ok` in
+an event loop, `wait_for` a condition) fail at once, with the log's tail, if it exits. Every
+wait here is bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
+from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 
-from fleetserve.fleet.processes import LOOPBACK, stop_process_group
+from fleetserve.fleet.processes import LOOPBACK, poll_http_ok, stop_process_group
+
+
+class StartError(RuntimeError):
+    """A process exited, or did not become ready in time, while starting; carries its log."""
+
+
+def get_json(url: str, timeout_s: float = 5.0) -> Any:
+    """GET an http:// URL and decode its JSON body; OSError when nothing answers or the
+    status is not 200, ValueError when the body is not JSON."""
+    parts = urlsplit(url)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    connection = http.client.HTTPConnection(parts.netloc, timeout=timeout_s)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read()
+    finally:
+        connection.close()
+    if response.status != 200:
+        raise OSError(f"GET {url} answered {response.status}: {body[:200]!r}")
+    return orjson.loads(body)
 
 
 async def wait_port_open(
@@ -86,7 +112,9 @@ class ManagedProcess:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         stop_timeout_s: float = 10.0,
+        name: str | None = None,
     ) -> None:
+        self.name = name or log_path.stem  # in messages, and benchmarks' CPU tables
         self.argv = list(argv)
         self.log_path = log_path
         self.env = dict(env) if env is not None else None
@@ -143,6 +171,44 @@ class ManagedProcess:
         if self._proc is None:
             return None
         return stop_process_group(self._proc, self.stop_timeout_s)
+
+    def wait_ready(self, url: str, timeout_s: float, poll_s: float = 0.05) -> float:
+        """Block until GET `url` answers 200; seconds waited. StartError (with the log's tail)
+        at once if the process exits, or when `timeout_s` passes."""
+        wait = poll_http_ok(url, timeout_s, alive=lambda: self.running, poll_s=poll_s)
+        if wait.exited:
+            raise StartError(
+                f"{self.name} exited with status {self.returncode} while starting; "
+                f"{self.log_path}:\n{self.log_text()}"
+            )
+        if not wait.ready:
+            raise StartError(
+                f"{self.name}: GET {url} was not 200 within {timeout_s:g} s ({wait.last}); "
+                f"{self.log_path}:\n{self.log_text()}"
+            )
+        return wait.waited_s
+
+    def wait_for(
+        self, check: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.2
+    ) -> None:
+        """Block until `check()` holds (an OSError or ValueError from it counts as not yet);
+        StartError (with the log's tail) if the process exits first, TimeoutError after
+        `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.running:
+                raise StartError(
+                    f"{self.name} exited with status {self.returncode} while waiting for "
+                    f"{what}; {self.log_path}:\n{self.log_text()}"
+                )
+            try:
+                if check():
+                    return
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{what}: not within {timeout_s:g} s")
+            time.sleep(poll_s)
 
     async def wait_http_ok(self, url: str, timeout_s: float) -> None:
         """Like `wait_http_ok`, failing at once (with the log's tail) if the process exits."""

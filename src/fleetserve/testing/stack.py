@@ -13,12 +13,10 @@ serves sync fixtures (the OpenAI sync client) and scripts alike.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import signal
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,24 +38,6 @@ def fleetserve_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "fleetserve", *args]
 
 
-def http_status(url: str, timeout_s: float = 1.0) -> int | None:
-    """The status of GET url, or None when nothing answered."""
-    scheme_less = url.split("://", 1)[1]
-    host_port, _, path = scheme_less.partition("/")
-    connection = http.client.HTTPConnection(host_port, timeout=timeout_s)
-    try:
-        connection.request("GET", "/" + path)
-        return connection.getresponse().status
-    except OSError:
-        return None
-    finally:
-        connection.close()
-
-
-class StartError(RuntimeError):
-    """A process exited, or did not become ready in time, while starting; carries its log."""
-
-
 @dataclass
 class Service:
     """A server process listening on 127.0.0.1:port."""
@@ -76,21 +56,7 @@ class Service:
 
     def wait_ok(self, path: str, timeout_s: float = START_TIMEOUT_S, poll_s: float = 0.05) -> None:
         """Block until GET path answers 200; StartError at once if the process exits."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if not self.process.running:
-                raise StartError(
-                    f"{self.name} exited with status {self.process.returncode} while starting; "
-                    f"{self.process.log_path}:\n{self.process.log_text()}"
-                )
-            if http_status(self.url + path) == 200:
-                return
-            if time.monotonic() >= deadline:
-                raise StartError(
-                    f"{self.name}: GET {path} was not 200 within {timeout_s:g} s; "
-                    f"{self.process.log_path}:\n{self.process.log_text()}"
-                )
-            time.sleep(poll_s)
+        self.process.wait_ready(self.url + path, timeout_s, poll_s)
 
     def crash(self) -> None:
         """SIGKILL the whole process group: the process dies without cleaning anything up."""

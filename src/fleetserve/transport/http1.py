@@ -19,6 +19,10 @@ Against pyqwest (buffered) and aiohttp (streams) it cuts the gateway's CPU per r
 A connection goes back to the pool only after a complete response that allows keep-alive.
 Anything else (an error, a timeout, a cancelled task) aborts it: closing the socket is what
 makes vLLM and llama.cpp stop generating for a client that left.
+
+Replicas come and go (new ports, new pod IPs): `forget(url)` drops what the client keeps for
+one that left (its pool and cached request heads), so the pool does not grow with every
+replica ever seen; the gateway calls it when the Fleet removes a replica.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from fleetserve.transport.http1_connection import Connection
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # buffered responses; streams are handed on as they come
 _MAX_TARGETS = 4096  # cached request heads (replicas x paths), cleared when exceeded
+_MIN_SWEEP_AT = 64  # pools (origins) before dead ones are looked for
 
 Origin = tuple[str, int]
 
@@ -140,12 +145,31 @@ class Http1Client:
         self.max_idle_per_origin = max_idle_per_origin
         self.idle_expiry_s = idle_expiry_s
         self._idle: dict[Origin, list[Connection]] = {}
+        self._sweep_at = _MIN_SWEEP_AT  # pools at which dead ones are next dropped
         self._targets: dict[str, tuple[Origin, bytes]] = {}
         self._open: set[Connection] = set()  # every live connection, for close()
         self._closed = False
 
     def idle_count(self, origin: Origin) -> int:
         return sum(not conn.closed for conn in self._idle.get(origin, ()))
+
+    def origins(self) -> set[Origin]:
+        """The origins the client keeps anything for: a pool or a cached request head."""
+        return set(self._idle) | {origin for origin, _ in self._targets.values()}
+
+    def forget(self, origin: Origin | str) -> None:
+        """Drop what is kept for an origin (or a URL's): close its idle connections, drop its
+        pool and cached request heads. Its connections in use finish their request and are
+        then closed, not pooled. A later request to it starts afresh."""
+        if isinstance(origin, str):
+            origin = _origin_of(origin)
+        for conn in self._idle.pop(origin, ()):
+            conn.abort()
+        if any(target_origin == origin for target_origin, _ in self._targets.values()):
+            self._targets = {u: t for u, t in self._targets.items() if t[0] != origin}
+        for conn in self._open:
+            if conn.origin == origin:
+                conn.poolable = False
 
     async def request(
         self, url: str, body: bytes, request_id: str, first_byte_s: float, *, stream: bool
@@ -192,7 +216,7 @@ class Http1Client:
             parts = urlsplit(url)
             if parts.scheme != "http" or not parts.hostname:
                 raise ValueError(f"not an http:// URL: {url!r}")
-            host, port = parts.hostname, parts.port or 80
+            host, port = _origin_of(url)
             authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             head = (
@@ -236,6 +260,7 @@ class Http1Client:
             raise UpstreamTimeoutError("connect", self.connect_timeout_s) from exc
         except OSError as exc:
             raise UpstreamConnectError(f"cannot connect to replica: {exc}") from exc
+        conn.origin = origin
         if not conn.closed:
             self._open.add(conn)
         return conn
@@ -243,15 +268,28 @@ class Http1Client:
     def release(self, origin: Origin, conn: Connection) -> None:
         """Pool `conn` if it can carry another request and there is room; else close it."""
         conn.in_use = False
-        if not conn.idle() or self._closed:
+        if not conn.idle() or not conn.poolable or self._closed:
             conn.abort()
             return
-        idle = self._idle.setdefault(origin, [])
+        idle = self._idle.get(origin)
+        if idle is None:
+            if len(self._idle) >= self._sweep_at:
+                self._drop_dead_pools()
+            idle = self._idle[origin] = []
         if len(idle) >= self.max_idle_per_origin:
             conn.abort()
             return
         conn.idle_since = conn.loop.time()
         idle.append(conn)
+
+    def _drop_dead_pools(self) -> None:
+        """Drop pools with no open connection (a replica that went away without `forget`,
+        say one picked just before it left). Run when the pools have doubled since the last
+        run, so it costs O(1) per new pool and they stay under twice the live ones."""
+        dead = [o for o, idle in self._idle.items() if all(conn.closed for conn in idle)]
+        for origin in dead:
+            del self._idle[origin]
+        self._sweep_at = max(_MIN_SWEEP_AT, 2 * len(self._idle))
 
     async def close(self) -> None:
         """Close every connection, pooled or in use."""
@@ -260,6 +298,12 @@ class Http1Client:
             conn.abort()
         self._idle.clear()
         await asyncio.sleep(0)  # the transports report connection_lost on the next turn
+
+
+def _origin_of(url: str) -> Origin:
+    parts = urlsplit(url)
+    default_port = 443 if parts.scheme == "https" else 80
+    return parts.hostname or "", parts.port or default_port
 
 
 def _header_lines(headers: Mapping[str, str]) -> bytes:

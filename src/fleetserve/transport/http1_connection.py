@@ -49,6 +49,8 @@ class Connection(asyncio.Protocol):
         self._head_bytes = 0
         self._framed = False  # the body has a Content-Length or Transfer-Encoding
         self.closed = False
+        self.origin: tuple[str, int] | None = None  # (host, port) the client dialled
+        self.poolable = True  # False once the client forgot its origin: closed after use
         self.in_use = False
         self.reused = False
         self.idle_since = 0.0

@@ -1,0 +1,189 @@
+"""An autoscaled local fleet (`fleetserve up --replicas MIN:MAX`): the gateway with a local
+actuator and the autoscaler loop in its process."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleetserve.autoscale.loop import AutoscaleLoop
+from fleetserve.autoscale.observers import FleetObserver, GatewayFigures
+from fleetserve.clock import RealClock
+from fleetserve.config import (
+    AutoscaleSettings,
+    EngineName,
+    FleetFile,
+    GatewaySettings,
+    ModelSpec,
+    PickerName,
+)
+from fleetserve.engines.adapter import EngineAdapter
+from fleetserve.errors import EngineError
+from fleetserve.fleet.fleet import Fleet
+from fleetserve.fleet.local import LocalActuator, LocalActuatorSettings
+from fleetserve.gateway.app import build_gateway, fleet_for
+from fleetserve.gateway.asgi import GatewayApp
+from fleetserve.gateway.serve import serve_app
+from fleetserve.routing.snapshot import ReplicaState
+from fleetserve.stack.launcher import AdapterLauncher
+from fleetserve.supervisor import Supervisor
+from fleetserve.telemetry.window import LoadWindow
+
+
+@dataclass(frozen=True)
+class AutoscaledStackSpec:
+    adapter: EngineAdapter
+    model: str
+    options: dict[str, str]
+    engine_name: EngineName
+    picker: PickerName
+    autoscale: AutoscaleSettings
+    ready_timeout_s: float = 120.0
+    drain_grace_s: float = 30.0
+    # In flight per replica; the gateway queues the rest, so new replicas take the backlog.
+    max_concurrency: int | None = None
+
+
+class _StartFleet:
+    """Starts the floor of replicas with the gateway and stops every replica with it.
+
+    Runs as the gateway's first background service, so the autoscaler loop (the next one)
+    starts from a fleet that is already up; `up` fails at start, with the engine's log, when
+    the first replicas cannot start.
+    """
+
+    def __init__(self, actuator: LocalActuator, fleet: Fleet, spec: AutoscaledStackSpec) -> None:
+        self.actuator = actuator
+        self.fleet = fleet
+        self.spec = spec
+
+    async def start(self) -> None:
+        floor = self.spec.autoscale.min_replicas
+        if floor == 0:
+            return
+        await self.actuator.set_replicas(floor)
+        deadline = time.monotonic() + self.spec.ready_timeout_s
+        while self.fleet.count_by_state(self.spec.model)[ReplicaState.READY] < floor:
+            status = await self.actuator.describe()
+            if status.exits:
+                failed = status.exits[-1]
+                await self.actuator.close()
+                raise EngineError(
+                    f"{failed.id} {failed.reason} while starting; last lines of its log:\n"
+                    f"{failed.log_tail}"
+                )
+            if time.monotonic() > deadline:
+                await self.actuator.close()
+                raise EngineError(
+                    f"{floor} replica(s) were not ready after {self.spec.ready_timeout_s:g}s"
+                )
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        await self.actuator.close()
+
+
+class _Announce:
+    """Calls `on_ready` once the gateway's port accepts connections (after the lifespan)."""
+
+    def __init__(self, host: str, port: int, on_ready: Callable[[], None]) -> None:
+        self.host, self.port, self.on_ready = host, port, on_ready
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._wait())
+
+    async def _wait(self) -> None:
+        for _ in range(500):  # 10 s at most
+            try:
+                _, writer = await asyncio.open_connection(self.host, self.port)
+            except OSError:
+                await asyncio.sleep(0.02)
+                continue
+            writer.close()
+            self.on_ready()
+            return
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+def build_autoscaled_gateway(
+    spec: AutoscaledStackSpec,
+    settings: GatewaySettings,
+    on_ready: Callable[[], None] = lambda: None,
+    log_dir: Path | None = None,
+) -> GatewayApp:
+    """The gateway with a local actuator and the autoscaler loop in its process."""
+    clock = RealClock()
+    supervisor = Supervisor(clock)  # the loop, the watcher, the monitor: one /ready view
+    fleet = fleet_for(settings)
+    window = LoadWindow(settings.load_window_s)
+    actuator = LocalActuator(
+        fleet,
+        AdapterLauncher(spec.adapter, spec.model, spec.options),
+        clock,
+        LocalActuatorSettings(
+            model=spec.model,
+            log_dir=log_dir or Path(tempfile.mkdtemp(prefix="fleetserve-up-")),
+            ready_timeout_s=spec.ready_timeout_s,
+            drain_grace_s=spec.drain_grace_s,
+            max_concurrency=spec.max_concurrency,
+        ),
+        supervisor,
+    )
+
+    def figures(model: str, now: float) -> GatewayFigures:
+        load = window.snapshot(model, now)
+        return GatewayFigures(
+            held=load.held,
+            ttft_p95_s=load.ttft_p95_s,
+            arrival_rps=load.arrival_rps,
+            arrival_tps=load.demand_tps,
+        )
+
+    observer = FleetObserver(fleet, spec.model, figures)
+    loop = AutoscaleLoop(
+        spec.model, observer, actuator, spec.autoscale, clock, supervisor=supervisor
+    )
+    model = ModelSpec(
+        name=spec.model,
+        engine=spec.engine_name,
+        picker=spec.picker,
+        autoscale=spec.autoscale,
+        max_concurrency=spec.max_concurrency,
+    )
+    app = build_gateway(
+        settings,
+        FleetFile(models=[model]),
+        clock,
+        fleet=fleet,
+        window=window,
+        services=[
+            _StartFleet(actuator, fleet, spec),
+            loop,
+            _Announce(settings.host, settings.port, on_ready),
+        ],
+        on_demand=lambda _model: loop.wake(),
+        admin_views={"autoscaler": loop.view},
+        supervisor=supervisor,
+    )
+    # The gateway's metrics exist once it is built; the loop only decides after it starts.
+    loop.on_decision = lambda decision: app.metrics.set_desired_replicas(
+        spec.model, decision.desired
+    )
+    return app
+
+
+def run_autoscaled_stack(
+    spec: AutoscaledStackSpec,
+    settings: GatewaySettings,
+    on_ready: Callable[[], None] = lambda: None,
+) -> None:
+    """Serve the gateway with the autoscaler until SIGINT/SIGTERM; every replica is stopped."""
+    serve_app(build_autoscaled_gateway(spec, settings, on_ready), settings)
