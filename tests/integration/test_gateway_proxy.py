@@ -238,6 +238,24 @@ async def test_bad_requests_get_openai_errors(
         assert ok == 200
 
 
+async def test_itl_counts_gaps_between_content_events(http: aiohttp.ClientSession) -> None:
+    """A role-only first chunk and comment lines between tokens are reads, not tokens: 8
+    content events make 7 inter-token gaps however many reads carried them."""
+    async with fake_engines(1) as engines, running_gateway(fleet_of(engines), settings()) as gw:
+        engine = engines[0]
+        engine.state.chunks, engine.state.chunk_delay_s, engine.state.chatter = 8, 0.02, True
+        status, body, _ = await post(http, gw, {**CHAT, "stream": True})
+        assert status == 200
+        assert body.count(b": keep-alive") == 8
+        registry = gw.app.metrics.registry
+        assert registry is not None
+        count = registry.get_sample_value("fleetserve_itl_seconds_count", {"model": MODEL})
+        total = registry.get_sample_value("fleetserve_itl_seconds_sum", {"model": MODEL})
+        assert count == 7
+        assert total is not None
+        assert total >= 7 * 2 * 0.02 * 0.9  # each gap spans a comment's delay and a chunk's
+
+
 async def test_latency_histograms_hold_served_requests_only(http: aiohttp.ClientSession) -> None:
     """Rejected requests (400, 404, 413) are counted by status, not timed: they used to add
     0 s samples to e2e and pull its quantiles down."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import random
+
 import orjson
 import pytest
 
@@ -19,6 +22,7 @@ from fleetserve.protocol.inspect import PREFIX_KEY_CHARS, inspect_request
 from fleetserve.protocol.sse import (
     DONE,
     SseDecoder,
+    count_content_events,
     encode_error_event,
     encode_event,
     event_has_content,
@@ -162,3 +166,56 @@ def test_prefix_key_is_shared_by_requests_with_one_system_prompt() -> None:
     c = inspect_request(orjson.dumps({"model": "m", "prompt": ["text"]}), chat=False)
     assert a.prefix_key == b.prefix_key
     assert c.prefix_key == "text"
+
+
+def _chunks(rng: random.Random) -> list[dict[str, object]]:
+    """Stream chunks in the shapes vLLM, llama.cpp and OpenAI send, with awkward text."""
+    texts = ["", "hi", '"', 'say "x"', "\\", "a\nb", "content", '"content":"x"', "é", " "]
+    out: list[dict[str, object]] = []
+    for _ in range(400):
+        text = rng.choice(texts) + rng.choice(texts)
+        kind = rng.randrange(9)
+        if kind == 0:
+            delta: dict[str, object] = {"role": "assistant", "content": text}
+        elif kind == 1:
+            delta = {"content": text}
+        elif kind == 2:
+            delta = {"reasoning_content": text, "content": None}
+        elif kind == 3:
+            delta = {
+                "tool_calls": rng.choice([[], [{"index": 0, "function": {"arguments": text}}]])
+            }
+        elif kind == 4:
+            out.append({"choices": [{"index": 0, "text": text, "logprobs": None}]})
+            continue
+        elif kind == 5:
+            out.append({"choices": [], "usage": {"completion_tokens": 3, "prompt_tokens": 1}})
+            continue
+        elif kind == 6:
+            out.append({"error": {"message": f'failed: "content":"{text}"', "code": None}})
+            continue
+        elif kind == 7:
+            delta = {}
+        else:
+            delta = {"content": text, "role": None}
+        choice = {"index": 0, "delta": delta, "finish_reason": rng.choice([None, "stop"])}
+        out.append({"id": "c", "object": "chat.completion.chunk", "choices": [choice]})
+    return out
+
+
+@pytest.mark.parametrize("spaced", [False, True], ids=["compact", "spaced-json"])
+def test_count_content_events_agrees_with_event_has_content(spaced: bool) -> None:
+    """The gateway's byte scan decides what the JSON parse decides, event by event and for
+    several events in one read."""
+    rng = random.Random(7)
+    chunks = _chunks(rng)
+    encoded = [
+        json.dumps(c).encode() if spaced else orjson.dumps(c) for c in chunks
+    ]  # json.dumps puts a space after every ':' and ','
+    for data in encoded:
+        assert count_content_events(b"data: " + data + b"\n\n") == int(event_has_content(data))
+    for start in range(0, len(encoded), 5):  # coalesced reads
+        group = encoded[start : start + 5]
+        read = b"".join(b"data: " + d + b"\n\n" for d in group)
+        assert count_content_events(read) == sum(event_has_content(d) for d in group)
+    assert count_content_events(b"data: [DONE]\n\n") == 0

@@ -39,7 +39,7 @@ from fleetserve.gateway.shutdown import CONNECTION_CLOSE, Shutdown
 from fleetserve.gateway.upstream import UpstreamClient
 from fleetserve.protocol.asgi import Send, send_bytes
 from fleetserve.protocol.inspect import RequestInfo
-from fleetserve.protocol.sse import encode_error_event
+from fleetserve.protocol.sse import count_content_events, encode_error_event
 from fleetserve.routing.picker import Picker
 from fleetserve.routing.pickers import make_picker
 from fleetserve.routing.snapshot import ReplicaSnapshot, ReplicaState, RouteRequest
@@ -334,8 +334,10 @@ class Proxy:
             await send({"type": "http.response.body", "body": first, "more_body": True})
             exchange.sending_since = 0.0
             exchange.status = stream.status
+            # Inter-token latency: the gap from one event with generated output to the next
+            # (several in one read are 0 s apart, as the client sees them), not between reads.
             itl = self.metrics.itl_child(info.model)
-            last_at = now
+            content_at = now if count_content_events(first) else None
             while True:
                 try:
                     chunk = await stream.next_chunk()
@@ -358,8 +360,13 @@ class Proxy:
                 if not chunk:
                     break
                 now = clock.now()
-                itl.observe(now - last_at)
-                last_at = now
+                events = count_content_events(chunk)
+                if events:
+                    if content_at is not None:
+                        itl.observe(now - content_at)
+                    for _ in range(events - 1):
+                        itl.observe(0.0)
+                    content_at = now
                 exchange.sending_since = now
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 exchange.sending_since = 0.0

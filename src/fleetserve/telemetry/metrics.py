@@ -54,7 +54,9 @@ class GatewayMetrics:
             ["model"], buckets=TTFT_BUCKETS, registry=reg,
         )  # fmt: skip
         self.itl = Histogram(
-            "fleetserve_itl_seconds", "Gap between stream chunks, measured at the gateway.",
+            "fleetserve_itl_seconds",
+            "Inter-token latency at the gateway: the gap between stream events that carry "
+            "generated output (content, reasoning, tool calls, text).",
             ["model"], buckets=ITL_BUCKETS, registry=reg,
         )  # fmt: skip
         # Served requests only (2xx from a replica, stream not cut), so its quantiles describe

@@ -27,6 +27,7 @@ class FakeEngineState:
     chunks: int = 8
     chunk_delay_s: float = 0.0
     pad_bytes: int = 0  # extra characters in each chunk's text (big streams)
+    chatter: bool = False  # a role-only chunk first and a comment line before every chunk
     fail_after_chunks: int = 2
     received: list[bytes] = field(default_factory=list)
     cancelled: int = 0
@@ -154,7 +155,13 @@ class FakeEngine:
         state = self.state
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if state.chatter and chat:  # as vLLM starts, and as proxies keep connections alive
+            role = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+            await response.write(b"data: " + orjson.dumps(role) + b"\n\n")
         for i in range(state.chunks):
+            if state.chatter:
+                await asyncio.sleep(state.chunk_delay_s)
+                await response.write(b": keep-alive\n\n")
             if i == state.fail_after_chunks and state.fault == "die_mid_stream":
                 assert request.transport is not None
                 request.transport.abort()  # a crash: the connection drops without an end
