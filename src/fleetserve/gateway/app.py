@@ -110,7 +110,15 @@ def build_gateway(
 
     simulated = frozenset(spec.name for spec in fleet_file.models if spec.engine == "sim")
     cold = build_routes_app(
-        fleet, metrics, clock, lifespan, window, holds, settings.admin_key, admin_views, simulated
+        fleet,
+        metrics,
+        clock,
+        lifespan,
+        window,
+        holds,
+        settings.admin_key_value(),
+        admin_views,
+        simulated,
     )
     proxy = Proxy(fleet, pickers, upstream, settings, metrics, clock, window, holds)
     return GatewayApp(proxy, fleet, settings, metrics, clock, cold, window, holds)
@@ -147,9 +155,11 @@ def _discoveries(
 
 
 def encode_config(settings: GatewaySettings, fleet_file: FleetFile) -> str:
-    return orjson.dumps(
-        {"settings": settings.model_dump(mode="json"), "fleet": fleet_file.model_dump(mode="json")}
-    ).decode()
+    # The admin key goes in plain text (a JSON dump masks a SecretStr) for the workers to
+    # compare; the fleet file's `gateway:` section is already in the settings.
+    dumped = settings.model_dump(mode="json") | {"admin_key": settings.admin_key_value()}
+    fleet = fleet_file.model_dump(mode="json", exclude={"gateway"})
+    return orjson.dumps({"settings": dumped, "fleet": fleet}).decode()
 
 
 def app_from_env() -> GatewayApp:
