@@ -222,6 +222,7 @@ class LocalActuator:
                 model=settings.model,
                 max_concurrency=settings.max_concurrency,
                 state_since=now,
+                name=name,
             )
         )
         owned.task = self._spawn(self._await_ready(owned))

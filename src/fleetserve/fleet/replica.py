@@ -40,7 +40,12 @@ class Replica:
     ejected_until: float = 0.0
     state_since: float = 0.0
     reason: str = ""
+    name: str = ""  # what people read (replica-0, a pod's name); the id when not given
     _snapshot: ReplicaSnapshot | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = self.id
 
     def snapshot(self) -> ReplicaSnapshot:
         snap = self._snapshot

@@ -52,7 +52,7 @@ def build_routes_app(
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]],
     window: LoadWindow,
     holds: HoldQueue,
-    admin_key: str | None = None,
+    admin_key: str | None = None,  # plain text: the settings hold it as a SecretStr
     admin_views: Mapping[str, AdminView] | None = None,
     simulated_models: frozenset[str] = frozenset(),
 ) -> Starlette:
@@ -108,6 +108,7 @@ def build_routes_app(
         replicas = [
             {
                 "id": r.id,
+                "name": r.name,
                 "url": r.url,
                 "model": r.model,
                 "state": r.state.value,
