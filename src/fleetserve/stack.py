@@ -27,6 +27,8 @@ from fleetserve.autoscale.loop import AutoscaleLoop
 from fleetserve.autoscale.observers import FleetObserver, GatewayFigures, GatewayObserver
 from fleetserve.clock import RealClock
 from fleetserve.config import (
+    DRAIN_GRACE_S,
+    READY_TIMEOUT_S,
     AutoscaleSettings,
     EngineName,
     FleetFile,
@@ -75,7 +77,7 @@ class LocalStackSpec:
     options: dict[str, str]
     engine_name: str
     picker: PickerName
-    ready_timeout_s: float = 120.0
+    ready_timeout_s: float = READY_TIMEOUT_S
 
 
 def run_local_stack(
@@ -133,8 +135,8 @@ class AutoscaledStackSpec:
     engine_name: EngineName
     picker: PickerName
     autoscale: AutoscaleSettings
-    ready_timeout_s: float = 120.0
-    drain_grace_s: float = 30.0
+    ready_timeout_s: float = READY_TIMEOUT_S
+    drain_grace_s: float = DRAIN_GRACE_S
     # In flight per replica; the gateway queues the rest, so new replicas take the backlog.
     max_concurrency: int | None = None
 
