@@ -7,7 +7,6 @@ The gateways here may bind 0.0.0.0, but the tests only ever talk to 127.0.0.1.
 from __future__ import annotations
 
 import http.client
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fleetserve.fleet.processes import LOOPBACK, free_port
-from fleetserve.testing.stack import Services, fleetserve_argv, services
+from fleetserve.testing.stack import Services, env_without_settings, fleetserve_argv, services
 
 pytestmark = pytest.mark.integration
 
@@ -28,11 +27,6 @@ UPSTREAM = ("--model", "m", "--upstream", f"http://{LOOPBACK}:9")  # nothing lis
 def started() -> Iterator[Services]:
     with services() as running:
         yield running
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FLEETSERVE_")}
-    return {**env, **extra}
 
 
 def admin_status(port: int, key: str | None = None, path: str = "/admin/fleet") -> int:
@@ -48,7 +42,7 @@ def admin_status(port: int, key: str | None = None, path: str = "/admin/fleet") 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         fleetserve_argv(*args), capture_output=True, text=True, timeout=30,
-        stdin=subprocess.DEVNULL, env=env or clean_env(), check=False,
+        stdin=subprocess.DEVNULL, env=env or env_without_settings(), check=False,
     )  # fmt: skip
 
 
@@ -97,7 +91,7 @@ def test_with_a_key_it_starts_and_admin_routes_need_it(
     path.write_text(KEY + "\n")  # as `echo KEY > file` writes it
     port = free_port()
     args = ["gateway", *UPSTREAM, "--host", "0.0.0.0", "--port", str(port)]
-    env = clean_env()
+    env = env_without_settings()
     if source == "file-flag":
         args += ["--admin-key-file", str(path)]
     elif source == "file-env":
@@ -127,7 +121,7 @@ def test_with_a_key_it_starts_and_admin_routes_need_it(
 def test_on_loopback_the_admin_api_is_open_and_the_banner_says_so(started: Services) -> None:
     port = free_port()
     argv = fleetserve_argv("gateway", *UPSTREAM, "--port", str(port))
-    service = started.start("gateway", argv, port, clean_env())
+    service = started.start("gateway", argv, port, env_without_settings())
     service.wait_ok("/health", START_TIMEOUT_S)
     assert admin_status(port) == 200
     log = service.process.log_text()

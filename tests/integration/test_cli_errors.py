@@ -3,14 +3,13 @@ never a traceback. Also the usage errors that click would draw as a framed box."
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from fleetserve.fleet.processes import LOOPBACK, free_port
-from fleetserve.testing.stack import fleetserve_argv
+from fleetserve.testing.stack import env_without_settings, fleetserve_argv
 
 pytestmark = pytest.mark.integration
 
@@ -23,10 +22,9 @@ BAD_FLEET_GATEWAY = "models: [{name: m, replicas: ['http://127.0.0.1:9']}]\n" \
 
 
 def run(args: tuple[str, ...], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("FLEETSERVE_")}
     return subprocess.run(
         fleetserve_argv(*args), capture_output=True, text=True, timeout=30,
-        stdin=subprocess.DEVNULL, env={**clean, **env}, check=False,
+        stdin=subprocess.DEVNULL, env=env_without_settings(**env), check=False,
     )  # fmt: skip
 
 

@@ -8,7 +8,6 @@ running process took: the port it listens on and the load window its /admin/load
 from __future__ import annotations
 
 import http.client
-import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -16,7 +15,13 @@ import orjson
 import pytest
 
 from fleetserve.fleet.processes import LOOPBACK, free_port
-from fleetserve.testing.stack import Service, Services, fleetserve_argv, services
+from fleetserve.testing.stack import (
+    Service,
+    Services,
+    env_without_settings,
+    fleetserve_argv,
+    services,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -28,12 +33,6 @@ MODEL = "m"
 def started() -> Iterator[Services]:
     with services() as running:
         yield running
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without FLEETSERVE_* variables, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FLEETSERVE_")}
-    return {**env, **extra}
 
 
 def gateway(started: Services, port: int, args: list[str], env: Mapping[str, str]) -> Service:
@@ -70,14 +69,15 @@ def write_fleet(tmp_path: Path, port: int, load_window_s: float) -> Path:
 
 def test_the_environment_sets_what_no_flag_gives(started: Services) -> None:
     port = free_port()
-    service = gateway(started, port, [], clean_env(FLEETSERVE_PORT=str(port),
+    service = gateway(started, port, [], env_without_settings(FLEETSERVE_PORT=str(port),
                                                    FLEETSERVE_LOAD_WINDOW_S="7"))  # fmt: skip
     assert load_window_s(service) == 7.0
 
 
 def test_a_flag_beats_the_environment(started: Services) -> None:
     port = free_port()
-    gateway(started, port, ["--port", str(port)], clean_env(FLEETSERVE_PORT=str(free_port())))
+    env = env_without_settings(FLEETSERVE_PORT=str(free_port()))
+    gateway(started, port, ["--port", str(port)], env)
 
 
 def test_the_fleet_file_gateway_section_is_below_the_environment(
@@ -85,7 +85,7 @@ def test_the_fleet_file_gateway_section_is_below_the_environment(
 ) -> None:
     port = free_port()
     path = write_fleet(tmp_path, port, 9)
-    service = gateway(started, port, ["--fleet-file", str(path)], clean_env())
+    service = gateway(started, port, ["--fleet-file", str(path)], env_without_settings())
     assert load_window_s(service) == 9.0
 
 
@@ -94,7 +94,7 @@ def test_the_environment_names_the_fleet_file_and_beats_its_values(
 ) -> None:
     port = free_port()
     path = write_fleet(tmp_path, free_port(), 9)  # its port loses to FLEETSERVE_PORT
-    env = clean_env(FLEETSERVE_FLEET_FILE=str(path), FLEETSERVE_PORT=str(port))
+    env = env_without_settings(FLEETSERVE_FLEET_FILE=str(path), FLEETSERVE_PORT=str(port))
     service = gateway(started, port, [], env)
     assert load_window_s(service) == 9.0
 
@@ -107,6 +107,6 @@ def test_up_takes_the_same_order(started: Services, tmp_path: Path) -> None:
         "up", "--engine", "sim", "--profile", "instant", "--cold-start-s", "0", "--replicas",
         "1", "--model", MODEL, "--fleet-file", str(path),
     )  # fmt: skip
-    service = started.start("up", argv, port, clean_env(FLEETSERVE_LOAD_WINDOW_S="7"))
+    service = started.start("up", argv, port, env_without_settings(FLEETSERVE_LOAD_WINDOW_S="7"))
     service.wait_ok("/ready", START_TIMEOUT_S)
     assert load_window_s(service) == 7.0  # the environment over the fleet file

@@ -8,7 +8,13 @@ from pathlib import Path
 import typer
 from pydantic import ValidationError
 
-from fleetserve.cli.common import clear_errors, ensure_port_free, settings_from
+from fleetserve.cli.common import (
+    admin_key_file_option,
+    admin_key_option,
+    clear_errors,
+    ensure_port_free,
+    settings_from,
+)
 from fleetserve.config import AutoscaleSettings, describe_errors, load_fleet_file
 from fleetserve.errors import ConfigError
 from fleetserve.fleet.kubernetes import KubernetesTarget
@@ -63,12 +69,8 @@ def autoscaler_command(
     ttft_slo_s: float | None = typer.Option(
         None, "--ttft-slo", min=0.001, help="TTFT p95 SLO (s)."
     ),
-    admin_key: str | None = typer.Option(
-        None, help="The gateway's admin key (FLEETSERVE_ADMIN_KEY)."
-    ),
-    admin_key_file: Path | None = typer.Option(
-        None, help="A file holding the gateway's admin key (FLEETSERVE_ADMIN_KEY_FILE)."
-    ),
+    admin_key: str | None = admin_key_option("of the gateway to read"),
+    admin_key_file: Path | None = admin_key_file_option(),
     host: str = typer.Option("127.0.0.1", help="Address of this process's status endpoint."),
     port: int = typer.Option(8081, help="Port of /admin/autoscaler, /metrics and /health."),
 ) -> None:

@@ -44,6 +44,26 @@ def clear_errors(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def admin_key_option(whose: str = "that /admin/* requires") -> Any:
+    """`--admin-key`, the same on every command that serves or reads the admin API."""
+    return typer.Option(
+        None,
+        "--admin-key",
+        help=f"Bearer key {whose} (FLEETSERVE_ADMIN_KEY). Prefer --admin-key-file: a flag "
+        "shows in `ps`.",
+    )
+
+
+def admin_key_file_option() -> Any:
+    """`--admin-key-file`: the key in a file (a mounted Secret), one trailing newline stripped."""
+    return typer.Option(
+        None,
+        "--admin-key-file",
+        help="A file holding the admin key, one trailing newline stripped "
+        "(FLEETSERVE_ADMIN_KEY_FILE).",
+    )
+
+
 def given_options(ctx: typer.Context, *names: str) -> tuple[dict[str, Any], dict[str, str]]:
     """The options among `names` that the user gave on the command line, and the flag of each
     (`port` -> `--port`). Only these become init values of the settings, so that the

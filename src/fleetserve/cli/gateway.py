@@ -7,7 +7,14 @@ from pathlib import Path
 
 import typer
 
-from fleetserve.cli.common import clear_errors, ensure_port_free, err_console, settings_from
+from fleetserve.cli.common import (
+    admin_key_file_option,
+    admin_key_option,
+    clear_errors,
+    ensure_port_free,
+    err_console,
+    settings_from,
+)
 from fleetserve.config import (
     DEFAULT_PICKER,
     DiscoverySpec,
@@ -65,16 +72,8 @@ def gateway_command(
         help="Kubeconfig (FLEETSERVE_KUBECONFIG; default: in-cluster, $KUBECONFIG, "
         "~/.kube/config).",
     ),
-    admin_key: str | None = typer.Option(
-        None,
-        help="Bearer key that /admin/* requires (FLEETSERVE_ADMIN_KEY). Prefer --admin-key-file: "
-        "a flag shows in `ps`.",
-    ),
-    admin_key_file: Path | None = typer.Option(
-        None,
-        help="A file holding the admin key, one trailing newline stripped "
-        "(FLEETSERVE_ADMIN_KEY_FILE).",
-    ),
+    admin_key: str | None = admin_key_option(),
+    admin_key_file: Path | None = admin_key_file_option(),
 ) -> None:
     """Run the gateway in front of engines.
 

@@ -16,7 +16,12 @@ from rich.segment import Segment, Segments
 from rich.table import Table
 from rich.text import Text
 
-from fleetserve.cli.common import clear_errors, settings_from
+from fleetserve.cli.common import (
+    admin_key_file_option,
+    admin_key_option,
+    clear_errors,
+    settings_from,
+)
 from fleetserve.errors import ConfigError
 
 TIMEOUT_S = 5.0
@@ -224,12 +229,8 @@ def status_command(
     autoscaler: str | None = typer.Option(
         None, help="A separate `fleetserve autoscaler` (its status port), if one runs."
     ),
-    admin_key: str | None = typer.Option(
-        None, help="The gateway's admin key (FLEETSERVE_ADMIN_KEY)."
-    ),
-    admin_key_file: Path | None = typer.Option(
-        None, help="A file holding the gateway's admin key (FLEETSERVE_ADMIN_KEY_FILE)."
-    ),
+    admin_key: str | None = admin_key_option("of the gateway to read"),
+    admin_key_file: Path | None = admin_key_file_option(),
     decisions: int = typer.Option(10, min=1, help="How many scaling decisions to show."),
     wide: bool = typer.Option(
         False, "--wide", "-w", help="Also replica ids, URLs and health; reasons in full."

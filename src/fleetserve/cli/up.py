@@ -8,7 +8,14 @@ from pathlib import Path
 import typer
 from pydantic import ValidationError
 
-from fleetserve.cli.common import clear_errors, ensure_port_free, err_console, settings_from
+from fleetserve.cli.common import (
+    admin_key_file_option,
+    admin_key_option,
+    clear_errors,
+    ensure_port_free,
+    err_console,
+    settings_from,
+)
 from fleetserve.config import (
     DEFAULT_PICKER,
     DRAIN_GRACE_S,
@@ -127,16 +134,8 @@ def up_command(
         "replicas take the backlog. Default: llamacpp its --slots; sim what fits the profile's "
         "KV cache at ~800 tokens a request (a10g: 32); vllm no cap.",
     ),
-    admin_key: str | None = typer.Option(
-        None,
-        help="Bearer key that the gateway's /admin/* requires (FLEETSERVE_ADMIN_KEY). Prefer "
-        "--admin-key-file: a flag shows in `ps`.",
-    ),
-    admin_key_file: Path | None = typer.Option(
-        None,
-        help="A file holding the admin key, one trailing newline stripped "
-        "(FLEETSERVE_ADMIN_KEY_FILE).",
-    ),
+    admin_key: str | None = admin_key_option("that the gateway's /admin/* requires"),
+    admin_key_file: Path | None = admin_key_file_option(),
 ) -> None:
     """Start engine replicas and the gateway on this machine; Ctrl-C stops everything.
 
