@@ -6,20 +6,30 @@ serves (models, their replicas and pickers). Both are passed down explicitly.
 
 from __future__ import annotations
 
+import ipaddress
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from fleetserve.errors import ConfigError
 
@@ -29,6 +39,13 @@ EngineName = Literal["vllm", "sim", "llamacpp"]
 # prefix affinity's TTFT p95 was 768 ms against 2,149 (least outstanding), 2,801 (p2c) and
 # 4,647 (round robin), because it keeps ~79% of prompt tokens in the engines' prefix caches.
 DEFAULT_PICKER: PickerName = "prefix_affinity"
+
+# Defaults used in more than one place; each has its home here.
+READY_TIMEOUT_S = 120.0  # a launched engine replica has this long to pass its health check
+DRAIN_GRACE_S = 30.0  # a replica being removed may finish its requests for this long
+IDLE_TIMEOUT_S = 60.0  # longest gap between two reads of a stream (gateway and bench)
+ENV_PREFIX = "FLEETSERVE_"
+ADMIN_KEY_FIELDS = ("admin_key", "admin_key_file")  # one setting: the key, or a file holding it
 
 
 class TimeoutSettings(BaseModel):
@@ -42,7 +59,7 @@ class TimeoutSettings(BaseModel):
         "chunk, or to a whole non-stream answer (covers queueing + prefill; time held at the "
         "gateway does not count)",
     )
-    idle_s: float = Field(60.0, gt=0, description="longest gap between two stream chunks")
+    idle_s: float = Field(IDLE_TIMEOUT_S, gt=0, description="longest gap between two stream chunks")
     header_read_s: float = Field(
         10.0, gt=0, description="a client's request line and headers must arrive within this"
     )
@@ -88,10 +105,13 @@ class HoldSettings(BaseModel):
 
 
 class GatewaySettings(BaseSettings):
-    """Settings of the gateway process. Every field can be set as FLEETSERVE_<NAME>."""
+    """Settings of the gateway process. Every field can be set as FLEETSERVE_<NAME> (nested ones
+    as FLEETSERVE_TIMEOUTS__FIRST_BYTE_S) or in the fleet file's `gateway:` section. The order,
+    highest first: the init values (a command's flags, see `gateway_settings`), the environment,
+    the fleet file named by either, the defaults."""
 
     model_config = SettingsConfigDict(
-        env_prefix="FLEETSERVE_", env_nested_delimiter="__", extra="ignore", frozen=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore", frozen=True
     )
 
     host: str = "127.0.0.1"
@@ -120,8 +140,15 @@ class GatewaySettings(BaseSettings):
         description="after SIGTERM, in-flight requests and streams may finish within this "
         "(delay included); match Kubernetes' terminationGracePeriodSeconds",
     )
-    admin_key: str | None = Field(
-        None, description="bearer token required by /admin/* (None: admin is open on loopback)"
+    admin_key: SecretStr | None = Field(
+        None,
+        description="bearer token required by /admin/* (None: the admin API is open, which "
+        "only a loopback bind allows; see `admin_api_line`)",
+    )
+    admin_key_file: Path | None = Field(
+        None,
+        description="a file holding the admin key (one trailing newline is stripped); "
+        "`gateway_settings` reads it into admin_key",
     )
     fleet_file: Path | None = None
     kubeconfig: Path | None = Field(
@@ -130,6 +157,47 @@ class GatewaySettings(BaseSettings):
         "~/.kube/config)",
     )
     log_level: str = "warning"
+
+    @field_validator("admin_key")
+    @classmethod
+    def _not_empty(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("the admin key must not be empty")
+        return key
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        fleet_file = FleetFileSettingsSource(settings_cls)
+        return init_settings, env_settings, dotenv_settings, file_secret_settings, fleet_file
+
+    def admin_key_value(self) -> str | None:
+        """The admin key in plain text, for the code that compares or sends it."""
+        return None if self.admin_key is None else self.admin_key.get_secret_value()
+
+
+class FleetFileSettingsSource(PydanticBaseSettingsSource):
+    """The `gateway:` section of the fleet file that a higher source names (a flag or
+    FLEETSERVE_FLEET_FILE): below the environment, above the defaults."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # __call__ reads the whole section at once
+
+    def __call__(self) -> dict[str, Any]:
+        path = self.current_state.get("fleet_file")
+        if not path:
+            return {}
+        section = dict(load_fleet_file(Path(path)).gateway or {})
+        if any(self.current_state.get(name) is not None for name in ADMIN_KEY_FIELDS):
+            for name in ADMIN_KEY_FIELDS:  # a higher source gave the key (or its file)
+                section.pop(name, None)
+        return section
 
 
 ScalingPolicyKind = Literal["pods", "percent"]
@@ -332,11 +400,16 @@ class ModelSpec(BaseModel):
 
 
 class FleetFile(BaseModel):
-    """The fleet file: what the gateway serves."""
+    """The fleet file: what the gateway serves, and optionally how (its `gateway:` section)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     models: list[ModelSpec] = Field(min_length=1)
+    gateway: dict[str, Any] | None = Field(
+        None,
+        description="GatewaySettings fields, nested as in `timeouts: {first_byte_s: 120}`; "
+        "the environment and flags override them",
+    )
 
     @field_validator("models")
     @classmethod
@@ -347,6 +420,19 @@ class FleetFile(BaseModel):
             raise ValueError(f"model names must be unique; repeated: {sorted(dupes)}")
         return models
 
+    @field_validator("gateway")
+    @classmethod
+    def _settings_only(cls, section: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Names are checked here; values where the settings are built, with all sources."""
+        known = set(GatewaySettings.model_fields) - {"fleet_file"}
+        unknown = sorted(set(section or {}) - known)
+        if unknown:
+            listed = ", ".join(sorted(known))
+            raise ValueError(f"unknown gateway setting(s) {', '.join(unknown)}; known: {listed}")
+        if section and all(section.get(name) is not None for name in ADMIN_KEY_FIELDS):
+            raise ValueError("give gateway.admin_key or gateway.admin_key_file, not both")
+        return section
+
 
 def load_fleet_file(path: Path) -> FleetFile:
     try:
@@ -354,8 +440,156 @@ def load_fleet_file(path: Path) -> FleetFile:
     except OSError as exc:
         raise ConfigError(f"cannot read fleet file {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"fleet file {path} is not valid YAML: {exc}") from exc
+        problem = str(exc).replace("\n", " ")
+        raise ConfigError(f"fleet file {path} is not valid YAML: {problem}") from exc
     try:
         return FleetFile.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"fleet file {path} is invalid:\n{exc}") from exc
+        raise ConfigError(f"fleet file {path} is invalid: {describe_errors(exc)}") from exc
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """A validation error on one line: `where: what` per problem."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'value'}: {_lower(error['msg'])}"
+        for error in exc.errors(include_url=False)
+    )
+
+
+def _lower(message: str) -> str:
+    """pydantic's message as the end of a sentence ("Value error, " is its own wrapping)."""
+    message = message.removeprefix("Value error, ")
+    return message[:1].lower() + message[1:]
+
+
+# -- building the gateway's settings from every source ------------------------------------
+
+
+def gateway_settings(
+    given: Mapping[str, Any], flags: Mapping[str, str] | None = None
+) -> GatewaySettings:
+    """GatewaySettings from, highest first: `given` (the options a user gave on the command
+    line, by field name), the environment, the fleet file's `gateway:` section, the defaults.
+
+    `flags` names each given field's option (`port` -> `--port`) for the error messages. The
+    admin key and its file are one setting: the highest source that gives either wins. A bad
+    value is a ConfigError of one line naming where it came from, the value and what is allowed.
+    """
+    flags = flags or {}
+    init = dict(given)
+    in_given = [name for name in ADMIN_KEY_FIELDS if init.get(name) is not None]
+    if len(in_given) == 2:
+        key, key_file = (flags.get(name, _flag(name)) for name in ADMIN_KEY_FIELDS)
+        raise ConfigError(f"give {key} or {key_file}, not both")
+    if in_given:
+        init.update({name: init.get(name) for name in ADMIN_KEY_FIELDS})  # the other: None
+    else:
+        env = _environ()
+        in_env = [ENV_PREFIX + name.upper() for name in ADMIN_KEY_FIELDS]
+        if all(name in env for name in in_env):
+            raise ConfigError(f"set {in_env[0]} or {in_env[1]}, not both")
+    try:
+        settings = GatewaySettings(**init)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, init, flags)) from exc
+    except SettingsError as exc:  # a nested setting in the environment that is not JSON
+        raise ConfigError(_explain_settings_error(exc)) from exc
+    if settings.admin_key is None and settings.admin_key_file is not None:
+        origin = _origin(("admin_key_file",), init, flags)
+        key = read_admin_key_file(settings.admin_key_file, origin)
+        settings = settings.model_copy(update={"admin_key": SecretStr(key)})
+    return settings
+
+
+def read_admin_key_file(path: Path, origin: str) -> str:
+    """The key in `path`, less one trailing newline; `origin` says who named the file."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the admin key file {path} ({origin}): {exc.strerror or exc}"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"the admin key file {path} ({origin}) is not text") from exc
+    key = text.removesuffix("\n").removesuffix("\r")
+    if not key.strip():
+        raise ConfigError(f"the admin key file {path} ({origin}) is empty")
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: only this machine can connect."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_api_line(settings: GatewaySettings) -> str:
+    """The start-up banner's line about the admin API; ConfigError when the gateway would
+    bind an address others can reach with its admin API (drain included) open."""
+    if settings.admin_key is not None:
+        return "admin API: key required"
+    if is_loopback(settings.host):
+        return (
+            "admin API: open on loopback (no admin key); set --admin-key or "
+            "FLEETSERVE_ADMIN_KEY to require one"
+        )
+    raise ConfigError(
+        f"the gateway would bind {settings.host or 'every address'}, which is not loopback, "
+        f"with no admin key, leaving /admin/* (drain included) open to anyone who can reach "
+        f"it; set --admin-key-file FILE, --admin-key KEY or FLEETSERVE_ADMIN_KEY "
+        f"(or bind 127.0.0.1)"
+    )
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _environ() -> dict[str, str]:
+    """The environment with upper-case names, as pydantic-settings matches them."""
+    return {name.upper(): value for name, value in os.environ.items()}
+
+
+def _origin(loc: tuple[str | int, ...], given: Mapping[str, Any], flags: Mapping[str, str]) -> str:
+    """Where the value at `loc` came from, named as the user gave it."""
+    field = str(loc[0])
+    if given.get(field) is not None:
+        return flags.get(field, _flag(field))
+    env = _environ()
+    parts = [str(part).upper() for part in loc]
+    for end in range(len(parts), 0, -1):
+        name = ENV_PREFIX + "__".join(parts[:end])
+        if name in env:
+            return name
+    dotted = ".".join(str(part) for part in loc)
+    path = given.get("fleet_file") or env.get(ENV_PREFIX + "FLEET_FILE")
+    return f"gateway.{dotted} in fleet file {path}" if path else f"setting {dotted}"
+
+
+def _explain(exc: ValidationError, given: Mapping[str, Any], flags: Mapping[str, str]) -> str:
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = error["loc"] or ("value",)
+        where = _origin(loc, given, flags)
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown setting {where}")
+            continue
+        value = error.get("input")
+        shown = "(hidden)" if loc[0] == "admin_key" else repr(value)[:60]
+        problems.append(f"invalid {where}: {shown} ({_lower(error['msg'])})")
+    return "; ".join(problems)
+
+
+def _explain_settings_error(exc: SettingsError) -> str:
+    text = str(exc)
+    field = text.split('field "', 1)[1].split('"', 1)[0] if 'field "' in text else None
+    if field is None:
+        return f"invalid settings in the environment: {text}"
+    name = ENV_PREFIX + field.upper()
+    return (
+        f"invalid {name}: not a JSON object (or set one field at a time, as {name}__<FIELD>=value)"
+    )

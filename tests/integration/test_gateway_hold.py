@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+from pydantic import SecretStr
 
 from fleetserve.config import FleetFile, GatewaySettings, HealthSettings, HoldSettings, ModelSpec
 from fleetserve.fleet.fleet import Fleet
@@ -232,7 +233,7 @@ async def test_runtime_replicas_are_probed_and_routed_services_and_admin_views(
 ) -> None:
     log: list[str] = []
     views = {"autoscaler": lambda: {"decisions": len(log)}}
-    keyed = settings().model_copy(update={"admin_key": "sk-admin"})
+    keyed = settings().model_copy(update={"admin_key": SecretStr("sk-admin")})
     auth = {"Authorization": "Bearer sk-admin"}
     async with (
         fake_engines(2) as engines,

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import orjson
 import pytest
+from pydantic import SecretStr
 
 from fleetserve.config import (
     FleetFile,
@@ -362,7 +363,7 @@ async def test_drain_stops_new_requests_but_lets_in_flight_finish(
 
 
 async def test_admin_key_guards_admin_routes(http: aiohttp.ClientSession) -> None:
-    keyed = settings().model_copy(update={"admin_key": "sk-admin"})
+    keyed = settings().model_copy(update={"admin_key": SecretStr("sk-admin")})
     async with fake_engines(1) as engines, running_gateway(fleet_of(engines), keyed) as gw:
         async with http.get(gw.url + "/admin/fleet") as r:
             assert r.status == 401

@@ -98,6 +98,7 @@ async def test_scale_up_drain_down_and_crash(
         await local.set_replicas(2)
         assert await local.current() == 2  # starting ones count at once
         assert fleet.count_by_state(MODEL)[ReplicaState.STARTING] == 2
+        assert sorted(r.name for r in fleet.replicas(MODEL)) == ["replica-0", "replica-1"]
         await eventually(lambda: len(ready_ids(fleet)) == 2, "two replicas ready")
         status = await local.describe()
         pids = list(pids_by_id(status).values())

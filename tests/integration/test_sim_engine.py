@@ -95,14 +95,15 @@ async def test_serves_openai_and_metrics_then_stops_on_sigterm(
 
 
 @pytest.mark.parametrize(
-    ("argv_tail", "message"),
+    ("argv_tail", "message", "code"),
     [
-        pytest.param(("--profile", "h200"), "unknown sim profile 'h200'", id="unknown-profile"),
-        pytest.param(("--profile", "instant"), "is already in use", id="port-in-use"),
+        pytest.param(("--profile", "h200"), "unknown sim profile 'h200'", 2,
+                     id="unknown-profile"),  # a bad value: status 2
+        pytest.param(("--profile", "instant"), "is already in use", 1, id="port-in-use"),
     ],
-)
+)  # fmt: skip
 async def test_start_up_errors_are_one_clear_line(
-    sim: tuple[ManagedProcess, str], argv_tail: tuple[str, ...], message: str
+    sim: tuple[ManagedProcess, str], argv_tail: tuple[str, ...], message: str, code: int
 ) -> None:
     _, url = sim  # holds the port the second process tries to take
     port = port_of(url)
@@ -110,7 +111,7 @@ async def test_start_up_errors_are_one_clear_line(
     result = subprocess.run(  # noqa: ASYNC221 - a bounded wait for a short-lived process
         sim_argv(port, *argv_tail), capture_output=True, text=True, timeout=30, check=False
     )
-    assert result.returncode == 1
+    assert result.returncode == code
     assert message in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) == 1

@@ -251,6 +251,40 @@ async def test_non_stream_has_no_first_token_and_reads_usage(clock: FakeClock) -
     assert (record.prompt_tokens, record.output_tokens, record.tokens_from_usage) == (4, 2, True)
 
 
+NON_STREAM = BuiltRequest("/v1/completions", b"{}", stream=False, output_tokens=2)
+NON_STREAM_BODY = orjson.dumps(
+    {"choices": [{"text": "long answer"}], "usage": {"prompt_tokens": 4, "completion_tokens": 2}}
+)
+NON_STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    % len(NON_STREAM_BODY)
+)
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        pytest.param([Stall(0.6), Raw(NON_STREAM_HEAD + NON_STREAM_BODY)], id="slow-head"),
+        pytest.param([Raw(NON_STREAM_HEAD), Stall(0.6), Raw(NON_STREAM_BODY)], id="slow-body"),
+    ],
+)
+async def test_non_stream_is_bounded_by_the_total_timeout_not_the_idle_one(
+    clock: FakeClock, script: list[Step]
+) -> None:
+    """A non-stream answer that takes longer than the idle timeout (0.2 s) but less than the
+    total (5 s) is a success: nothing streams, so there are no gaps for an idle bound."""
+    record, _ = await measure(clock, script, NON_STREAM, idle_timeout_s=0.2, total_timeout_s=5.0)
+    assert record.error_kind is None, record.error
+    assert (record.output_tokens, record.prompt_tokens) == (2, 4)
+
+
+async def test_non_stream_past_the_total_timeout_is_a_timeout(clock: FakeClock) -> None:
+    script: list[Step] = [Raw(NON_STREAM_HEAD), Stall(5.0), Raw(NON_STREAM_BODY)]
+    record, _ = await measure(clock, script, NON_STREAM, idle_timeout_s=5.0, total_timeout_s=0.3)
+    assert record.error_kind == "timeout"
+    assert record.error == "no complete response within 0.3 s"
+
+
 # --- every error kind ---------------------------------------------------------------------------
 
 ENVELOPE = b'{"error":{"message":"slow down","type":"rate_limit_error","code":null}}'

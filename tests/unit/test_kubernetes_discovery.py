@@ -39,14 +39,21 @@ WATCH_BOUND_S = 480.0  # the watch is dropped and the slices listed again this l
 
 # -- building EndpointSlices ----------------------------------------------------------------
 def endpoint(
-    address: str, *, ready: bool | None = True, terminating: bool | None = None
+    address: str,
+    *,
+    ready: bool | None = True,
+    terminating: bool | None = None,
+    pod: str | None = None,
 ) -> dict[str, Any]:
     conditions: dict[str, Any] = {}
     if ready is not None:
         conditions["ready"] = ready
     if terminating is not None:
         conditions["terminating"] = terminating
-    return {"addresses": [address], "conditions": conditions}
+    found: dict[str, Any] = {"addresses": [address], "conditions": conditions}
+    if pod is not None:
+        found["targetRef"] = {"kind": "Pod", "name": pod, "namespace": NS}
+    return found
 
 
 def endpoint_slice(
@@ -329,6 +336,17 @@ async def test_replica_ids_and_model(harness_factory: Callable[..., Awaitable[Ha
     await h.fleet_is({URL_A: STARTING})
     (replica,) = h.fleet.replicas()
     assert (replica.id, replica.model, replica.url) == (f"{A}:8000", MODEL, URL_A)
+    assert replica.name == replica.id  # no targetRef: the name is the id
+
+
+async def test_a_replica_is_named_after_its_pod(
+    harness_factory: Callable[..., Awaitable[Harness]],
+) -> None:
+    pod = "vllm-llama-7d9f8b6c5-x2k4q"
+    h = await harness_factory(endpoint_slice("s1", [endpoint(A, pod=pod), endpoint(B)]))
+    await h.fleet_is({URL_A: STARTING, URL_B: STARTING})
+    names = {r.url: r.name for r in h.fleet.replicas()}
+    assert names == {URL_A: pod, URL_B: f"{B}:8000"}
 
 
 async def test_a_gone_replica_with_requests_in_flight_drains_until_they_finish(
@@ -554,6 +572,11 @@ def test_slice_endpoints(
     problem: str | None,
 ) -> None:
     assert parsed(obj, port) == SliceEndpoints(serving, problem)
+
+
+def test_slice_endpoints_name_the_pods_behind_them() -> None:
+    obj = endpoint_slice("s", [endpoint(A, pod="pod-a"), endpoint(B)])
+    assert parsed(obj).names == {URL_A: "pod-a"}
 
 
 def test_merge_takes_serving_from_any_slice() -> None:

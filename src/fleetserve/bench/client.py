@@ -15,8 +15,9 @@ What counts (vLLM's benchmark definitions):
 - `sent_s` is when this task handed the request to the transport (a new connection's connect
   time counts as latency, not as lag).
 
-Failures become error kinds (`records.ErrorKind`): connect, timeout (a total timeout and an
-idle timeout between reads), http_4xx/http_5xx (with the OpenAI error message), stream_error
+Failures become error kinds (`records.ErrorKind`): connect, timeout (the total timeout, from
+send to the last byte, for every request; for streams also the idle timeout, for the head and
+between reads), http_4xx/http_5xx (with the OpenAI error message), stream_error
 (a `data: {"error": ...}` event, or the stream ending without `data: [DONE]`), disconnect,
 protocol, cancelled. Nothing is raised out of `send` except the task's own cancellation.
 """
@@ -32,6 +33,7 @@ import orjson
 from fleetserve.bench.records import ErrorKind, RequestRecord
 from fleetserve.bench.workload import BuiltRequest
 from fleetserve.clock import Clock
+from fleetserve.config import IDLE_TIMEOUT_S
 from fleetserve.errors import (
     UpstreamClosedError,
     UpstreamConnectError,
@@ -50,8 +52,8 @@ MAX_POOLED = 65_536  # keep-alive connections kept per origin: one per concurren
 class ClientSettings:
     base_url: str  # http://host:port, with or without a trailing /v1
     api_key: str | None = None  # sent as Authorization: Bearer
-    total_timeout_s: float = 600.0  # a whole request, from send to its last byte
-    idle_timeout_s: float = 60.0  # for the response head and between reads of a stream
+    total_timeout_s: float = 600.0  # a whole request, from send to its last byte (both kinds)
+    idle_timeout_s: float = IDLE_TIMEOUT_S  # a stream's head, and between its reads
     connect_timeout_s: float = 10.0
 
 
@@ -93,14 +95,15 @@ class BenchClient:
         record.sent_s = clock.now() - t0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.total_timeout_s
+        # A stream's head has the idle bound (then each read, within the total); a non-stream
+        # answer arrives whole, head and body, so only the total bounds it.
+        head_s = settings.total_timeout_s
+        if request.stream:
+            head_s = min(settings.idle_timeout_s, head_s)
         response: Response | None = None
         try:
             response = await self.http.request(
-                url,
-                request.body,
-                f"bench-{record.index}",
-                min(settings.idle_timeout_s, settings.total_timeout_s),
-                stream=request.stream,
+                url, request.body, f"bench-{record.index}", head_s, stream=request.stream
             )
             record.status = response.status
             record.replica = response.headers.get(REPLICA_HEADER)

@@ -38,6 +38,7 @@ from fleetserve.bench.stats import summarize
 from fleetserve.bench.timeline import FleetSampler, SamplerSettings
 from fleetserve.bench.workload import BuiltRequest, Workload, WorkloadSpec
 from fleetserve.clock import Clock
+from fleetserve.config import IDLE_TIMEOUT_S
 from fleetserve.errors import ConfigError
 
 FleetSourceName = Literal["auto", "fleetserve", "prometheus", "none"]
@@ -79,7 +80,7 @@ class BenchPlan:
     seed: int = 0
     api_key: str | None = None
     timeout_s: float = 600.0
-    idle_timeout_s: float = 60.0
+    idle_timeout_s: float = IDLE_TIMEOUT_S
     slos: tuple[SloSpec, ...] = ()
     fleet_source: FleetSourceName = "auto"
     admin_key: str | None = None

@@ -36,6 +36,7 @@ from fleetserve.bench.slo import parse_slos
 from fleetserve.bench.workload import Api, WorkloadSpec, read_dataset
 from fleetserve.cli.common import clear_errors, err_console
 from fleetserve.clock import RealClock
+from fleetserve.config import IDLE_TIMEOUT_S
 from fleetserve.errors import ConfigError
 
 bench_app = typer.Typer(
@@ -153,7 +154,12 @@ def bench_command(
     admin_key: str | None = typer.Option(
         None, envvar="FLEETSERVE_ADMIN_KEY", help="Admin key of a fleetserve gateway."
     ),
-    timeout: float = typer.Option(600.0, min=0.1, help="Per-request total timeout (s)."),
+    timeout: float = typer.Option(
+        600.0,
+        min=0.1,
+        help="Per-request total timeout (s), from send to the last byte, streamed or not; a "
+        f"stream also fails after {IDLE_TIMEOUT_S:g} s without a chunk.",
+    ),
     seed: int = typer.Option(0, help="Seed for arrivals and prompts."),
     sweep: str | None = typer.Option(
         None,

@@ -1,39 +1,88 @@
-"""Shared CLI plumbing: clear one-line errors instead of tracebacks, and port checks."""
+"""Shared CLI plumbing: clear one-line errors instead of tracebacks, settings from the options
+a user gave, and port checks."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import NoReturn, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
+import typer
 from rich.console import Console
+from rich.text import Text
 
-from fleetserve.errors import FleetserveError
+from fleetserve.config import GatewaySettings, gateway_settings
+from fleetserve.errors import ConfigError, FleetserveError
 from fleetserve.fleet.processes import port_is_free
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
+USAGE_EXIT = 2  # a bad value or usage, as click exits for its own usage errors
+
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # one error, one line
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}")
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message))  # no markup in it
     sys.exit(code)
 
 
 def clear_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn fleetserve's own errors into one clear line and a non-zero exit."""
+    """Turn fleetserve's own errors into one clear line and a non-zero exit (2 for settings)."""
 
     @wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return func(*args, **kwargs)
+        except ConfigError as exc:
+            fail(str(exc), USAGE_EXIT)
         except FleetserveError as exc:
             fail(str(exc))
 
     return wrapper
+
+
+def admin_key_option(whose: str = "that /admin/* requires") -> Any:
+    """`--admin-key`, the same on every command that serves or reads the admin API."""
+    return typer.Option(
+        None,
+        "--admin-key",
+        help=f"Bearer key {whose} (FLEETSERVE_ADMIN_KEY). Prefer --admin-key-file: a flag "
+        "shows in `ps`.",
+    )
+
+
+def admin_key_file_option() -> Any:
+    """`--admin-key-file`: the key in a file (a mounted Secret), one trailing newline stripped."""
+    return typer.Option(
+        None,
+        "--admin-key-file",
+        help="A file holding the admin key, one trailing newline stripped "
+        "(FLEETSERVE_ADMIN_KEY_FILE).",
+    )
+
+
+def given_options(ctx: typer.Context, *names: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The options among `names` that the user gave on the command line, and the flag of each
+    (`port` -> `--port`). Only these become init values of the settings, so that the
+    environment and the fleet file fill in the rest (a default would outrank them)."""
+    values: dict[str, Any] = {}
+    flags: dict[str, str] = {}
+    for param in ctx.command.params:
+        name = param.name
+        source = ctx.get_parameter_source(name) if name in names else None
+        if source is not None and source.name == "COMMANDLINE":  # not a default, not an envvar
+            values[name] = ctx.params[name]
+            flags[name] = max(param.opts, key=len)
+    return values, flags
+
+
+def settings_from(ctx: typer.Context, *names: str) -> GatewaySettings:
+    """GatewaySettings: the given options among `names`, then the environment, then the fleet
+    file's `gateway:` section, then the defaults."""
+    return gateway_settings(*given_options(ctx, *names))
 
 
 def ensure_port_free(host: str, port: int, what: str) -> None:

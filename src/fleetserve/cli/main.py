@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
+
+# typer runs its own copy of click; its exceptions are the ones a command line raises.
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 from fleetserve import __version__
 from fleetserve.cli.autoscaler import autoscaler_command
 from fleetserve.cli.bench import bench_app
+from fleetserve.cli.common import USAGE_EXIT, fail
 from fleetserve.cli.engine import engine_app
 from fleetserve.cli.gateway import gateway_command
 from fleetserve.cli.status import status_command
@@ -14,7 +20,7 @@ from fleetserve.cli.up import up_command
 
 app = typer.Typer(
     name="fleetserve",
-    help="Serve open LLMs to many users: gateway, autoscaler, load tester and cost analysis.",
+    help="Serve open LLMs to many users: gateway, autoscaler and load tester.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -25,6 +31,8 @@ app.command("gateway")(gateway_command)
 app.command("up")(up_command)
 app.command("status")(status_command)
 app.command("autoscaler")(autoscaler_command)
+
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def _version(value: bool) -> None:
@@ -43,4 +51,20 @@ def _root(
 
 
 def main() -> None:
-    app()
+    """Run the app; a usage error (unknown option, a value of the wrong type) is one line and
+    exit status 2 instead of click's framed box."""
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        exc.show()  # the help text, as `fleetserve` alone has always printed it
+        sys.exit(exc.exit_code)
+    except UsageError as exc:  # BadParameter and missing/unknown options too
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        fail(" ".join(exc.format_message().split()) + hint, USAGE_EXIT)
+    except ClickException as exc:
+        fail(" ".join(exc.format_message().split()), exc.exit_code)
+    except typer.Abort:
+        sys.exit(INTERRUPTED_EXIT)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -6,15 +6,25 @@ import shutil
 from pathlib import Path
 
 import typer
+from pydantic import ValidationError
 
-from fleetserve.cli.common import clear_errors, ensure_port_free, err_console
+from fleetserve.cli.common import (
+    admin_key_file_option,
+    admin_key_option,
+    clear_errors,
+    ensure_port_free,
+    err_console,
+    settings_from,
+)
 from fleetserve.config import (
     DEFAULT_PICKER,
+    DRAIN_GRACE_S,
     AutoscaleSettings,
     EngineName,
-    GatewaySettings,
     ModelSpec,
     PickerName,
+    admin_api_line,
+    describe_errors,
     load_fleet_file,
 )
 from fleetserve.engines.llamacpp.adapter import threads_per_replica
@@ -39,6 +49,8 @@ MAX_REPLICAS = 64
 # at 0.6 s with 97 % of the replica's most throughput (36: 1.7 s; 40 and more: the KV cache is
 # full and requests wait inside the engine, where a new replica cannot take them).
 SIM_TOKENS_PER_REQUEST = 800
+# The options that are GatewaySettings fields: given ones outrank FLEETSERVE_* and the fleet file.
+SETTINGS_OPTIONS = ("port", "host", "workers", "fleet_file", "admin_key", "admin_key_file")
 
 
 def _engine_setup(
@@ -71,6 +83,7 @@ def _engine_setup(
 
 @clear_errors
 def up_command(
+    ctx: typer.Context,
     engine: str = typer.Option("llamacpp", help="llamacpp (a real small model), sim or vllm."),
     model: str | None = typer.Option(
         None,
@@ -89,20 +102,24 @@ def up_command(
         None,
         "--fleet-file",
         "-f",
-        help="A fleet file whose model's `autoscale:` section sets the policy (with MIN:MAX).",
+        help="A fleet file (FLEETSERVE_FLEET_FILE): its `gateway:` section sets gateway "
+        "settings; with MIN:MAX, its model's `autoscale:` section sets the policy.",
     ),
     ttft_slo_s: float | None = typer.Option(
         None, "--ttft-slo", min=0.001, help="Autoscale: keep the gateway's TTFT p95 under this (s)."
     ),
     drain_grace_s: float = typer.Option(
-        30.0, min=0.0, help="Autoscale: seconds a removed replica may finish its requests."
+        DRAIN_GRACE_S, min=0.0, help="Autoscale: seconds a removed replica may finish its requests."
     ),
-    port: int = typer.Option(8000, "--port", "-p", help="Gateway port."),
-    host: str = typer.Option("127.0.0.1", help="Gateway address."),
+    port: int = typer.Option(8000, "--port", "-p", help="Gateway port (FLEETSERVE_PORT)."),
+    host: str = typer.Option(
+        "127.0.0.1",
+        help="Gateway address (FLEETSERVE_HOST). Any but a loopback address needs an admin key.",
+    ),
     picker: str = typer.Option(
         DEFAULT_PICKER, help="round_robin, least_outstanding, p2c, prefix_affinity."
     ),
-    workers: int = typer.Option(1, help="Gateway worker processes."),
+    workers: int = typer.Option(1, help="Gateway worker processes (FLEETSERVE_WORKERS)."),
     threads: int | None = typer.Option(
         None, help="llamacpp: threads per replica (default: cores / replicas)."
     ),
@@ -117,6 +134,8 @@ def up_command(
         "replicas take the backlog. Default: llamacpp its --slots; sim what fits the profile's "
         "KV cache at ~800 tokens a request (a10g: 32); vllm no cap.",
     ),
+    admin_key: str | None = admin_key_option("that the gateway's /admin/* requires"),
+    admin_key_file: Path | None = admin_key_file_option(),
 ) -> None:
     """Start engine replicas and the gateway on this machine; Ctrl-C stops everything.
 
@@ -125,10 +144,16 @@ def up_command(
       fleetserve up --replicas 2 --port 8000      (llama.cpp serving SmolLM2 on the CPU)
 
       fleetserve up --engine sim --profile a10g --replicas 1:8 --ttft-slo 2   (autoscaled)
+
+    Gateway settings, highest first: a flag, the environment (FLEETSERVE_<NAME>), the fleet
+    file's `gateway:` section, the default.
     """
+    settings = settings_from(ctx, *SETTINGS_OPTIONS)
+    admin = admin_api_line(settings)
     low, high = _replica_range(replicas)
+    fleet_file = settings.fleet_file
     autoscale = _autoscale(low, high, fleet_file, ttft_slo_s) if low != high else None
-    if autoscale is not None and workers != 1:
+    if autoscale is not None and settings.workers != 1:
         raise ConfigError(
             "the autoscaler runs inside the gateway process: use --workers 1 with --replicas "
             "MIN:MAX"
@@ -146,13 +171,12 @@ def up_command(
     if autoscale is not None:
         cap = _max_concurrency(engine_name, max_concurrency, slots, profile, autoscale)
         note += f"; at most {cap} in flight per replica" if cap else "; no in-flight cap"
-    ensure_port_free(host, port, "the gateway")
+    ensure_port_free(settings.host, settings.port, "the gateway")
 
     def say(line: str) -> None:
         err_console.print(f"[dim]fleetserve[/] {line}")
 
-    endpoint = f"http://{host}:{port}"
-    settings = GatewaySettings(host=host, port=port, workers=workers)
+    endpoint = f"http://{settings.host}:{settings.port}"
 
     def announce() -> None:
         _print_ready(endpoint, served)
@@ -162,6 +186,7 @@ def up_command(
             err_console.print(
                 f"[bold]fleetserve up[/]: {low} replica(s) of [cyan]{served}[/]: {note}"
             )
+            say(admin)
             spec = LocalStackSpec(
                 adapter=adapter_for(engine_name),
                 model=served,
@@ -176,6 +201,7 @@ def up_command(
                 f"[bold]fleetserve up[/]: {low} to {high} replicas of [cyan]{served}[/], "
                 f"autoscaled: {note}"
             )
+            say(admin)
             scaled = AutoscaledStackSpec(
                 adapter=adapter_for(engine_name),
                 model=served,
@@ -225,8 +251,8 @@ def _autoscale(
         base["ttft_slo_s"] = ttft_slo_s
     try:
         return AutoscaleSettings.model_validate(base)
-    except ValueError as exc:
-        raise ConfigError(f"autoscale settings are invalid: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"autoscale settings are invalid: {describe_errors(exc)}") from exc
 
 
 def _max_concurrency(

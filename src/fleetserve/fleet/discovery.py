@@ -17,10 +17,12 @@ def replica_id(url: str) -> str:
 
 
 def populate_static(fleet: Fleet, models: Sequence[ModelSpec], now: float) -> None:
-    """Add every replica the fleet file lists, in the starting state until a probe passes."""
+    """Add every replica the fleet file lists, in the starting state until a probe passes.
+
+    Each is named `replica-N`, numbered per model in the order the fleet file lists them."""
     for spec in models:
         fleet.declare_model(spec.name)
-        for url in spec.replicas:
+        for index, url in enumerate(spec.replicas):
             rid = replica_id(url)
             if fleet.get(rid) is not None:
                 rid = f"{spec.name}@{rid}"
@@ -31,5 +33,6 @@ def populate_static(fleet: Fleet, models: Sequence[ModelSpec], now: float) -> No
                     model=spec.name,
                     max_concurrency=spec.max_concurrency,
                     state_since=now,
+                    name=f"replica-{index}",
                 )
             )

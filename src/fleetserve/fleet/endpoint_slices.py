@@ -28,10 +28,12 @@ PortSelector = str | int | None
 
 @dataclass(frozen=True, slots=True)
 class SliceEndpoints:
-    """What one slice says: serving flag per replica URL, and why it says nothing if so."""
+    """What one slice says: serving flag per replica URL, and why it says nothing if so;
+    `names`: the pod behind each URL, where the endpoint's targetRef names one."""
 
     serving: Mapping[str, bool]
     problem: str | None = None
+    names: Mapping[str, str] = field(default_factory=dict)
 
 
 def slice_endpoints(
@@ -42,6 +44,7 @@ def slice_endpoints(
     if isinstance(chosen, str):
         return SliceEndpoints({}, chosen if endpoints else None)
     serving: dict[str, bool] = {}
+    names: dict[str, str] = {}
     for endpoint in endpoints:
         if not endpoint.addresses:
             continue
@@ -50,7 +53,10 @@ def slice_endpoints(
         terminating = conditions is not None and conditions.terminating is True
         url = f"{scheme}://{_host(endpoint.addresses[0])}:{chosen}"
         serving[url] = serving.get(url, False) or (ready and not terminating)
-    return SliceEndpoints(serving)
+        target = endpoint.targetRef
+        if target is not None and target.kind in (None, "Pod") and target.name:
+            names[url] = target.name
+    return SliceEndpoints(serving, names=names)
 
 
 def _choose_port(ports: list[EndpointPort], wanted: PortSelector) -> int | str:

@@ -249,6 +249,7 @@ class KubernetesDiscovery:
                     model=self.model.name,
                     max_concurrency=self.model.max_concurrency,
                     state_since=now,
+                    name=next((s.names[url] for s in self._slices.values() if url in s.names), rid),
                 )
             )
             self._ids[url] = rid

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fleetserve.clock import Clock
+from fleetserve.config import DRAIN_GRACE_S, READY_TIMEOUT_S
 from fleetserve.errors import ActuatorError
 from fleetserve.fleet.actuators import (
     ActuatorStatus,
@@ -64,10 +65,10 @@ class LocalActuatorSettings:
     model: str
     log_dir: Path
     host: str = LOOPBACK
-    ready_timeout_s: float = 120.0
+    ready_timeout_s: float = READY_TIMEOUT_S
     ready_poll_s: float = 0.05
     probe_timeout_s: float = 1.0
-    drain_grace_s: float = 30.0
+    drain_grace_s: float = DRAIN_GRACE_S
     drain_poll_s: float = 0.05
     stop_grace_s: float = STOP_GRACE_S
     watch_interval_s: float = 0.25
@@ -226,6 +227,7 @@ class LocalActuator:
                 model=settings.model,
                 max_concurrency=settings.max_concurrency,
                 state_since=now,
+                name=name,
             )
         )
         owned.task = self._spawn(self._await_ready(owned))

@@ -59,7 +59,12 @@ class Replica:
     healthy_since: float = 0.0  # when it last became ready: the ejection count decays from then
     state_since: float = 0.0
     reason: str = ""
+    name: str = ""  # what people read (replica-0, a pod's name); the id when not given
     _snapshot: ReplicaSnapshot | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = self.id
 
     def snapshot(self) -> ReplicaSnapshot:
         snap = self._snapshot

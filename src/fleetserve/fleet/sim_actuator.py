@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fleetserve.clock import Clock
+from fleetserve.config import DRAIN_GRACE_S
 from fleetserve.fleet.actuators import (
     ActuatorStatus,
     ReplicaStatus,
@@ -81,7 +82,7 @@ class SimActuator:
         clock: Clock,
         *,
         cold_start_s: float,
-        drain_grace_s: float = 30.0,
+        drain_grace_s: float = DRAIN_GRACE_S,
         in_flight: Callable[[str], int] | None = None,
         listener: Callable[[SimEvent], None] | None = None,
         fleet: Fleet | None = None,

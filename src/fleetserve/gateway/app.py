@@ -154,7 +154,7 @@ def build_gateway(
 
     simulated = frozenset(spec.name for spec in fleet_file.models if spec.engine == "sim")
     cold = build_routes_app(
-        fleet, metrics, clock, window, holds, shutdown, settings.admin_key, admin_views,
+        fleet, metrics, clock, window, holds, shutdown, settings.admin_key_value(), admin_views,
         simulated, supervisor, peers,
     )  # fmt: skip
     proxy = Proxy(fleet, pickers, upstream, settings, metrics, clock, window, holds, shutdown)

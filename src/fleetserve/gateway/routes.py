@@ -54,7 +54,7 @@ def build_routes_app(
     window: LoadWindow,
     holds: HoldQueue,
     shutdown: Shutdown,
-    admin_key: str | None = None,
+    admin_key: str | None = None,  # plain text: the settings hold it as a SecretStr
     admin_views: Mapping[str, AdminView] | None = None,
     simulated_models: frozenset[str] = frozenset(),
     supervisor: Supervisor | None = None,
@@ -130,6 +130,7 @@ def build_routes_app(
         replicas = [
             {
                 "id": r.id,
+                "name": r.name,
                 "url": r.url,
                 "model": r.model,
                 "state": r.state.value,

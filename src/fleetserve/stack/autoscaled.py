@@ -14,6 +14,8 @@ from fleetserve.autoscale.loop import AutoscaleLoop
 from fleetserve.autoscale.observers import FleetObserver, GatewayFigures
 from fleetserve.clock import RealClock
 from fleetserve.config import (
+    DRAIN_GRACE_S,
+    READY_TIMEOUT_S,
     AutoscaleSettings,
     EngineName,
     FleetFile,
@@ -42,8 +44,8 @@ class AutoscaledStackSpec:
     engine_name: EngineName
     picker: PickerName
     autoscale: AutoscaleSettings
-    ready_timeout_s: float = 120.0
-    drain_grace_s: float = 30.0
+    ready_timeout_s: float = READY_TIMEOUT_S
+    drain_grace_s: float = DRAIN_GRACE_S
     # In flight per replica; the gateway queues the rest, so new replicas take the backlog.
     max_concurrency: int | None = None
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetserve.config import FleetFile, GatewaySettings, ModelSpec, PickerName
+from fleetserve.config import READY_TIMEOUT_S, FleetFile, GatewaySettings, ModelSpec, PickerName
 from fleetserve.engines.adapter import EngineAdapter
 from fleetserve.fleet.engine_process import EngineProcess, check_memory, launch, wait_ready
 from fleetserve.fleet.processes import LOOPBACK, free_port
@@ -27,7 +27,7 @@ class LocalStackSpec:
     options: dict[str, str]
     engine_name: str
     picker: PickerName
-    ready_timeout_s: float = 120.0
+    ready_timeout_s: float = READY_TIMEOUT_S
 
 
 def run_local_stack(

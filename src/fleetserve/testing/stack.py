@@ -33,6 +33,13 @@ FAST_HEALTH_ENV = {
 }
 
 
+def env_without_settings(**extra: str) -> dict[str, str]:
+    """This process's environment without FLEETSERVE_* settings, plus `extra`: what a command
+    started by a test reads is what the test gives it."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FLEETSERVE_")}
+    return {**env, **extra}
+
+
 def fleetserve_argv(*args: str) -> list[str]:
     """`fleetserve ARGS` as run by this interpreter (and so this environment)."""
     return [sys.executable, "-m", "fleetserve", *args]
