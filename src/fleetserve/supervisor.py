@@ -18,7 +18,7 @@ import asyncio
 import enum
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from fleetserve.clock import Clock
@@ -171,3 +171,12 @@ class Supervisor:
         self, name: str, state: ServiceState, restarts: int, error: str | None, since: float
     ) -> None:
         self._statuses[name] = ServiceStatus(name, state, restarts, error, since)
+
+
+async def cancel_all(tasks: Iterable[asyncio.Task[None] | None]) -> None:
+    """Cancel the tasks (services spawned here) and wait until each has ended. The caller's
+    own cancellation still propagates (no `suppress(CancelledError)` around the wait)."""
+    running = [task for task in tasks if task is not None]
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)

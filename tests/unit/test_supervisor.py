@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from fleetserve.supervisor import Backoff, ServiceState, Supervisor
+from fleetserve.supervisor import Backoff, ServiceState, Supervisor, cancel_all
 from fleetserve.testing.clock import FakeClock
 
 
@@ -213,3 +213,13 @@ async def test_one_name_one_service() -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_cancel_all_stops_services_and_skips_missing_ones() -> None:
+    clock = FakeClock()
+    supervisor = Supervisor(clock)
+    tasks = [supervisor.spawn(f"svc{i}", Flaky(clock, failures=0)) for i in range(3)]
+    await clock.settle()
+    await cancel_all([*tasks, None])
+    assert all(t.cancelled() for t in tasks)
+    assert supervisor.statuses() == ()

@@ -24,7 +24,7 @@ from fleetserve.clock import Clock
 from fleetserve.config import AutoscaleSettings
 from fleetserve.errors import ActuatorError, FleetserveError
 from fleetserve.fleet.actuators import Actuator, ActuatorStatus
-from fleetserve.supervisor import Supervisor
+from fleetserve.supervisor import Supervisor, cancel_all
 
 log = logging.getLogger("fleetserve.autoscale")
 
@@ -83,11 +83,7 @@ class AutoscaleLoop:
     async def stop(self) -> None:
         tasks = (self._task, self._status_task)
         self._task = self._status_task = None
-        for task in tasks:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_all(tasks)
 
     async def _refresh_status(self) -> None:
         """Keep the actuator's status (replica states, cold starts) fresh between decisions."""

@@ -9,7 +9,7 @@ skipped), as an unreachable gateway is.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,16 +41,8 @@ class FleetObserver:
         self.figures = figures
 
     async def observe(self, now: float, current: int) -> Observation:
-        figures = self.figures(self.model, now)
-        return observe(
-            (r.snapshot() for r in self.fleet.replicas(self.model)),
-            now=now,
-            current=current,
-            held=figures.held,
-            ttft_p95_s=figures.ttft_p95_s,
-            arrival_rps=figures.arrival_rps,
-            arrival_tps=figures.arrival_tps,
-        )
+        snapshots = (r.snapshot() for r in self.fleet.replicas(self.model))
+        return _observation(snapshots, self.figures(self.model, now), now, current)
 
 
 class GatewayObserver:
@@ -101,16 +93,21 @@ class GatewayObserver:
             for r in replicas
             if not isinstance(r, dict) or r.get("model") == self.model
         ]
-        figures = _figures(load, self.model)
-        return observe(
-            snapshots,
-            now=now,
-            current=current,
-            held=figures.held,
-            ttft_p95_s=figures.ttft_p95_s,
-            arrival_rps=figures.arrival_rps,
-            arrival_tps=figures.arrival_tps,
-        )
+        return _observation(snapshots, _figures(load, self.model), now, current)
+
+
+def _observation(
+    snapshots: Iterable[ReplicaSnapshot], figures: GatewayFigures, now: float, current: int
+) -> Observation:
+    return observe(
+        snapshots,
+        now=now,
+        current=current,
+        held=figures.held,
+        ttft_p95_s=figures.ttft_p95_s,
+        arrival_rps=figures.arrival_rps,
+        arrival_tps=figures.arrival_tps,
+    )
 
 
 def _snapshot(replica: object) -> ReplicaSnapshot:

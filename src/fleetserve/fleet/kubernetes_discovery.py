@@ -16,7 +16,6 @@ The decisions (what a slice says, what to add, drain, remove) are pure, in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -44,7 +43,7 @@ from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.kubernetes import DEFAULT_TIMEOUT_S, load_kubeconfig
 from fleetserve.fleet.replica import Replica
 from fleetserve.routing.snapshot import ReplicaState
-from fleetserve.supervisor import Backoff, Supervisor
+from fleetserve.supervisor import Backoff, Supervisor, cancel_all
 
 log = logging.getLogger("fleetserve.fleet.kubernetes_discovery")
 
@@ -123,11 +122,7 @@ class KubernetesDiscovery:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         self._tasks = []
         if self._client is not None:
             await self._client.close()

@@ -111,9 +111,6 @@ class HoldQueue:
         queue = self._queues.get(model)
         return len(queue) if queue else 0
 
-    def held_by_model(self) -> dict[str, int]:
-        return {model: len(q) for model, q in self._queues.items()}
-
     # -- holding ----------------------------------------------------------------------------
     async def hold(
         self, model: str, started: float, ticker: HoldTicker | None = None

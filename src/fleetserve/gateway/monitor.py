@@ -14,7 +14,6 @@ is routed to within that long of its engine becoming healthy, not a whole probe 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -26,7 +25,7 @@ from fleetserve.config import HealthSettings
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.replica import Replica
 from fleetserve.routing.snapshot import EngineSignals, ReplicaState
-from fleetserve.supervisor import Supervisor
+from fleetserve.supervisor import Supervisor, cancel_all
 
 log = logging.getLogger("fleetserve.gateway.monitor")
 
@@ -71,11 +70,7 @@ class FleetMonitor:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         self._tasks = []
         if self._session is not None:
             await self._session.close()
