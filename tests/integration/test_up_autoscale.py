@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import threading
 import time
 
+import aiohttp
 import orjson
 import psutil
 import pytest
@@ -54,11 +56,14 @@ def stop(up: Service, children: list[psutil.Process]) -> str:
 
 
 @pytest.mark.timeout(90)
-def test_scale_from_zero_holds_the_request_until_a_replica_is_ready() -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-worker", "two-workers"])
+def test_scale_from_zero_holds_the_request_until_a_replica_is_ready(workers: int) -> None:
+    """With two workers the autoscaler runs in the parent: a request held by either worker
+    wakes it, and both workers route to the replica it starts."""
     port = free_port()
     children: list[psutil.Process] = []
     with services() as started, reap_on_exit(children):
-        up = started.start("up", up_argv(port, "0:2"), port)
+        up = started.start("up", [*up_argv(port, "0:2"), "--workers", str(workers)], port)
         up.wait_ok("/health")
         fleet = get_json(up.url, "/admin/fleet")
         assert fleet["replicas"] == []  # nothing runs until a request comes
@@ -140,3 +145,48 @@ def test_bad_replica_range_is_one_clear_line() -> None:
         assert result.returncode != 0
         assert "Traceback" not in stderr
         assert "--replicas" in stderr, stderr
+
+
+@pytest.mark.timeout(90)
+async def test_two_workers_autoscaler_sees_the_load_of_both() -> None:
+    """16 long streams over two workers: the parent's autoscaler counts all 16 in flight
+    (target 6 a replica: 3 replicas), not one worker's share."""
+    port = free_port()
+    children: list[psutil.Process] = []
+    argv = fleetserve_argv(
+        "up", "--engine", "sim", "--replicas", "1:3", "--port", str(port), "--model", MODEL,
+        "--profile", "a10g", "--cold-start-s", "0.5", "--workers", "2",
+    )  # fmt: skip
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 600,
+            "stream": True}  # fmt: skip
+    with services() as started, reap_on_exit(children):
+        up = started.start("up", argv, port)
+        up.wait_ok("/ready")
+
+        async def stream() -> int:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http,
+                http.post(up.url + "/v1/chat/completions", json=body) as r,
+            ):
+                await r.read()
+                return r.status
+
+        tasks = [asyncio.create_task(stream()) for _ in range(16)]
+        async with aiohttp.ClientSession() as http:
+            async with asyncio.timeout(30):
+                while True:
+                    async with http.get(up.url + "/admin/autoscaler") as r:
+                        view = await r.json()
+                    if (view.get("desired") or 0) >= 3:
+                        break
+                    await asyncio.sleep(0.2)
+            async with http.get(up.url + "/admin/fleet") as r:
+                fleet = await r.json()
+        assert fleet["workers"] == 2
+        assert view["latest"]["signals"]["load"] == 3, view["latest"]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        children_of(up, children)
+        stop(up, children)
+    assert port_is_free(port)

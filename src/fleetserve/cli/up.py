@@ -153,11 +153,6 @@ def up_command(
     low, high = _replica_range(replicas)
     fleet_file = settings.fleet_file
     autoscale = _autoscale(low, high, fleet_file, ttft_slo_s) if low != high else None
-    if autoscale is not None and settings.workers != 1:
-        raise ConfigError(
-            "the autoscaler runs inside the gateway process: use --workers 1 with --replicas "
-            "MIN:MAX"
-        )
     options = {
         "threads": str(threads) if threads else "",
         "slots": str(slots),

@@ -362,3 +362,66 @@ def follow_replica_set(
             fleet.probe_passed(entry.id, now)
         elif entry.state == ReplicaState.DRAINING.value:
             fleet.drain(entry.id, now)
+
+
+class ParentLink:
+    """The parent's side of an autoscaled gateway with several workers: a background service
+    of the parent (gateway/workers.py).
+
+    It publishes the parent's replica set on every change (the workers follow it), reads the
+    workers' reports every `REPORT_S` into the parent's Fleet (in-flight per replica, which
+    drains wait on) and answers `figures` from their merged load windows (what the autoscaler
+    observes), and writes the autoscaler's view for the workers to serve.
+    """
+
+    def __init__(
+        self,
+        run: RunDir,
+        fleet: Fleet,
+        model: str,
+        clock: Clock,
+        window_s: float,
+        view: Callable[[], dict[str, object]],
+        supervisor: Supervisor | None = None,
+    ) -> None:
+        self.run = run
+        self.fleet = fleet
+        self.model = model
+        self.clock = clock
+        self.window_s = window_s
+        self.view = view
+        self.supervisor = supervisor or Supervisor(clock)
+        self._task: asyncio.Task[None] | None = None
+        fleet.declare_model(model)
+        fleet.subscribe(lambda _replica: self.publish())
+
+    def publish(self) -> None:
+        write_replica_set(self.run, self.fleet, self.model)
+
+    def load(self, now: float) -> LoadWindow:
+        """The workers' load windows merged (held requests included)."""
+        return merged_window(None, read_reports(self.run, now), now, self.window_s)
+
+    def step(self) -> None:
+        now = self.clock.now()
+        reports = read_reports(self.run, now)
+        for replica in self.fleet.replicas(self.model):
+            replica.in_flight = sum(r.in_flight.get(replica.id, 0) for r in reports)
+        write_json(self.run.autoscaler, self.view())
+
+    async def start(self) -> None:
+        self.publish()
+        self.step()
+        self._task = self.supervisor.spawn("gateway/parent-link", self._run)
+
+    async def _run(self) -> None:
+        while True:
+            await self.clock.sleep(REPORT_S)
+            self.step()
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

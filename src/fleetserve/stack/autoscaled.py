@@ -1,5 +1,11 @@
-"""An autoscaled local fleet (`fleetserve up --replicas MIN:MAX`): the gateway with a local
-actuator and the autoscaler loop in its process."""
+"""An autoscaled local fleet (`fleetserve up --replicas MIN:MAX`).
+
+With one gateway worker, the local actuator and the autoscaler loop run in the gateway's
+process and read its Fleet and load window directly. With `--workers N` they run in the
+parent process that supervises the workers (gateway/workers.py): the workers follow the
+parent's replica set and report their load, which the autoscaler observes merged
+(gateway/peers.py), so it sees the whole gateway's load, not one worker's share.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import aiohttp
 
 from fleetserve.autoscale.loop import AutoscaleLoop
 from fleetserve.autoscale.observers import FleetObserver, GatewayFigures
@@ -29,7 +37,10 @@ from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.local import LocalActuator, LocalActuatorSettings
 from fleetserve.gateway.app import build_gateway, fleet_for
 from fleetserve.gateway.asgi import GatewayApp
+from fleetserve.gateway.monitor import FleetMonitor
+from fleetserve.gateway.peers import ParentLink
 from fleetserve.gateway.serve import serve_app
+from fleetserve.gateway.workers import new_run_dir, run_workers
 from fleetserve.routing.snapshot import ReplicaState
 from fleetserve.stack.launcher import AdapterLauncher
 from fleetserve.supervisor import Supervisor
@@ -188,4 +199,108 @@ def run_autoscaled_stack(
     on_ready: Callable[[], None] = lambda: None,
 ) -> None:
     """Serve the gateway with the autoscaler until SIGINT/SIGTERM; every replica is stopped."""
+    if settings.workers > 1:
+        run_autoscaled_workers(spec, settings, on_ready)
+        return
     serve_app(build_autoscaled_gateway(spec, settings, on_ready), settings)
+
+
+class _AnnounceWhenServing:
+    """Calls `on_ready` once a gateway worker answers /health (the parent bound the port
+    before the workers started, so an accepted connection proves nothing)."""
+
+    def __init__(self, url: str, on_ready: Callable[[], None], clock: RealClock) -> None:
+        self.url, self.on_ready, self.clock = url, on_ready, clock
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._wait())
+
+    async def _wait(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=1.0)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            for _ in range(1200):  # a minute at most
+                try:
+                    async with http.get(self.url + "/health") as response:
+                        if response.status == 200:
+                            self.on_ready()
+                            return
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                await self.clock.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+def run_autoscaled_workers(
+    spec: AutoscaledStackSpec,
+    settings: GatewaySettings,
+    on_ready: Callable[[], None] = lambda: None,
+) -> None:
+    """`up --replicas MIN:MAX --workers N`: the actuator, health checks and autoscaler in this
+    (the parent) process, N gateway workers on the port. Blocks until SIGINT/SIGTERM."""
+    clock = RealClock()
+    supervisor = Supervisor(clock)
+    run = new_run_dir()
+    fleet = fleet_for(settings)  # the actuator's replicas: what the workers follow
+    actuator = LocalActuator(
+        fleet,
+        AdapterLauncher(spec.adapter, spec.model, spec.options),
+        clock,
+        LocalActuatorSettings(
+            model=spec.model,
+            log_dir=Path(tempfile.mkdtemp(prefix="fleetserve-up-")),
+            ready_timeout_s=spec.ready_timeout_s,
+            drain_grace_s=spec.drain_grace_s,
+            max_concurrency=spec.max_concurrency,
+        ),
+        supervisor,
+    )
+    # Engine signals (running, waiting, KV use) for the policy, and health, as a gateway has.
+    monitor = FleetMonitor(
+        fleet, settings.health, clock, {spec.model: spec.adapter.parse_signals}, supervisor
+    )
+    loop: AutoscaleLoop | None = None
+
+    def view() -> dict[str, object]:
+        return loop.view() if loop is not None else {}
+
+    link = ParentLink(run, fleet, spec.model, clock, settings.load_window_s, view, supervisor)
+
+    def figures(model: str, now: float) -> GatewayFigures:
+        load = link.load(now).snapshot(model, now)
+        return GatewayFigures(
+            held=load.held,
+            ttft_p95_s=load.ttft_p95_s,
+            arrival_rps=load.arrival_rps,
+            arrival_tps=load.demand_tps,
+        )
+
+    loop = AutoscaleLoop(
+        spec.model, FleetObserver(fleet, spec.model, figures), actuator, spec.autoscale, clock,
+        supervisor=supervisor, on_decision=lambda _decision: link.step(),
+    )  # fmt: skip
+    model = ModelSpec(
+        name=spec.model,
+        engine=spec.engine_name,
+        picker=spec.picker,
+        autoscale=spec.autoscale,
+        max_concurrency=spec.max_concurrency,
+    )
+    url = f"http://{settings.host}:{settings.port}"
+    run_workers(
+        settings,
+        FleetFile(models=[model]),
+        run=run,
+        services=[
+            monitor,
+            link,
+            _StartFleet(actuator, fleet, spec),
+            loop,
+            _AnnounceWhenServing(url, on_ready, clock),
+        ],
+        on_wake=loop.wake,
+        follow=True,
+    )
