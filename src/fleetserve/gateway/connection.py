@@ -39,6 +39,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._extensions: dict[str, object] = {ABORT_EXTENSION: transport.abort}
         watchdog = self.app_state.get(WATCHDOG_STATE)
         if isinstance(watchdog, Watchdog):
             self._watchdog = watchdog
@@ -54,8 +55,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         if self._watchdog is not None and not self.head_since:
             self.head_since = self._watchdog.clock.now()
-        extensions: dict[str, object] = {ABORT_EXTENSION: self.transport.abort}
-        self.scope["extensions"] = extensions  # type: ignore[typeddict-item]
+        self.scope["extensions"] = self._extensions  # type: ignore[typeddict-item]
 
     def on_headers_complete(self) -> None:
         self.head_since = 0.0
