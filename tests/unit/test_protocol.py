@@ -21,6 +21,7 @@ from fleetserve.protocol.envelope import api_error_body
 from fleetserve.protocol.inspect import PREFIX_KEY_CHARS, inspect_request
 from fleetserve.protocol.sse import (
     DONE,
+    OutputCounter,
     SseDecoder,
     count_content_events,
     encode_error_event,
@@ -212,10 +213,25 @@ def test_count_content_events_agrees_with_event_has_content(spaced: bool) -> Non
     encoded = [
         json.dumps(c).encode() if spaced else orjson.dumps(c) for c in chunks
     ]  # json.dumps puts a space after every ':' and ','
+    counter = OutputCounter()  # one stream, read after read, as the gateway counts
     for data in encoded:
-        assert count_content_events(b"data: " + data + b"\n\n") == int(event_has_content(data))
+        expected = int(event_has_content(data))
+        assert count_content_events(b"data: " + data + b"\n\n") == expected
+        assert counter.count(b"data: " + data + b"\n\n") == expected, data
     for start in range(0, len(encoded), 5):  # coalesced reads
         group = encoded[start : start + 5]
         read = b"".join(b"data: " + d + b"\n\n" for d in group)
-        assert count_content_events(read) == sum(event_has_content(d) for d in group)
+        expected = sum(event_has_content(d) for d in group)
+        assert count_content_events(read) == expected
+        if spaced or len({_kind(d) for d in group if event_has_content(d)}) <= 1:
+            assert counter.count(read) == expected, read  # one kind of output per read
     assert count_content_events(b"data: [DONE]\n\n") == 0
+    assert counter.count(b"data: [DONE]\n\n") == 0
+
+
+def _kind(data: bytes) -> bytes:
+    """Which compact output field an event's output is in (reads mixing two are rare)."""
+    for key in (b'"content":"', b'"text":"', b'"reasoning_content":"', b'"tool_calls":'):
+        if key in data and key + b'"' not in data:
+            return key
+    return b""

@@ -39,11 +39,11 @@ from fleetserve.gateway.shutdown import CONNECTION_CLOSE, Shutdown
 from fleetserve.gateway.upstream import UpstreamClient
 from fleetserve.protocol.asgi import Send, send_bytes
 from fleetserve.protocol.inspect import RequestInfo
-from fleetserve.protocol.sse import count_content_events, encode_error_event
+from fleetserve.protocol.sse import OutputCounter, encode_error_event
 from fleetserve.routing.picker import Picker
 from fleetserve.routing.pickers import make_picker
 from fleetserve.routing.snapshot import ReplicaSnapshot, ReplicaState, RouteRequest
-from fleetserve.telemetry.metrics import GatewayMetrics
+from fleetserve.telemetry.metrics import GatewayMetrics, observe_zeros
 from fleetserve.telemetry.window import LoadWindow
 
 REPLICA_HEADER = b"x-fleetserve-replica"  # which replica served: for debugging and fault tests
@@ -321,6 +321,8 @@ class Proxy:
             # The autoscaler's window leaves a cold-start hold out (more replicas cannot
             # shorten it) but keeps time held at capacity (more replicas would).
             self.window.observe_ttft(info.model, now, now - t0 - exchange.cold_hold_s)
+            outputs = OutputCounter()
+            events = outputs.count(first)
             # Writes to the client are stamped: the watchdog cuts a client that stops reading.
             exchange.sending_since = now
             if not exchange.head_sent:
@@ -337,7 +339,9 @@ class Proxy:
             # Inter-token latency: the gap from one event with generated output to the next
             # (several in one read are 0 s apart, as the client sees them), not between reads.
             itl = self.metrics.itl_child(info.model)
-            content_at = now if count_content_events(first) else None
+            if events > 1:
+                observe_zeros(itl, events - 1)
+            content_at = now if events else None
             while True:
                 try:
                     chunk = await stream.next_chunk()
@@ -360,12 +364,12 @@ class Proxy:
                 if not chunk:
                     break
                 now = clock.now()
-                events = count_content_events(chunk)
+                events = outputs.count(chunk)
                 if events:
                     if content_at is not None:
                         itl.observe(now - content_at)
-                    for _ in range(events - 1):
-                        itl.observe(0.0)
+                    if events > 1:
+                        observe_zeros(itl, events - 1)
                     content_at = now
                 exchange.sending_since = now
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})

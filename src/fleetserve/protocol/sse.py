@@ -112,10 +112,48 @@ _CONTENT_FIELD = re.compile(
 
 def count_content_events(chunk: bytes) -> int:
     """How many events in `chunk` (stream bytes as read) carry generated output: what
-    `event_has_content` decides for each, by a byte scan instead of a JSON parse, for the
-    gateway's hot path (one regex search per event). An event split across two reads is
-    counted in the read that holds its content field, or, in the rare case that the field
-    itself is split, not at all."""
-    if b"\n\n" not in chunk[:-2]:  # the usual read: one event, or part of one
+    `event_has_content` decides for each, by a byte scan instead of a JSON parse. An event
+    split across two reads counts in the read that holds its output field, or, in the rare
+    case that the field itself is split, not at all. The gateway counts with `OutputCounter`,
+    which is faster on a long stream."""
+    if chunk.count(b"\n\n") <= 1:  # the usual read: one event, or part of one
         return 1 if _CONTENT_FIELD.search(chunk) else 0
-    return sum(1 for event in chunk.split(b"\n\n") if _CONTENT_FIELD.search(event))
+    return sum(map(bool, map(_CONTENT_FIELD.search, chunk.split(b"\n\n"))))
+
+
+# The output fields as compact JSON writes them (vLLM, llama.cpp, OpenAI), each with its
+# empty value: a stream keeps to one of them for most of its events.
+_COMPACT_KEYS = tuple(
+    (key, key + b'"')
+    for key in (b'"content":"', b'"text":"', b'"reasoning_content":"', b'"reasoning":"')
+)
+
+
+class OutputCounter:
+    """`count_content_events` for one stream, read after read, at a fraction of its cost.
+
+    Compact JSON (vLLM, llama.cpp, OpenAI) is counted with substring counts of the output
+    fields, non-empty ones, starting with the field the stream's last output came in; only a
+    read with none of them (the finish or usage chunk, `[DONE]`, tool calls, JSON with spaces)
+    goes through the pattern. It counts choices with output, which are events as engines
+    send them (one choice an event).
+    """
+
+    __slots__ = ("_field",)
+
+    def __init__(self) -> None:
+        self._field = _COMPACT_KEYS[0]
+
+    def count(self, chunk: bytes) -> int:
+        key, empty = field = self._field
+        found = chunk.count(key)
+        if found and (found := found - chunk.count(empty)):
+            return found
+        for other in _COMPACT_KEYS:
+            if other is field:
+                continue
+            found = chunk.count(other[0])
+            if found and (found := found - chunk.count(other[1])):
+                self._field = other
+                return found
+        return count_content_events(chunk)
