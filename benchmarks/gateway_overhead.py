@@ -7,6 +7,7 @@ A. max non-stream req/s of the gateway worker (wrk, closed loop), with the direc
    the same setup for reference;
 B. latency and TTFT at fixed open-loop rates of streams (16 chunks), direct and through the
    gateway; "added" = gateway minus direct at the same point;
+C. max streams/s of the gateway worker (wrk, closed loop, 16-chunk streams), direct beside it;
 0. and, as the machine's own floor for B, TCP round trips within one core and across cores.
 
     .venv/bin/python -m benchmarks.gateway_overhead              # one run, about 1 minute
@@ -59,6 +60,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 60.0
 
 TARGET_RPS = 4000.0
+STREAM_CONNECTIONS = 32
 TARGET_RATE_RPS = 200.0
 TARGET_ADDED_P50_MS = 1.0
 TARGET_ADDED_P99_MS = 2.0
@@ -93,6 +95,7 @@ class Setup:
     stub_path: Path
     gateway_core: int
     load_core: int
+    gateway_src: Path | None = None  # run the gateway from this checkout's src/ (A/B runs)
 
 
 # --- one run: data -----------------------------------------------------------------------
@@ -152,6 +155,7 @@ class LatencyPoint:
 @dataclass
 class RunReport:
     throughput: list[Throughput] = field(default_factory=list)
+    stream_throughput: list[Throughput] = field(default_factory=list)  # C: closed-loop streams
     latency: list[LatencyPoint] = field(default_factory=list)
     round_trips: dict[str, RoundTrip] = field(default_factory=dict)  # "same core", "cross core"
 
@@ -159,9 +163,8 @@ class RunReport:
         return next(p for p in self.latency if p.path == path and p.rate_rps == rate)
 
     def errors(self) -> int:
-        return sum(t.errors for t in self.throughput) + sum(
-            sum(p.errors.values()) for p in self.latency
-        )
+        closed = [*self.throughput, *self.stream_throughput]
+        return sum(t.errors for t in closed) + sum(sum(p.errors.values()) for p in self.latency)
 
     def figures(self) -> dict[str, float | None]:
         """The numbers that --repeat aggregates, by display name."""
@@ -176,6 +179,10 @@ class RunReport:
                 out["gateway CPU us/request (non-stream)"] = us
                 # What the worker would serve with its core to itself: less noise-sensitive.
                 out["gateway req per CPU-second (non-stream)"] = 1e6 / us if us else None
+        for t in self.stream_throughput:
+            out[f"{t.path} streams/s (closed loop, wrk -c{STREAM_CONNECTIONS})"] = t.rps
+            if t.path == "gateway":
+                out["gateway CPU us/stream (closed loop)"] = t.gateway_cpu_us
         for rate in sorted({p.rate_rps for p in self.latency}):
             direct, gateway = self.point("direct", rate), self.point("gateway", rate)
             for label, attr in ADDED:
@@ -246,19 +253,27 @@ def _start_stack(procs: Processes, setup: Setup) -> tuple[dict[str, str], list[M
     for _, url in engines:
         argv += ["--upstream", url]
     argv += ["--engine", engine_kind]
-    gateway = procs.start("gateway", argv, setup.gateway_core)
+    env = {"PYTHONPATH": str(setup.gateway_src)} if setup.gateway_src else None
+    gateway = procs.start("gateway", argv, setup.gateway_core, env)
     gateway_url = f"http://{LOCALHOST}:{port}"
     gateway.wait_ready(gateway_url + "/ready", READY_TIMEOUT_S)
     return {"direct": engines[0][1], "gateway": gateway_url}, [gateway, *(p for p, _ in engines)]
 
 
 def _throughput(
-    path: str, url: str, script: Path, plan: Plan, setup: Setup, watched: list[ManagedProcess]
+    path: str,
+    url: str,
+    script: Path,
+    plan: Plan,
+    setup: Setup,
+    watched: list[ManagedProcess],
+    connections: int | None = None,
 ) -> Throughput:
-    run_wrk(url, script, plan.wrk_warmup_s, plan.connections, setup.load_core)
+    connections = connections or plan.connections
+    run_wrk(url, script, plan.wrk_warmup_s, connections, setup.load_core)
     window = CpuWindow(watched)
     window.start()
-    wrk = run_wrk(url, script, plan.wrk_s, plan.connections, setup.load_core)
+    wrk = run_wrk(url, script, plan.wrk_s, connections, setup.load_core)
     errors = wrk.non_2xx + wrk.socket_errors
     return Throughput(path, wrk.rps, wrk.p50_ms, wrk.p99_ms, errors, window.stop())
 
@@ -284,6 +299,7 @@ def run_once(setup: Setup, plan: Plan, workdir: Path, say: Callable[[str], None]
     """Measure the machine floor, start the stack, measure A and B, stop everything."""
     report = RunReport()
     script = wrk_post_script(workdir / "post.lua", _chat_body(False, plan.max_tokens))
+    streams = wrk_post_script(workdir / "stream.lua", _chat_body(True, plan.max_tokens))
     with Processes(workdir) as procs:
         say("  0. loopback round trips ...")
         for where, core in (("same core", setup.load_core), ("cross core", setup.gateway_core)):
@@ -295,6 +311,12 @@ def run_once(setup: Setup, plan: Plan, workdir: Path, say: Callable[[str], None]
             report.throughput.append(
                 _throughput(path, base + CHAT_PATH, script, plan, setup, watched)
             )
+        for path, base in targets.items():
+            say(f"  C. wrk streams {path} ...")
+            report.stream_throughput.append(
+                _throughput(path, base + CHAT_PATH, streams, plan, setup, watched,
+                            STREAM_CONNECTIONS)
+            )  # fmt: skip
         for rate in plan.rates_rps:
             say(f"  B. open loop {rate:g} rps, direct and gateway in turn ...")
             report.latency += _latency(targets, rate, plan, watched)
@@ -330,6 +352,19 @@ def render_run(report: RunReport, plan: Plan, setup: Setup) -> str:
             f"{t.cpu.core_busy_pct[setup.gateway_core]:>8.0f} "
             f"{t.cpu.core_busy_pct[setup.load_core]:>8.0f} {_f(gw_cpu, '.0f'):>8} "
             f"{_f(t.gateway_cpu_us, '.0f'):>9}"
+        )
+    lines += [
+        "",
+        f"C. max streaming throughput: wrk -t1 -c{STREAM_CONNECTIONS}, streams of "
+        f"{plan.max_tokens} chunks (an instant engine: a whole answer comes in one or two "
+        "reads, the gateway's per-stream work at its largest share)",
+        f"  {'path':<8} {'streams/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
+        f"{'gw us/stream':>12}",
+    ]
+    for t in report.stream_throughput:
+        lines.append(
+            f"  {t.path:<8} {t.rps:>9,.0f} {_f(t.p50_ms):>7} {_f(t.p99_ms):>7} {t.errors:>6} "
+            f"{_f(t.gateway_cpu_us, '.0f'):>12}"
         )
     lines += [
         "",
@@ -433,6 +468,10 @@ def machine_facts(setup: Setup) -> str:
     load1, _, _ = os.getloadavg()
     fleetserve = importlib.metadata.version("fleetserve")
     commit = _first_line(["git", "rev-parse", "--short", "HEAD"])
+    if setup.gateway_src is not None:
+        checkout = setup.gateway_src.parent
+        commit = _first_line(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"])
+        commit += f", from {setup.gateway_src}"
     upstream = f"peerbench stub ({setup.stub_path})"
     if setup.upstream_kind == "sim":
         upstream = "sim engines, profile instant (`python -m fleetserve engine sim`)"
@@ -463,6 +502,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--gateway-core", type=int, default=0)
     ap.add_argument("--load-core", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write every figure to this file")
+    ap.add_argument(
+        "--gateway-src",
+        type=Path,
+        help="run the gateway (only) from another checkout's src/, e.g. a `git worktree` of an "
+        "older commit, to compare two versions in turn on the same machine",
+    )
     args = ap.parse_args(argv)
     if not 1 <= args.repeat <= 20:
         ap.error("--repeat must be between 1 and 20")
@@ -481,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.stub_path,
         args.gateway_core,
         args.load_core,
+        args.gateway_src.resolve() if args.gateway_src else None,
     )
     plan = QUICK if args.quick else FULL
     pin_self(setup.load_core)
