@@ -33,6 +33,18 @@ from pydantic_settings import (
 
 from fleetserve.errors import ConfigError
 
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where fleetserve keeps its state (database, key pepper, ledger spool, a detached
+    fleet's state file): FLEETSERVE_STATE_DIR, else $XDG_DATA_HOME/fleetserve, else
+    ~/.local/share/fleetserve."""
+    env = os.environ if environ is None else environ
+    if explicit := env.get("FLEETSERVE_STATE_DIR"):
+        return Path(explicit).expanduser()
+    data_home = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "fleetserve"
+
+
 PickerName = Literal["round_robin", "least_outstanding", "p2c", "prefix_affinity"]
 EngineName = Literal["vllm", "sim", "llamacpp"]
 # Chosen by benchmarks/routing_compare.py (README there): with shared system prompts at 85% load,

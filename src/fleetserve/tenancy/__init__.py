@@ -1,1 +1,1 @@
-"""Tenancy: keys, limits, budgets and the usage ledger, over SQL and Redis stores."""
+"""Tenancy: tenants, API keys, limits, budgets, fair queueing and the usage ledger (layer 1)."""
