@@ -103,6 +103,11 @@ async def test_admin_views_of_two_workers_answer_for_the_whole_gateway(tmp_path:
                 while not await _ready(http, url):
                     assert proc.returncode is None, log.read_text()
                     await asyncio.sleep(0.1)
+                while True:  # the second worker may still be importing: wait for its report
+                    async with http.get(url + "/admin/fleet") as r:
+                        if (await r.json())["workers"] == 2:
+                            break
+                    await asyncio.sleep(0.1)
 
             async def stream() -> int:
                 # A connection each, so the kernel spreads them over both workers.
