@@ -115,15 +115,24 @@ async def test_held_requests_get_503_at_sigterm(tmp_path: Path) -> None:
                 async with http.post(url + "/v1/chat/completions", json=CHAT) as r:
                     return r.status, dict(r.headers), await r.json()
 
+            head_out = asyncio.Event()
+
+            async def held_stream() -> tuple[int, list[bytes]]:
+                body = {**CHAT, "stream": True}
+                async with http.post(url + "/v1/chat/completions", json=body) as r:
+                    head_out.set()  # the 200 head of a held stream came (stream_head_after_s)
+                    data = await r.read()
+                    return r.status, [e for e in data.split(b"\n\n") if e]
+
             held = [asyncio.create_task(plain()) for _ in range(2)]
-            stream = asyncio.create_task(read_stream(http, url))
+            stream = asyncio.create_task(held_stream())
             async with asyncio.timeout(10):
                 while True:
                     async with http.get(url + "/admin/fleet") as r:
                         if (await r.json())["held"][MODEL] == 3:
                             break
                     await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)
+                await head_out.wait()
             signalled = time.monotonic()
             gateway.send_signal(signal.SIGTERM)
             answers = await asyncio.gather(*held)
