@@ -1,1 +1,0 @@
-"""Price catalog and costing of a replica timeline (pure)."""

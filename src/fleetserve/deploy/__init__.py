@@ -1,1 +1,0 @@
-"""Kubernetes deployment: chart values, render/validate, status, verify, teardown."""

@@ -1,1 +1,0 @@
-"""Discrete-event cluster simulator reusing autoscale.policy and the engines latency model."""
