@@ -34,7 +34,7 @@ from fleetserve.clock import Clock
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.replica import Replica
 from fleetserve.routing.snapshot import ReplicaState
-from fleetserve.supervisor import Supervisor
+from fleetserve.supervisor import Supervisor, cancel_all
 from fleetserve.telemetry.window import LoadWindow
 
 log = logging.getLogger("fleetserve.gateway")
@@ -252,10 +252,7 @@ class WorkerLink:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all([task])
         self.close()
 
     async def _run(self) -> None:
@@ -421,7 +418,4 @@ class ParentLink:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all([task])

@@ -18,14 +18,13 @@ way, each answering as its state allows (see `GatewayApp`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Protocol
 
 from fleetserve.clock import Clock
 from fleetserve.config import TimeoutSettings
 from fleetserve.gateway.exchange import EndReason, Exchange
-from fleetserve.supervisor import Supervisor
+from fleetserve.supervisor import Supervisor, cancel_all
 from fleetserve.telemetry.metrics import GatewayMetrics
 
 log = logging.getLogger("fleetserve.gateway")
@@ -75,10 +74,7 @@ class Watchdog:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all([task])
 
     async def _run(self) -> None:
         while True:

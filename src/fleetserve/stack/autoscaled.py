@@ -126,18 +126,15 @@ class _Announce:
             self._task.cancel()
 
 
-def build_autoscaled_gateway(
+def _local_actuator(
     spec: AutoscaledStackSpec,
-    settings: GatewaySettings,
-    on_ready: Callable[[], None] = lambda: None,
+    fleet: Fleet,
+    clock: RealClock,
+    supervisor: Supervisor,
     log_dir: Path | None = None,
-) -> GatewayApp:
-    """The gateway with a local actuator and the autoscaler loop in its process."""
-    clock = RealClock()
-    supervisor = Supervisor(clock)  # the loop, the watcher, the monitor: one /ready view
-    fleet = fleet_for(settings)
-    window = LoadWindow(settings.load_window_s)
-    actuator = LocalActuator(
+) -> LocalActuator:
+    """Engine processes of the spec's model on this machine, kept in `fleet`."""
+    return LocalActuator(
         fleet,
         AdapterLauncher(spec.adapter, spec.model, spec.options),
         clock,
@@ -151,8 +148,13 @@ def build_autoscaled_gateway(
         supervisor,
     )
 
+
+def _figures_of(window_at: Callable[[float], LoadWindow]) -> Callable[[str, float], GatewayFigures]:
+    """What the autoscaler observes of the gateway, from the load window `window_at(now)`
+    gives: the gateway's own, or its workers' merged."""
+
     def figures(model: str, now: float) -> GatewayFigures:
-        load = window.snapshot(model, now)
+        load = window_at(now).snapshot(model, now)
         return GatewayFigures(
             held=load.held,
             ttft_p95_s=load.ttft_p95_s,
@@ -160,7 +162,22 @@ def build_autoscaled_gateway(
             arrival_tps=load.demand_tps,
         )
 
-    observer = FleetObserver(fleet, spec.model, figures)
+    return figures
+
+
+def build_autoscaled_gateway(
+    spec: AutoscaledStackSpec,
+    settings: GatewaySettings,
+    on_ready: Callable[[], None] = lambda: None,
+    log_dir: Path | None = None,
+) -> GatewayApp:
+    """The gateway with a local actuator and the autoscaler loop in its process."""
+    clock = RealClock()
+    supervisor = Supervisor(clock)  # the loop, the watcher, the monitor: one /ready view
+    fleet = fleet_for(settings)
+    window = LoadWindow(settings.load_window_s)
+    actuator = _local_actuator(spec, fleet, clock, supervisor, log_dir)
+    observer = FleetObserver(fleet, spec.model, _figures_of(lambda _now: window))
     loop = AutoscaleLoop(
         spec.model, observer, actuator, spec.autoscale, clock, supervisor=supervisor
     )
@@ -245,19 +262,7 @@ def run_autoscaled_workers(
     supervisor = Supervisor(clock)
     run = new_run_dir()
     fleet = fleet_for(settings)  # the actuator's replicas: what the workers follow
-    actuator = LocalActuator(
-        fleet,
-        AdapterLauncher(spec.adapter, spec.model, spec.options),
-        clock,
-        LocalActuatorSettings(
-            model=spec.model,
-            log_dir=Path(tempfile.mkdtemp(prefix="fleetserve-up-")),
-            ready_timeout_s=spec.ready_timeout_s,
-            drain_grace_s=spec.drain_grace_s,
-            max_concurrency=spec.max_concurrency,
-        ),
-        supervisor,
-    )
+    actuator = _local_actuator(spec, fleet, clock, supervisor)
     # Engine signals (running, waiting, KV use) for the policy, and health, as a gateway has.
     monitor = FleetMonitor(
         fleet, settings.health, clock, {spec.model: spec.adapter.parse_signals}, supervisor
@@ -269,17 +274,9 @@ def run_autoscaled_workers(
 
     link = ParentLink(run, fleet, spec.model, clock, settings.load_window_s, view, supervisor)
 
-    def figures(model: str, now: float) -> GatewayFigures:
-        load = link.load(now).snapshot(model, now)
-        return GatewayFigures(
-            held=load.held,
-            ttft_p95_s=load.ttft_p95_s,
-            arrival_rps=load.arrival_rps,
-            arrival_tps=load.demand_tps,
-        )
-
+    observer = FleetObserver(fleet, spec.model, _figures_of(link.load))
     loop = AutoscaleLoop(
-        spec.model, FleetObserver(fleet, spec.model, figures), actuator, spec.autoscale, clock,
+        spec.model, observer, actuator, spec.autoscale, clock,
         supervisor=supervisor, on_decision=lambda _decision: link.step(),
     )  # fmt: skip
     model = ModelSpec(
