@@ -1,12 +1,7 @@
-"""Typed settings (env prefix FLEETSERVE_) and the fleet file (YAML).
-
-Settings hold how a process behaves (ports, timeouts, limits); the fleet file says what it
-serves (models, their replicas and pickers). Both are passed down explicitly.
-"""
+"""Typed settings of the gateway process (env prefix FLEETSERVE_) and the fleet file (YAML)."""
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +14,6 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -28,9 +22,11 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    SettingsError,
 )
 
+from fleetserve.config.autoscale import (
+    AutoscaleSettings,
+)
 from fleetserve.errors import ConfigError
 
 
@@ -212,133 +208,6 @@ class FleetFileSettingsSource(PydanticBaseSettingsSource):
         return section
 
 
-ScalingPolicyKind = Literal["pods", "percent"]
-SelectPolicy = Literal["max", "min", "disabled"]
-
-
-class ScalingPolicy(BaseModel):
-    """One step limit, as the HPA's `behavior` HPAScalingPolicy: at most `value` pods (or
-    `value` percent of the count at the period's start) per `period_s`."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    kind: ScalingPolicyKind = Field(description="pods: a number of replicas; percent: a share")
-    value: int = Field(ge=1, description="replicas, or percent of the count at period start")
-    period_s: float = Field(gt=0, le=1800, description="the sliding period the limit applies to")
-
-
-class ScalingRules(BaseModel):
-    """How fast one direction may move (the HPA's HPAScalingRules)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    stabilization_window_s: float = Field(
-        ge=0,
-        le=3600,
-        description="recommendations this far back are considered: scale-up takes their minimum, "
-        "scale-down their maximum (0: act on the latest alone)",
-    )
-    policies: tuple[ScalingPolicy, ...] = Field(min_length=1, description="step limits")
-    select: SelectPolicy = Field(
-        "max",
-        description="max: the policy allowing the largest step wins; min: the smallest; "
-        "disabled: never move in this direction",
-    )
-
-
-# Scale-up acts on a load seen in two consecutive 5 s observations (a 10 s window), so one
-# sampled burst does not start a replica whose cold start (45 s for the sim a10g profile, a model
-# load for vLLM) costs far more than the 5 s of extra evidence. Steps are the HPA's defaults:
-# the larger of +4 pods and +100% per 15 s.
-DEFAULT_SCALE_UP = ScalingRules(
-    stabilization_window_s=10.0,
-    policies=(
-        ScalingPolicy(kind="pods", value=4, period_s=15.0),
-        ScalingPolicy(kind="percent", value=100, period_s=15.0),
-    ),
-    select="max",
-)
-# Scale-down keeps the highest recommendation of the last 60 s instead of the HPA's 300 s: an
-# LLM replica is expensive to keep idle, and 60 s still bridges the pauses between bursts of a
-# conversation (Ray Serve waits 600 s; KEDA's cooldown is 300 s, both tuned for cheap replicas).
-# The step is the HPA's default, 100% per 15 s: draining makes a large step safe.
-DEFAULT_SCALE_DOWN = ScalingRules(
-    stabilization_window_s=60.0,
-    policies=(ScalingPolicy(kind="percent", value=100, period_s=15.0),),
-    select="max",
-)
-
-
-class AutoscaleSettings(BaseModel):
-    """The autoscaler's policy for one model. Defaults suit the embedded default (llama.cpp
-    replicas with 8 slots) and the simulated engine."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    min_replicas: int = Field(1, ge=0, description="floor; 0 allows scale to zero when idle")
-    max_replicas: int = Field(4, ge=1, description="ceiling")
-    period_s: float = Field(5.0, gt=0, description="seconds between two decisions")
-    # 6 of llama.cpp's 8 slots (75%): headroom for the next request while batching stays full,
-    # as Ray Serve's target_ongoing_requests (2) sits below max_ongoing_requests (5).
-    target_concurrency: float = Field(
-        6.0, gt=0, description="requests per ready replica (in flight + engine waiting) to aim at"
-    )
-    target_queue: float = Field(
-        2.0, gt=0, description="requests waiting per replica (engine queue + gateway held)"
-    )
-    target_kv_usage_frac: float = Field(
-        0.8, gt=0, le=1, description="mean KV-cache use to aim at (vLLM preempts near 1.0)"
-    )
-    ttft_slo_s: float | None = Field(
-        None, gt=0, description="gateway-measured TTFT p95 to keep under (None: not a signal)"
-    )
-    ttft_window_s: float = Field(
-        30.0,
-        ge=0,
-        description="after a scale-up the TTFT signal waits this long before asking again, since "
-        "its p95 still covers the time before the new capacity",
-    )
-    tolerance: float = Field(
-        0.1, ge=0, lt=1, description="no change while a usage ratio is within 1 +- tolerance"
-    )
-    scale_up: ScalingRules = Field(DEFAULT_SCALE_UP, description="window and steps going up")
-    scale_down: ScalingRules = Field(DEFAULT_SCALE_DOWN, description="window and steps going down")
-    # KEDA's default cooldownPeriod before scaling to zero.
-    scale_to_zero_after_s: float = Field(
-        300.0,
-        gt=0,
-        description="with min_replicas 0: idle this long (no arrivals, nothing in "
-        "flight or held) before the last replica stops",
-    )
-    replica_throughput_tps: float | None = Field(
-        None,
-        gt=0,
-        description="tokens/s one replica sustains; with the arrival rate it sizes "
-        "the fleet by the utilisation law (None: not a signal)",
-    )
-    no_flip_s: float = Field(
-        15.0, ge=0, description="no change against the last change's direction within this time"
-    )
-
-    @field_validator("scale_up", "scale_down", mode="before")
-    @classmethod
-    def _over_defaults(cls, value: object, info: ValidationInfo) -> object:
-        """A partial `scale_up: {stabilization_window_s: 0}` keeps the other default fields."""
-        if isinstance(value, dict):
-            default = DEFAULT_SCALE_UP if info.field_name == "scale_up" else DEFAULT_SCALE_DOWN
-            return {**default.model_dump(), **value}
-        return value
-
-    @model_validator(mode="after")
-    def _bounds(self) -> AutoscaleSettings:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"min_replicas ({self.min_replicas}) must not exceed "
-                f"max_replicas ({self.max_replicas})"
-            )
-        return self
-
-
 class KubernetesDiscoverySpec(BaseModel):
     """Replicas are the ready endpoints of a Kubernetes Service, read from its EndpointSlices."""
 
@@ -475,133 +344,3 @@ def _lower(message: str) -> str:
 
 
 # -- building the gateway's settings from every source ------------------------------------
-
-
-def gateway_settings(
-    given: Mapping[str, Any], flags: Mapping[str, str] | None = None
-) -> GatewaySettings:
-    """GatewaySettings from, highest first: `given` (the options a user gave on the command
-    line, by field name), the environment, the fleet file's `gateway:` section, the defaults.
-
-    `flags` names each given field's option (`port` -> `--port`) for the error messages. The
-    admin key and its file are one setting: the highest source that gives either wins. A bad
-    value is a ConfigError of one line naming where it came from, the value and what is allowed.
-    """
-    flags = flags or {}
-    init = dict(given)
-    in_given = [name for name in ADMIN_KEY_FIELDS if init.get(name) is not None]
-    if len(in_given) == 2:
-        key, key_file = (flags.get(name, _flag(name)) for name in ADMIN_KEY_FIELDS)
-        raise ConfigError(f"give {key} or {key_file}, not both")
-    if in_given:
-        init.update({name: init.get(name) for name in ADMIN_KEY_FIELDS})  # the other: None
-    else:
-        env = _environ()
-        in_env = [ENV_PREFIX + name.upper() for name in ADMIN_KEY_FIELDS]
-        if all(name in env for name in in_env):
-            raise ConfigError(f"set {in_env[0]} or {in_env[1]}, not both")
-    try:
-        settings = GatewaySettings(**init)
-    except ValidationError as exc:
-        raise ConfigError(_explain(exc, init, flags)) from exc
-    except SettingsError as exc:  # a nested setting in the environment that is not JSON
-        raise ConfigError(_explain_settings_error(exc)) from exc
-    if settings.admin_key is None and settings.admin_key_file is not None:
-        origin = _origin(("admin_key_file",), init, flags)
-        key = read_admin_key_file(settings.admin_key_file, origin)
-        settings = settings.model_copy(update={"admin_key": SecretStr(key)})
-    return settings
-
-
-def read_admin_key_file(path: Path, origin: str) -> str:
-    """The key in `path`, less one trailing newline; `origin` says who named the file."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read the admin key file {path} ({origin}): {exc.strerror or exc}"
-        ) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"the admin key file {path} ({origin}) is not text") from exc
-    key = text.removesuffix("\n").removesuffix("\r")
-    if not key.strip():
-        raise ConfigError(f"the admin key file {path} ({origin}) is empty")
-    return key
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 or localhost: only this machine can connect."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def admin_api_line(settings: GatewaySettings) -> str:
-    """The start-up banner's line about the admin API; ConfigError when the gateway would
-    bind an address others can reach with its admin API (drain included) open."""
-    if settings.admin_key is not None:
-        return "admin API: key required"
-    if is_loopback(settings.host):
-        return (
-            "admin API: open on loopback (no admin key); set --admin-key or "
-            "FLEETSERVE_ADMIN_KEY to require one"
-        )
-    raise ConfigError(
-        f"the gateway would bind {settings.host or 'every address'}, which is not loopback, "
-        f"with no admin key, leaving /admin/* (drain included) open to anyone who can reach "
-        f"it; set --admin-key-file FILE, --admin-key KEY or FLEETSERVE_ADMIN_KEY "
-        f"(or bind 127.0.0.1)"
-    )
-
-
-def _flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-def _environ() -> dict[str, str]:
-    """The environment with upper-case names, as pydantic-settings matches them."""
-    return {name.upper(): value for name, value in os.environ.items()}
-
-
-def _origin(loc: tuple[str | int, ...], given: Mapping[str, Any], flags: Mapping[str, str]) -> str:
-    """Where the value at `loc` came from, named as the user gave it."""
-    field = str(loc[0])
-    if given.get(field) is not None:
-        return flags.get(field, _flag(field))
-    env = _environ()
-    parts = [str(part).upper() for part in loc]
-    for end in range(len(parts), 0, -1):
-        name = ENV_PREFIX + "__".join(parts[:end])
-        if name in env:
-            return name
-    dotted = ".".join(str(part) for part in loc)
-    path = given.get("fleet_file") or env.get(ENV_PREFIX + "FLEET_FILE")
-    return f"gateway.{dotted} in fleet file {path}" if path else f"setting {dotted}"
-
-
-def _explain(exc: ValidationError, given: Mapping[str, Any], flags: Mapping[str, str]) -> str:
-    problems = []
-    for error in exc.errors(include_url=False):
-        loc = error["loc"] or ("value",)
-        where = _origin(loc, given, flags)
-        if error["type"] == "extra_forbidden":
-            problems.append(f"unknown setting {where}")
-            continue
-        value = error.get("input")
-        shown = "(hidden)" if loc[0] == "admin_key" else repr(value)[:60]
-        problems.append(f"invalid {where}: {shown} ({_lower(error['msg'])})")
-    return "; ".join(problems)
-
-
-def _explain_settings_error(exc: SettingsError) -> str:
-    text = str(exc)
-    field = text.split('field "', 1)[1].split('"', 1)[0] if 'field "' in text else None
-    if field is None:
-        return f"invalid settings in the environment: {text}"
-    name = ENV_PREFIX + field.upper()
-    return (
-        f"invalid {name}: not a JSON object (or set one field at a time, as {name}__<FIELD>=value)"
-    )

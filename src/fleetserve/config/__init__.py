@@ -1,0 +1,79 @@
+"""Typed settings (env prefix FLEETSERVE_) and the fleet file (YAML).
+
+Settings hold how a process behaves (ports, timeouts, limits); the fleet file says what it
+serves (models, their replicas and pickers). Both are passed down explicitly.
+"""
+
+from __future__ import annotations
+
+from fleetserve.config.autoscale import (
+    DEFAULT_SCALE_DOWN,
+    DEFAULT_SCALE_UP,
+    AutoscaleSettings,
+    ScalingPolicy,
+    ScalingPolicyKind,
+    ScalingRules,
+    SelectPolicy,
+)
+from fleetserve.config.resolve import (
+    admin_api_line,
+    gateway_settings,
+    is_loopback,
+    read_admin_key_file,
+)
+from fleetserve.config.settings import (
+    ADMIN_KEY_FIELDS,
+    DEFAULT_PICKER,
+    DRAIN_GRACE_S,
+    ENV_PREFIX,
+    IDLE_TIMEOUT_S,
+    READY_TIMEOUT_S,
+    DiscoverySpec,
+    EngineName,
+    FleetFile,
+    FleetFileSettingsSource,
+    GatewaySettings,
+    HealthSettings,
+    HoldSettings,
+    KubernetesDiscoverySpec,
+    ModelSpec,
+    PickerName,
+    TimeoutSettings,
+    default_state_dir,
+    describe_errors,
+    load_fleet_file,
+)
+
+__all__ = [
+    "ADMIN_KEY_FIELDS",
+    "DEFAULT_PICKER",
+    "DEFAULT_SCALE_DOWN",
+    "DEFAULT_SCALE_UP",
+    "DRAIN_GRACE_S",
+    "ENV_PREFIX",
+    "IDLE_TIMEOUT_S",
+    "READY_TIMEOUT_S",
+    "AutoscaleSettings",
+    "DiscoverySpec",
+    "EngineName",
+    "FleetFile",
+    "FleetFileSettingsSource",
+    "GatewaySettings",
+    "HealthSettings",
+    "HoldSettings",
+    "KubernetesDiscoverySpec",
+    "ModelSpec",
+    "PickerName",
+    "ScalingPolicy",
+    "ScalingPolicyKind",
+    "ScalingRules",
+    "SelectPolicy",
+    "TimeoutSettings",
+    "admin_api_line",
+    "default_state_dir",
+    "describe_errors",
+    "gateway_settings",
+    "is_loopback",
+    "load_fleet_file",
+    "read_admin_key_file",
+]
