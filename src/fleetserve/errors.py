@@ -10,15 +10,19 @@ FleetserveError
 │                                fleet keeps its last view meanwhile)
 ├── ApiError                     answered to a client in OpenAI's error envelope
 │   ├── InvalidRequestError      400 invalid_request_error
-│   ├── AuthenticationError      401
+│   ├── AuthenticationError      401 invalid_api_key
+│   ├── PermissionDeniedError    403 (model_not_allowed: the key's tenant may not use it)
 │   ├── ModelNotFoundError       404 model_not_found
 │   ├── NotFoundError            404 (no such path)
 │   ├── MethodNotAllowedError    405
 │   ├── RequestTimeoutError      408 (the client sent its request too slowly)
 │   ├── PayloadTooLargeError     413
-│   ├── RateLimitError           429
+│   ├── ConflictError            409 (admin API: the tenant or key already exists)
+│   ├── RateLimitError           429 rate_limit_exceeded, with Retry-After
+│   ├── InsufficientQuotaError   429 insufficient_quota (the tenant's budget is spent)
 │   ├── UpstreamFailedError      502 (a replica answered badly and no retry was left)
 │   ├── NoReplicaError           503, with Retry-After
+│   ├── ServiceUnavailableError  503 (the shared limit counters are unreachable: fail_closed)
 │   └── GatewayTimeoutError      504 (connect, first byte or idle timeout)
 └── UpstreamError                a replica failed one attempt; the proxy decides on failover
     ├── UpstreamConnectError     could not connect (retryable)
@@ -90,6 +94,12 @@ class AuthenticationError(ApiError):
     code = "invalid_api_key"
 
 
+class PermissionDeniedError(ApiError):
+    status = 403
+    error_type = "permission_error"
+    code = "model_not_allowed"
+
+
 class ModelNotFoundError(ApiError):
     status = 404
     error_type = "invalid_request_error"
@@ -126,6 +136,18 @@ class RateLimitError(ApiError):
     code = "rate_limit_exceeded"
 
 
+class ConflictError(ApiError):
+    status = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
+class InsufficientQuotaError(ApiError):
+    status = 429
+    error_type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class UpstreamFailedError(ApiError):
     status = 502
     error_type = "server_error"
@@ -136,6 +158,12 @@ class NoReplicaError(ApiError):
     status = 503
     error_type = "server_error"
     code = "no_replica_available"
+
+
+class ServiceUnavailableError(ApiError):
+    status = 503
+    error_type = "server_error"
+    code = "service_unavailable"
 
 
 class GatewayTimeoutError(ApiError):

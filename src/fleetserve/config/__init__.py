@@ -43,6 +43,7 @@ from fleetserve.config.settings import (
     describe_errors,
     load_fleet_file,
 )
+from fleetserve.config.tenancy import AuthMode, PriceSpec, RedisFailure, TenancySettings
 
 __all__ = [
     "ADMIN_KEY_FIELDS",
@@ -53,6 +54,7 @@ __all__ = [
     "ENV_PREFIX",
     "IDLE_TIMEOUT_S",
     "READY_TIMEOUT_S",
+    "AuthMode",
     "AutoscaleSettings",
     "DiscoverySpec",
     "EngineName",
@@ -64,10 +66,13 @@ __all__ = [
     "KubernetesDiscoverySpec",
     "ModelSpec",
     "PickerName",
+    "PriceSpec",
+    "RedisFailure",
     "ScalingPolicy",
     "ScalingPolicyKind",
     "ScalingRules",
     "SelectPolicy",
+    "TenancySettings",
     "TimeoutSettings",
     "admin_api_line",
     "default_state_dir",

@@ -27,6 +27,7 @@ from pydantic_settings import (
 from fleetserve.config.autoscale import (
     AutoscaleSettings,
 )
+from fleetserve.config.tenancy import PriceSpec, TenancySettings
 from fleetserve.errors import ConfigError
 
 
@@ -131,6 +132,7 @@ class GatewaySettings(BaseSettings):
     timeouts: TimeoutSettings = TimeoutSettings()
     health: HealthSettings = HealthSettings()
     hold: HoldSettings = HoldSettings()
+    tenancy: TenancySettings = TenancySettings()
     load_window_s: float = Field(
         30.0, ge=1.0, description="span of the rolling load window the autoscaler reads"
     )
@@ -183,11 +185,38 @@ class GatewaySettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         fleet_file = FleetFileSettingsSource(settings_cls)
-        return init_settings, env_settings, dotenv_settings, file_secret_settings, fleet_file
+        aliases = TenancyAliasSource(settings_cls)
+        return (
+            init_settings, env_settings, aliases, dotenv_settings, file_secret_settings,
+            fleet_file,
+        )  # fmt: skip
 
     def admin_key_value(self) -> str | None:
         """The admin key in plain text, for the code that compares or sends it."""
         return None if self.admin_key is None else self.admin_key.get_secret_value()
+
+
+TENANCY_ALIASES = {
+    "FLEETSERVE_AUTH": "auth",
+    "FLEETSERVE_DATABASE_URL": "database_url",
+    "FLEETSERVE_REDIS_URL": "redis_url",
+    "FLEETSERVE_KEY_PEPPER": "key_pepper",
+}
+
+
+class TenancyAliasSource(PydanticBaseSettingsSource):
+    """The tenancy settings users set most, by their short names (FLEETSERVE_AUTH,
+    FLEETSERVE_DATABASE_URL, FLEETSERVE_REDIS_URL, FLEETSERVE_KEY_PEPPER): as the
+    environment's FLEETSERVE_TENANCY__<FIELD>, which wins when both are set."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found = {
+            name: os.environ[var] for var, name in TENANCY_ALIASES.items() if os.environ.get(var)
+        }
+        return {"tenancy": found} if found else {}
 
 
 class FleetFileSettingsSource(PydanticBaseSettingsSource):
@@ -261,6 +290,9 @@ class ModelSpec(BaseModel):
     )
     discovery: DiscoverySpec | None = Field(
         None, description="where replicas come from instead of the `replicas` list"
+    )
+    pricing: PriceSpec | None = Field(
+        None, description="chargeback rate for budgets and the ledger (None: costs 0)"
     )
 
     @field_validator("replicas")
