@@ -23,17 +23,22 @@ import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
+import orjson
+
 from fleetserve.clock import Clock
 from fleetserve.config import TenancySettings
 from fleetserve.errors import (
     ApiError,
     AuthenticationError,
+    FleetserveError,
     InsufficientQuotaError,
     PermissionDeniedError,
     RateLimitError,
     ServiceUnavailableError,
 )
+from fleetserve.fleet.fleet import Fleet
 from fleetserve.gateway.ticket import Ticket
+from fleetserve.gateway.upstream import UpstreamClient
 from fleetserve.protocol.inspect import RequestInfo, rewrite_body
 from fleetserve.protocol.sse import UsageTap
 from fleetserve.telemetry.tenant_metrics import UNKNOWN, TenantMetrics
@@ -370,3 +375,33 @@ def _refusal(rejection: Rejection, principal: Principal) -> ApiError:
         f"rate limit reached for {whose}: {what}; retry after {retry} s",
         headers={"Retry-After": retry, **headers},
     )
+
+
+TOKENIZE_TIMEOUT_S = 2.0
+TOKENIZING_ENGINES = frozenset({"vllm", "sim"})  # those with vLLM's POST /tokenize
+
+
+class PromptCounter:
+    """A cancelled stream's prompt tokens, as the replica that served it counts them (vLLM's
+    POST /tokenize, which applies the chat template). Off the hot path: only cancelled
+    streams and answers without usage ask."""
+
+    def __init__(self, fleet: Fleet, upstream: UpstreamClient, engines: Mapping[str, str]) -> None:
+        self.fleet = fleet
+        self.upstream = upstream
+        self.engines = dict(engines)
+
+    async def __call__(self, replica_id: str, body: bytes) -> int | None:
+        replica = self.fleet.get(replica_id)
+        if replica is None or self.engines.get(replica.model) not in TOKENIZING_ENGINES:
+            return None
+        try:
+            request = orjson.loads(body)
+            ask = {k: request[k] for k in ("model", "messages", "prompt") if k in request}
+            response = await self.upstream.send(
+                replica.url + "/tokenize", orjson.dumps(ask), "tokenize", TOKENIZE_TIMEOUT_S
+            )
+            count = orjson.loads(response.body).get("count")
+        except (FleetserveError, orjson.JSONDecodeError, AttributeError):
+            return None
+        return count if type(count) is int and response.status == 200 else None
