@@ -64,7 +64,9 @@ class Admission:
     max_tokens: int | None = None  # set: the budget capped the request's max_tokens to this
     requests: Quota | None = None  # the tightest RPM scope after this admission
     tokens: Quota | None = None  # the tightest TPM scope after this admission
-    budget_left_micro_usd: int | None = None  # None: the tenant has no budget
+    budget_left_micro_usd: int | None = None  # None: no budget applied (none, or free model)
+    recorded: bool = True  # False: no counter holds the request (no limits, no budget, or a
+    # free model), so settle() and renew() have nothing to do for it (no Redis round trip)
 
 
 class RejectReason(enum.StrEnum):
