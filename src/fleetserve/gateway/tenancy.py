@@ -260,6 +260,7 @@ class TenantGate:
             principal, verdict, request_id, sent, price,
             prompt_estimate=max(1, len(body) // BYTES_PER_TOKEN),
             started_at=self.clock.wall(),
+            max_tokens=verdict.max_tokens if verdict.max_tokens is not None else max_tokens,
             tap=UsageTap(strip=add_usage) if info.stream else None,
         )  # fmt: skip
         if verdict.recorded:  # leases and reservations to keep alive while it runs
@@ -322,7 +323,7 @@ class TenantGate:
             reason = FinishReason.CANCELLED
         elif failed or status >= 400:
             reason = FinishReason.ERROR
-        elif admission.max_tokens is not None and completion >= admission.max_tokens:
+        elif ticket.max_tokens is not None and completion >= ticket.max_tokens:
             reason = FinishReason.LENGTH
         else:
             reason = FinishReason.STOP
