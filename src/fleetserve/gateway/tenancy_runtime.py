@@ -22,9 +22,21 @@ from fleetserve.tenancy.limiter import Limiter
 from fleetserve.tenancy.local_limiter import LocalLimiter
 from fleetserve.tenancy.model import ApiKey, Price, Principal, Tenant, UsageRow
 from fleetserve.tenancy.periods import period_of
+from fleetserve.tenancy.redis_limiter import RedisLimiter
 from fleetserve.tenancy.store import TenancyStore
 
 log = logging.getLogger("fleetserve.gateway.tenancy")
+
+
+def build_limiter(tenancy: TenancySettings, clock: Clock) -> Limiter:
+    """Redis when FLEETSERVE_REDIS_URL is set (exact across workers and gateway replicas),
+    else in this process."""
+    if tenancy.redis_url is None:
+        return LocalLimiter(clock, lease_ttl_s=tenancy.lease_ttl_s)
+    return RedisLimiter.from_url(
+        tenancy.redis_url.get_secret_value(), prefix=tenancy.redis_prefix,
+        lease_ttl_s=tenancy.lease_ttl_s,
+    )  # fmt: skip
 
 
 class _StoreSink:
@@ -64,7 +76,7 @@ class TenancyRuntime:
         self.pepper = load_pepper(state_dir, pepper_env)
         self.store: TenancyStore | None = None
         self._admin: TenancyAdmin | None = None
-        self.limiter: Limiter = limiter or LocalLimiter(clock, lease_ttl_s=tenancy.lease_ttl_s)
+        self.limiter: Limiter = limiter or build_limiter(tenancy, clock)
         self.ledger = UsageLedger(
             _StoreSink(self), state_dir, clock,
             batch_s=tenancy.ledger_batch_s, batch_rows=tenancy.ledger_batch_rows,
