@@ -1,8 +1,9 @@
 """Tenancy at a real gateway (2 worker processes, auth = keys, SQLite in a temporary state
-directory, limits in the real Redis under a prefix of its own) in front of sim engines: every bad key and refusal gets OpenAI's error, the
-official `openai` client raises its typed exceptions and reads the rate-limit headers, the
-admin API refuses bad names, concurrent updates all land, a revoked key is refused by every
-worker within 1 s, and the ledger charges what the engine reported."""
+directory, limits in the real Redis under a prefix of its own) in front of sim engines:
+every bad key and refusal gets OpenAI's error, the official `openai` client raises its typed
+exceptions and reads the rate-limit headers, the admin API refuses bad names, concurrent
+updates all land, a revoked key is refused by every worker within 1 s, and the ledger
+charges what the engine reported."""
 
 from __future__ import annotations
 
