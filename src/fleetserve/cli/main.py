@@ -13,6 +13,7 @@ from fleetserve import __version__
 from fleetserve.cli.autoscaler import autoscaler_command
 from fleetserve.cli.bench import bench_app
 from fleetserve.cli.common import USAGE_EXIT, fail
+from fleetserve.cli.db import db_app
 from fleetserve.cli.engine import engine_app
 from fleetserve.cli.gateway import gateway_command
 from fleetserve.cli.status import status_command
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 app.add_typer(engine_app, name="engine")
 app.add_typer(bench_app, name="bench")
+app.add_typer(db_app, name="db")
 app.command("gateway")(gateway_command)
 app.command("up")(up_command)
 app.command("status")(status_command)
