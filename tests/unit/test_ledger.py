@@ -22,30 +22,13 @@ from fleetserve.tenancy.ledger import (
 from fleetserve.tenancy.model import FinishReason, UsageRow
 from fleetserve.tenancy.spool import SpoolFile, decode_row, encode_row, read_batch
 from fleetserve.testing.clock import FakeClock
-from fleetserve.testing.usage import FakeUsageSink, run_inline
+from fleetserve.testing.usage import FakeUsageSink, run_inline, usage_row
 
 LOGGER = "fleetserve.tenancy.ledger"
 
 
 def row(i: int, **changes: object) -> UsageRow:
-    base = UsageRow(
-        request_id=f"req-{i:06d}",
-        tenant="team-a",
-        key_prefix="Ab3dEf9h",
-        model="llama-3-8b",
-        replica="r1",
-        status=200,
-        prompt_tokens=12 + i,
-        completion_tokens=30,
-        cost_micro_usd=7 * i,
-        queue_s=0.001,
-        ttft_s=0.05,
-        e2e_s=0.4,
-        started_at=1_700_000_000.0 + i,
-        ended_at=1_700_000_000.4 + i,
-        finish_reason=FinishReason.STOP,
-    )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+    return dataclasses.replace(usage_row(f"req-{i:06d}", n=i), **changes)  # type: ignore[arg-type]
 
 
 def spool_paths(directory: Path) -> list[Path]:
@@ -482,6 +465,23 @@ async def test_flush_with_the_database_down_puts_everything_in_the_spool(
     await ledger.flush()
     assert sorted(spooled_ids(spool_dir)) == [row(i).request_id for i in range(4)]
     assert ledger.stats.queued == 0
+
+
+async def test_flush_against_a_database_that_does_not_answer_takes_one_write_timeout(
+    make: Make, sink: FakeUsageSink, clock: FakeClock, spool_dir: Path
+) -> None:
+    ledger = make(write_timeout_s=3.0)
+    await ledger.start()
+    sink.hang()
+    for i in range(3):
+        ledger.record(row(i))
+    flushing = asyncio.ensure_future(ledger.flush())
+    await clock.advance(2.9)
+    assert not flushing.done()
+    await clock.advance(0.1)
+    await until(flushing.done)
+    await flushing
+    assert sorted(spooled_ids(spool_dir)) == [row(i).request_id for i in range(3)]
 
 
 async def test_stop_keeps_everything_and_the_next_start_replays_it(

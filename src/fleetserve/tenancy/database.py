@@ -227,6 +227,13 @@ def _current(connection: Connection) -> str | None:
     return context.get_current_revision()
 
 
+def _known(revision: str) -> bool:
+    try:
+        return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
 def _unknown_revision(current: str | None) -> str:
     return (
         f"the database schema is at revision {current}, which this fleetserve does not know "
@@ -240,9 +247,7 @@ async def check_schema(connection: AsyncConnection) -> None:
     head = head_revision()
     if current == head:
         return
-    if current is not None and ScriptDirectory.from_config(alembic_config()).get_revision(
-        current
-    ) is None:  # fmt: skip
+    if current is not None and not _known(current):
         raise ConfigError(_unknown_revision(current))
     raise ConfigError(
         f"the database schema is at revision {current or '(empty)'}, not {head}: "

@@ -226,12 +226,17 @@ class UsageLedger:
         if rows and not self._spool(rows):
             self._lose(len(rows))
         for spool in [*self._sealed, *([self._active] if self._active else [])]:
-            with contextlib.suppress(OSError):
+            try:
                 spool.sync()
+            except OSError as exc:
+                self._spool_failed(exc)
             spool.close()
         self._sealed.clear()
         self._active = None
         self._dirty = False
+        # Flushes that a cancelled step left unanswered: their rows are in the spool now.
+        waiters, self._flush_waiters = self._flush_waiters, []
+        _release(waiters)
 
     @property
     def stats(self) -> LedgerStats:
@@ -283,7 +288,14 @@ class UsageLedger:
 
     async def _step(self, *, forced: bool) -> None:
         waiters, self._flush_waiters = self._flush_waiters, []
-        forced = forced or bool(waiters)
+        try:
+            await self._step_once(forced=forced or bool(waiters))
+        except BaseException:
+            self._flush_waiters[:0] = waiters  # not flushed: the next step (or stop) answers
+            raise
+        _release(waiters)
+
+    async def _step_once(self, *, forced: bool) -> None:
         now = self.clock.now()
         queue = self._queue
         timed = forced or (bool(queue) and now >= self._first_at + self.batch_s)
@@ -301,9 +313,6 @@ class UsageLedger:
             elif now >= self._next_adopt_at:
                 self._adopt()
         await self._sync()
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
 
     async def _write_queue(self, started_at: float, *, full_only: bool) -> None:
         """Write the rows queued now, in batches; rows recorded meanwhile wait their turn."""
@@ -318,7 +327,10 @@ class UsageLedger:
                 self._keep(batch)
         if queue and not full_only:
             self._first_at = started_at  # the rest were all recorded after this step began
-        if self._overflowing and len(queue) < self.max_queued // 2:
+        self._overflow_over()
+
+    def _overflow_over(self) -> None:
+        if self._overflowing and len(self._queue) < self.max_queued // 2:
             self._overflowing = False
 
     async def _write(self, rows: list[UsageRow], *, spooled: bool) -> bool:
@@ -464,7 +476,7 @@ class UsageLedger:
             spool = SpoolFile.create(self._new_path())
             spool.append(encode_row(row))
             spool.sync()
-        except OSError as exc:
+        except (OSError, TypeError) as exc:
             self._spool_failed(exc)
             self._lose(1)
             return
@@ -478,6 +490,7 @@ class UsageLedger:
         self._queue.clear()
         if rows:
             self._keep(rows)
+        self._overflow_over()
 
     def _keep(self, rows: list[UsageRow]) -> None:
         """Rows the database did not take: to the spool, else back to the queue's front as far
@@ -556,6 +569,12 @@ class UsageLedger:
     def _notify(self, state: LedgerState) -> None:
         if self.on_state is not None:
             self.on_state(state)
+
+
+def _release(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 def _ignore_outcome(task: asyncio.Future[int]) -> None:

@@ -41,7 +41,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from fleetserve.clock import Clock, RealClock
 from fleetserve.errors import (
-    ConfigError,
     ConflictError,
     InvalidRequestError,
     NotFoundError,
@@ -123,12 +122,12 @@ class TenancyStore:
                         await migrate(writer)
                     else:
                         await check_schema(writer)
-        except ConfigError:
-            await engine.dispose()
-            raise
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
             await engine.dispose()
             raise connect_error(target, exc) from exc
+        except BaseException:
+            await engine.dispose()
+            raise
         return cls(engine, target, clock or RealClock())
 
     @property

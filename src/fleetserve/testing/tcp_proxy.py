@@ -24,6 +24,7 @@ import contextlib
 from fleetserve.fleet.processes import LOOPBACK
 
 CHUNK_BYTES = 64 * 1024
+STOP_TIMEOUT_S = 5.0
 
 
 class _Pipe:
@@ -98,10 +99,14 @@ class TcpProxy:
             server.close()
         for pipe in list(self._pipes):
             pipe.reset()
+        # Reset connections end their handlers; cancelling one instead makes Python 3.11's
+        # StreamReaderProtocol log a spurious error. Cancel only what outlives the reset.
         handlers = list(self._handlers)
-        for task in handlers:
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
+        if handlers:
+            _, pending = await asyncio.wait(handlers, timeout=STOP_TIMEOUT_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         if server is not None:
             await server.wait_closed()
 

@@ -6,7 +6,8 @@ store on SQLite) and can be told to fail: `down()` until `up()` (every call rais
 ConnectionRefusedError, as a driver does when nothing listens), `hang()` until `up()` (calls
 never answer, as behind a network partition), `fail_next(n)`, and `lose_acks(n)` (the write
 lands but the answer is lost: the caller sees an error, and its retry must not double rows).
-`FakeUsageSink` is the two together. `run_inline` is the ledger's offload for a FakeClock.
+`FakeUsageSink` is the two together. `usage_row` makes a row; `run_inline` is the ledger's
+offload on a FakeClock.
 """
 
 from __future__ import annotations
@@ -16,9 +17,31 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from fleetserve.tenancy.ledger import UsageSink
-from fleetserve.tenancy.model import UsageRow
+from fleetserve.tenancy.model import FinishReason, UsageRow
 
 _T = TypeVar("_T")
+
+
+def usage_row(request_id: str, *, tenant: str = "team-a", n: int = 0) -> UsageRow:
+    """A plausible ledger row (its numbers vary with `n`)."""
+    started = 1_700_000_000.0 + n * 0.001
+    return UsageRow(
+        request_id=request_id,
+        tenant=tenant,
+        key_prefix="Ab3dEf9h",
+        model="llama-3-8b",
+        replica="r1",
+        status=200,
+        prompt_tokens=12 + n % 100,
+        completion_tokens=30 + n % 7,
+        cost_micro_usd=7 * n,
+        queue_s=0.001,
+        ttft_s=0.05,
+        e2e_s=0.4,
+        started_at=started,
+        ended_at=started + 0.4,
+        finish_reason=FinishReason.STOP,
+    )
 
 
 class MemoryUsageSink:
