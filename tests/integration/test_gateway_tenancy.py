@@ -204,9 +204,11 @@ def test_streams_are_charged_the_engines_usage_which_the_client_does_not_see(
         json={"model": MODEL, "messages": MESSAGES, "max_tokens": 12, "stream": True},
     ) as response:  # fmt: skip
         text = "".join(response.iter_text())
+        request_id = response.headers["x-request-id"]
     assert '"prompt_tokens"' not in text  # the usage chunk the gateway asked for is gone
     assert text.rstrip().endswith("data: [DONE]")
     (row,) = _rows_of(stack, "streamer", 1)
+    assert row["request_id"] == request_id  # the answer names its ledger row
     assert row["completion_tokens"] == 12
     assert row["prompt_tokens"] > 0
     assert row["finish_reason"] == "length"

@@ -65,6 +65,7 @@ RecordUsage = Callable[[UsageRow], None]
 SeedBudget = Callable[[Tenant], Awaitable[None]]
 """Before a budgeted tenant's first admission in a period: its spend so far into the limiter."""
 
+REQUEST_ID_HEADER = b"x-request-id"  # the ledger row's id, for a client to match its answers
 BYTES_PER_TOKEN = 4  # a rough prompt size for fair queueing, before the engine tells
 
 
@@ -268,7 +269,9 @@ class TenantGate:
         return ticket
 
     def headers(self, ticket: Ticket) -> list[tuple[bytes, bytes]]:
-        return ratelimit_headers(ticket.admission.requests, ticket.admission.tokens)
+        """The answer's `x-request-id` (its ledger row's id) and rate-limit headers."""
+        limits = ratelimit_headers(ticket.admission.requests, ticket.admission.tokens)
+        return [(REQUEST_ID_HEADER, ticket.request_id.encode()), *limits]
 
     def _budget_seen(self, principal: Principal, admission: Admission, label: str) -> None:
         budget = principal.tenant.budget
