@@ -34,7 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 DEFAULT_TIMEOUT_S = 0.5
 
 
-def _error(reply: ResponseError) -> ResponseError:
+def _error(reply: ResponseError) -> Exception:
     text = str(reply)
     if text.startswith("NOSCRIPT"):
         return NoScriptError(text)
