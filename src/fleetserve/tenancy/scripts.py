@@ -36,11 +36,19 @@ class LuaScript:
 
 
 @cache
-def script(name: str) -> LuaScript:
-    """`common.lua` + `name`, from the package's lua/ folder."""
-    folder = resources.files("fleetserve.tenancy") / "lua"
-    source = (folder / COMMON).read_text("utf-8") + "\n" + (folder / name).read_text("utf-8")
+def lua_source(name: str) -> str:
+    """One file of the package's lua/ folder."""
+    return (resources.files("fleetserve.tenancy") / "lua" / name).read_text("utf-8")
+
+
+def lua_script(name: str, source: str) -> LuaScript:
     return LuaScript(name, source, hashlib.sha1(source.encode()).hexdigest())  # noqa: S324
+
+
+@cache
+def script(name: str) -> LuaScript:
+    """`common.lua` + `name`: what is sent to Redis."""
+    return lua_script(name, lua_source(COMMON) + "\n" + lua_source(name))
 
 
 def refused(exc: ResponseError) -> bool:
