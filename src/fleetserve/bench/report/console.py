@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fleetserve.bench.report.fmt import count, frac, ms, num
-from fleetserve.bench.report.model import BenchReport, Percentiles
+from fleetserve.bench.report.model import BenchReport, Percentiles, TenantSummary
 from fleetserve.bench.stats import LAG_THRESHOLD_S
 
 SIMULATION = "SIMULATION - figures from a simulated engine's latency model, not from hardware"
@@ -124,6 +124,62 @@ def _errors_table(report: BenchReport) -> Table | None:
     return table
 
 
+def tenant_key(tenant: TenantSummary) -> str:
+    """How a tenant's key is named: its public prefix and where it came from, never itself."""
+    source = {"key": "file", "none": "no key"}.get(tenant.key_source, tenant.key_source)
+    if tenant.key_prefix is None:
+        return source
+    return f"{tenant.key_prefix} ({source})"
+
+
+def rejected_text(tenant: TenantSummary) -> str:
+    """`12 (rate_limit_exceeded 10, insufficient_quota 2)`, or `0`."""
+    if not tenant.rejected:
+        return "0"
+    reasons = ", ".join(f"{code} {n:,}" for code, n in tenant.rejected_by_reason.items())
+    return f"{tenant.rejected:,} ({reasons})"
+
+
+def remaining_text(tenant: TenantSummary) -> str:
+    """The last x-ratelimit-remaining requests / tokens, `-` where none came."""
+    if tenant.ratelimit_remaining_requests is None and tenant.ratelimit_remaining_tokens is None:
+        return "-"
+    return (
+        f"{count(tenant.ratelimit_remaining_requests)} / {count(tenant.ratelimit_remaining_tokens)}"
+    )
+
+
+TENANT_COLUMNS = (
+    "tenant", "key", "load", "sent", "ok", "rejected (by reason)", "errors", "tokens in",
+    "tokens out", "TTFT p50", "TTFT p95", "e2e p95", "req/s", "tok/s", "output share",
+    "remaining req / tok",
+)  # fmt: skip
+
+
+def tenant_rows(report: BenchReport) -> list[list[str]]:
+    """The per-tenant section as text cells (TENANT_COLUMNS), for the console and HTML."""
+    return [
+        [
+            t.name, tenant_key(t), t.load, f"{t.requests:,}", f"{t.ok:,}", rejected_text(t),
+            f"{t.errors:,}", f"{t.prompt_tokens:,}", f"{t.output_tokens:,}", ms(t.ttft_p50_s),
+            ms(t.ttft_p95_s), ms(t.e2e_p95_s), num(t.request_rate_rps),
+            num(t.output_token_rate_tps), frac(t.output_share_frac), remaining_text(t),
+        ]
+        for t in report.tenants
+    ]  # fmt: skip
+
+
+def _tenants_table(report: BenchReport) -> Table | None:
+    if not report.tenants:
+        return None
+    table = Table(title="Tenants (latency in ms, of ok requests)", title_justify="left")
+    for i, name in enumerate(TENANT_COLUMNS):
+        table.add_column(name, justify="left" if i < 3 else "right")
+    for row in tenant_rows(report):
+        table.add_row(*row)
+    return table
+
+
 def summary(report: BenchReport) -> Group:
     """The end-of-run summary as rich renderables."""
     config = report.config
@@ -132,7 +188,8 @@ def summary(report: BenchReport) -> Group:
         parts.append(Panel(Text(SIMULATION, style="bold black on yellow")))
     parts.append(Text(f"{config.url}  model {config.model}  {config.load}", style="bold"))
     parts.extend([_totals_table(report), _latency_table(report)])
-    parts.extend(table for table in (_slo_table(report), _errors_table(report)) if table)
+    tables = (_tenants_table(report), _slo_table(report), _errors_table(report))
+    parts.extend(table for table in tables if table)
     lag_style = "green" if report.lag.kept_up else "bold red"
     parts.append(Text(report.lag.message, style=lag_style))
     for note in report.notes:
