@@ -133,51 +133,67 @@ def tenant_key(tenant: TenantSummary) -> str:
 
 
 def rejected_text(tenant: TenantSummary) -> str:
-    """`12 (rate_limit_exceeded 10, insufficient_quota 2)`, or `0`."""
-    if not tenant.rejected:
-        return "0"
-    reasons = ", ".join(f"{code} {n:,}" for code, n in tenant.rejected_by_reason.items())
-    return f"{tenant.rejected:,} ({reasons})"
+    """`rate_limit_exceeded 10, insufficient_quota 2`, or `-`."""
+    reasons = tenant.rejected_by_reason
+    return ", ".join(f"{code} {n:,}" for code, n in reasons.items()) if reasons else "-"
 
 
 def remaining_text(tenant: TenantSummary) -> str:
     """The last x-ratelimit-remaining requests / tokens, `-` where none came."""
-    if tenant.ratelimit_remaining_requests is None and tenant.ratelimit_remaining_tokens is None:
+    requests, tokens = tenant.ratelimit_remaining_requests, tenant.ratelimit_remaining_tokens
+    if requests is None and tokens is None:
         return "-"
-    return (
-        f"{count(tenant.ratelimit_remaining_requests)} / {count(tenant.ratelimit_remaining_tokens)}"
-    )
+    return f"{count(requests)} / {count(tokens)}"
 
 
 TENANT_COLUMNS = (
-    "tenant", "key", "load", "sent", "ok", "rejected (by reason)", "errors", "tokens in",
-    "tokens out", "TTFT p50", "TTFT p95", "e2e p95", "req/s", "tok/s", "output share",
-    "remaining req / tok",
+    "tenant", "key", "model", "load", "sent", "ok", "rejected", "errors", "rejected by reason",
+    "remaining req / tok", "tokens in", "tokens out", "output share", "TTFT p50", "TTFT p95",
+    "e2e p95", "req/s", "tok/s",
+)  # fmt: skip
+TENANT_TEXT_COLUMNS = frozenset(("tenant", "key", "model", "load", "rejected by reason"))
+# The console splits the section into narrower tables; HTML shows it whole.
+_CONSOLE_TABLES = (
+    ("Tenants", ("tenant", "key", "model", "load")),
+    ("Tenants: requests (rejected: refused by the target's admission, by error code; "
+     "remaining: the last x-ratelimit-remaining-* seen)",
+     ("tenant", "sent", "ok", "rejected", "errors", "rejected by reason", "remaining req / tok")),
+    ("Tenants: tokens and latency (ms, of ok requests)",
+     ("tenant", "tokens in", "tokens out", "output share", "TTFT p50", "TTFT p95", "e2e p95",
+      "req/s", "tok/s")),
 )  # fmt: skip
 
 
-def tenant_rows(report: BenchReport) -> list[list[str]]:
-    """The per-tenant section as text cells (TENANT_COLUMNS), for the console and HTML."""
+def tenant_rows(report: BenchReport) -> list[dict[str, str]]:
+    """The per-tenant section as text cells by TENANT_COLUMNS, for the console and HTML."""
     return [
-        [
-            t.name, tenant_key(t), t.load, f"{t.requests:,}", f"{t.ok:,}", rejected_text(t),
-            f"{t.errors:,}", f"{t.prompt_tokens:,}", f"{t.output_tokens:,}", ms(t.ttft_p50_s),
-            ms(t.ttft_p95_s), ms(t.e2e_p95_s), num(t.request_rate_rps),
-            num(t.output_token_rate_tps), frac(t.output_share_frac), remaining_text(t),
-        ]
+        {
+            "tenant": t.name, "key": tenant_key(t), "model": t.model, "load": t.load,
+            "sent": f"{t.requests:,}", "ok": f"{t.ok:,}", "rejected": f"{t.rejected:,}",
+            "errors": f"{t.errors:,}", "rejected by reason": rejected_text(t),
+            "remaining req / tok": remaining_text(t), "tokens in": f"{t.prompt_tokens:,}",
+            "tokens out": f"{t.output_tokens:,}", "output share": frac(t.output_share_frac),
+            "TTFT p50": ms(t.ttft_p50_s), "TTFT p95": ms(t.ttft_p95_s),
+            "e2e p95": ms(t.e2e_p95_s), "req/s": num(t.request_rate_rps),
+            "tok/s": num(t.output_token_rate_tps),
+        }
         for t in report.tenants
     ]  # fmt: skip
 
 
-def _tenants_table(report: BenchReport) -> Table | None:
+def _tenant_tables(report: BenchReport) -> list[Table]:
     if not report.tenants:
-        return None
-    table = Table(title="Tenants (latency in ms, of ok requests)", title_justify="left")
-    for i, name in enumerate(TENANT_COLUMNS):
-        table.add_column(name, justify="left" if i < 3 else "right")
-    for row in tenant_rows(report):
-        table.add_row(*row)
-    return table
+        return []
+    rows = tenant_rows(report)
+    tables = []
+    for title, columns in _CONSOLE_TABLES:
+        table = Table(title=title, title_justify="left")
+        for name in columns:
+            table.add_column(name, justify="left" if name in TENANT_TEXT_COLUMNS else "right")
+        for row in rows:
+            table.add_row(*(row[name] for name in columns))
+        tables.append(table)
+    return tables
 
 
 def summary(report: BenchReport) -> Group:
@@ -188,8 +204,8 @@ def summary(report: BenchReport) -> Group:
         parts.append(Panel(Text(SIMULATION, style="bold black on yellow")))
     parts.append(Text(f"{config.url}  model {config.model}  {config.load}", style="bold"))
     parts.extend([_totals_table(report), _latency_table(report)])
-    tables = (_tenants_table(report), _slo_table(report), _errors_table(report))
-    parts.extend(table for table in tables if table)
+    parts.extend(_tenant_tables(report))
+    parts.extend(table for table in (_slo_table(report), _errors_table(report)) if table)
     lag_style = "green" if report.lag.kept_up else "bold red"
     parts.append(Text(report.lag.message, style=lag_style))
     for note in report.notes:

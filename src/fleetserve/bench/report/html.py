@@ -9,7 +9,12 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from fleetserve.bench.report import plots
-from fleetserve.bench.report.console import SIMULATION, TENANT_COLUMNS, tenant_rows
+from fleetserve.bench.report.console import (
+    SIMULATION,
+    TENANT_COLUMNS,
+    TENANT_TEXT_COLUMNS,
+    tenant_rows,
+)
 from fleetserve.bench.report.fmt import count, frac, ms, num
 from fleetserve.bench.report.model import BenchReport
 
@@ -154,8 +159,10 @@ def _errors_box(report: BenchReport) -> str:
 def _tenants_box(report: BenchReport) -> str:
     if not report.tenants:
         return ""
-    rows = [[escape(cell) for cell in row] for row in tenant_rows(report)]
-    table = _table(list(TENANT_COLUMNS), rows, text_columns=3)
+    # Text columns first, so that they align left and the figures right.
+    columns = sorted(TENANT_COLUMNS, key=lambda name: name not in TENANT_TEXT_COLUMNS)
+    rows = [[escape(row[name]) for name in columns] for row in tenant_rows(report)]
+    table = _table(columns, rows, text_columns=len(TENANT_TEXT_COLUMNS))
     return (
         '<div class="box"><h2>Tenants</h2><p>Latencies in ms, of ok requests; rejected: '
         "refused by the target's admission (401, 403, 429), by error code; remaining: the "
