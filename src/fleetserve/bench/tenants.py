@@ -222,14 +222,15 @@ class TenantsFile(BaseModel):
 
     tenants: list[TenantEntry] = Field(min_length=1, max_length=MAX_TENANTS)
 
-    @model_validator(mode="after")
-    def _unique(self) -> TenantsFile:
+    @field_validator("tenants")
+    @classmethod
+    def _unique(cls, tenants: list[TenantEntry]) -> list[TenantEntry]:
         seen: set[str] = set()
-        for entry in self.tenants:
+        for entry in tenants:
             if entry.name in seen:
                 raise ValueError(f"tenant name {entry.name!r} is given twice")
             seen.add(entry.name)
-        return self
+        return tenants
 
 
 def _try_load(rate: float | str | None, users: float | str | None) -> TenantLoadSpec:
@@ -285,11 +286,24 @@ def parse_tenants(text: str, source: str) -> TenantsFile:
     try:
         return TenantsFile.model_validate(raw)
     except ValidationError as error:
-        first = error.errors(include_url=False)[0]
-        more = error.error_count() - 1
-        tail = f" (and {more} more)" if more else ""
-        where = _where(first["loc"], raw)
-        raise ConfigError(f"tenants file {source}: {where}: {_message(first)}{tail}") from None
+        raise ConfigError(f"tenants file {source}: {_first_problem(error, raw)}") from None
+
+
+def _first_problem(error: ValidationError, raw: Any) -> str:
+    """The first problem as `where: what`. A field of several types (`users: 2` or a
+    pattern) fails once per type: those are one problem, worded as one."""
+    problems = error.errors(include_url=False)
+    # ("tenants", 2, "users", "int"): the fourth part names a member of the field's union.
+    field_of = [tuple(p["loc"][:3]) if p["loc"][:1] == ("tenants",) else p["loc"] for p in problems]
+    same = [p for p, loc in zip(problems, field_of, strict=True) if loc == field_of[0]]
+    if len(same) > 1:
+        wanted = " or ".join(_message(p).removeprefix("input should be ") for p in same)
+        what = f"input should be {wanted}"
+    else:
+        what = _message(same[0])
+    more = len(problems) - len(same)
+    tail = f" (and {more} more)" if more else ""
+    return f"{_where(field_of[0], raw)}: {what}{tail}"
 
 
 def read_tenants(path: Path) -> TenantsFile:
