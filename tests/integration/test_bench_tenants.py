@@ -259,3 +259,23 @@ tenants:
     assert "rate_limit_exceeded 12" in stdout
     for secret in policies:
         assert secret.split("-", 2)[2] not in stdout + stderr + written(out)
+
+
+async def test_help_shows_a_tenants_example_and_bad_input_is_one_line(tmp_path: Path) -> None:
+    code, stdout, _ = await bench("--help", env={})
+    assert code == 0
+    assert "--tenants tenants.yaml" in stdout
+    key = new_key("Secret01")
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text(f"tenants:\n  - {{name: a, key: {key}, users: 2, rate_rps: 1}}\n")
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: the file fails first
+    for args, words in (
+        (("--tenants", str(tenants)), "tenants[0] (a): give one of rate_rps, users"),
+        (("--tenants", str(tenants), "--trace", str(tenants)), "does not combine with --trace"),
+        (("--tenants", str(tmp_path / "missing.yaml")), "cannot read tenants file"),
+    ):
+        code, stdout, stderr = await bench("--url", url, "--model", MODEL, *args, env={})
+        assert code == 2, stderr
+        assert words in stderr
+        assert stderr.strip().count("\n") == 0  # one line, no traceback
+        assert key.split("-", 2)[2] not in stdout + stderr

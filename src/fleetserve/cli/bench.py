@@ -37,8 +37,26 @@ from fleetserve.clock import RealClock
 from fleetserve.config import IDLE_TIMEOUT_S
 from fleetserve.errors import ConfigError
 
+EXAMPLES = """Examples:
+
+fleetserve bench --url http://127.0.0.1:8000 --model llama --rate 10 --duration 60
+
+fleetserve bench --url http://127.0.0.1:8000 --model llama
+--users spike:base=2,peak=40,at=30,for=60 --duration 150 --slo ttft_p95=2s --out run1
+
+fleetserve bench --url http://127.0.0.1:8000 --model llama --tenants tenants.yaml
+--users 10 --duration 120 --out tenants-run
+
+where tenants.yaml lists each tenant with its key and, optionally, its own load and workload:
+tenants: [{name: search, key_env: SEARCH_KEY, users: 20},
+{name: batch, key: fs-..., rate_rps: 2, stream: false, output_tokens: 512}]
+
+fleetserve bench compare run1/report.json run2/report.json
+"""
+
 bench_app = typer.Typer(
     help="Load-test an OpenAI-compatible endpoint: TTFT, ITL, TPOT, goodput, fleet timeline.",
+    epilog=EXAMPLES,
     no_args_is_help=False,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -150,22 +168,8 @@ def bench_command(
         "rates until throughput stops rising or the SLOs break.",
     ),
 ) -> None:
-    """Run a load test and report it; `bench compare A.json B.json` compares two runs.
-
-    Examples:
-
-      fleetserve bench --url http://127.0.0.1:8000 --model llama --rate 10 --duration 60
-
-      fleetserve bench --url http://127.0.0.1:8000 --model llama
-      --users spike:base=2,peak=40,at=30,for=60 --duration 150 --slo ttft_p95=2s --out run1
-
-      fleetserve bench --url http://127.0.0.1:8000 --model llama --tenants tenants.yaml
-      --users 10 --duration 120 --out tenants-run
-
-    where tenants.yaml lists `tenants:`, each `- name: search`, `key_env: SEARCH_KEY` (or
-    `key: fs-...`), `users: 20` or `rate_rps: 5`, and optionally `model:`, `stream:`,
-    `prompt_tokens:`, `output_tokens:`, ...
-    """
+    """Run a load test and report it; `bench compare A.json B.json` compares two runs (the
+    examples are in the command's epilog, `EXAMPLES`)."""
     if ctx.invoked_subcommand is not None:
         return
     if not url or not (model or tenants):
