@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from fleetserve.bench.lengths import parse_length
@@ -259,9 +260,7 @@ def _tenants(plan: TenantsPlan, console: Console, out: Path | None) -> None:
     more = f" +{len(plan.tenants) - 8} more" if len(plan.tenants) > 8 else ""
     err_console.print(
         f"[bold]fleetserve bench[/]: {len(plan.tenants)} tenants ({names}{more}) from "
-        f"{plan.source}, {plan.duration_s:g}s -> {plan.url}",
-        markup=True,
-        highlight=False,
+        f"{escape(plan.source)}, {plan.duration_s:g}s -> {escape(plan.url)}"
     )
     live, update = _live_progress(err_console, plan.duration_s)
     with live:
