@@ -62,7 +62,10 @@ FindKey = Callable[[str], Awaitable[tuple[ApiKey, Tenant] | None]]
 CountPrompt = Callable[[str, bytes], Awaitable[int | None]]
 """(replica id, request body) -> the prompt's tokens as that replica counts them, or None."""
 RecordUsage = Callable[[UsageRow], None]
+SeedBudget = Callable[[Tenant], Awaitable[None]]
+"""Before a budgeted tenant's first admission in a period: its spend so far into the limiter."""
 
+REQUEST_ID_HEADER = b"x-request-id"  # the ledger row's id, for a client to match its answers
 BYTES_PER_TOKEN = 4  # a rough prompt size for fair queueing, before the engine tells
 
 
@@ -178,6 +181,8 @@ class TenantGate:
         clock: Clock,
         metrics: TenantMetrics,
         count_prompt: CountPrompt | None = None,
+        *,
+        seed: SeedBudget | None = None,
     ) -> None:
         self.keys = keys
         self.limiter = limiter
@@ -187,6 +192,7 @@ class TenantGate:
         self.clock = clock
         self.metrics = metrics
         self.count_prompt = count_prompt
+        self.seed = seed
         self._leased: dict[str, Admission] = {}  # admissions holding concurrency leases
         self._alerted: set[str] = set()  # tenants told about their budget's soft alert
         self._renewer: asyncio.Task[None] | None = None
@@ -240,6 +246,8 @@ class TenantGate:
             input_micro_usd_per_token=price.input_per_mtok_usd if price else 0.0,
             output_micro_usd_per_token=price.output_per_mtok_usd if price else 0.0,
         )
+        if tenant.budget is not None and self.seed is not None:
+            await self.seed(tenant)
         verdict = await self.limiter.admit(principal, estimate)
         if isinstance(verdict, Rejection):
             self.metrics.rejections.labels(label, verdict.reason.value).inc()
@@ -253,15 +261,17 @@ class TenantGate:
             principal, verdict, request_id, sent, price,
             prompt_estimate=max(1, len(body) // BYTES_PER_TOKEN),
             started_at=self.clock.wall(),
+            max_tokens=verdict.max_tokens if verdict.max_tokens is not None else max_tokens,
             tap=UsageTap(strip=add_usage) if info.stream else None,
         )  # fmt: skip
-        limits = tenant.limits.tighter(principal.key.limits)
-        if limits.max_concurrent is not None or principal.key.limits.max_concurrent is not None:
+        if verdict.recorded:  # leases and reservations to keep alive while it runs
             self._leased[request_id] = verdict
         return ticket
 
     def headers(self, ticket: Ticket) -> list[tuple[bytes, bytes]]:
-        return ratelimit_headers(ticket.admission.requests, ticket.admission.tokens)
+        """The answer's `x-request-id` (its ledger row's id) and rate-limit headers."""
+        limits = ratelimit_headers(ticket.admission.requests, ticket.admission.tokens)
+        return [(REQUEST_ID_HEADER, ticket.request_id.encode()), *limits]
 
     def _budget_seen(self, principal: Principal, admission: Admission, label: str) -> None:
         budget = principal.tenant.budget
@@ -307,16 +317,16 @@ class TenantGate:
             estimated = counted is None or not cancelled  # the engine's own usage is missing
         cost = cost_micro_usd(ticket.price, prompt, completion)
         admission = ticket.admission
-        self._leased.pop(ticket.request_id, None)
-        try:
-            await self.limiter.settle(admission, prompt + completion, cost)
-        except Exception:  # the limiter logs its outages; the reservation expires on its own
-            log.debug("settlement failed", exc_info=True)
+        if self._leased.pop(ticket.request_id, None) is not None:
+            try:
+                await self.limiter.settle(admission, prompt + completion, cost)
+            except Exception:  # the limiter logs its outages; reservations expire on their own
+                log.debug("settlement failed", exc_info=True)
         if cancelled:
             reason = FinishReason.CANCELLED
         elif failed or status >= 400:
             reason = FinishReason.ERROR
-        elif admission.max_tokens is not None and completion >= admission.max_tokens:
+        elif ticket.max_tokens is not None and completion >= ticket.max_tokens:
             reason = FinishReason.LENGTH
         else:
             reason = FinishReason.STOP

@@ -18,6 +18,7 @@ class Ticket:
     price: Price | None
     prompt_estimate: int  # tokens, for fair queueing before the engine tells (bytes / 4)
     started_at: float  # wall clock
+    max_tokens: int | None = None  # as sent upstream (the client's, or a budget's cap)
     tap: UsageTap | None = None  # streams: reads the engine's usage, strips what we added
     usage: tuple[int, int] | None = None  # (prompt, completion) as the engine reported them
     output_events: int = 0  # stream events with generated output the client was sent
