@@ -7,10 +7,10 @@ they come, and the replies, parsed by hiredis's C reader, resolve their futures 
 (benchmarks/tenancy_overhead.py; measured 2026-12-03). It speaks only what the limiters need:
 AUTH and SELECT at connect, then commands with bulk-string arguments. Errors are redis-py's
 exception classes, so the callers handle one family: `ConnectionError` (the connection broke
-or could not be made), `TimeoutError` (no reply within `timeout_s`: the connection is closed,
-as the reply could not be told apart from a later one), `ResponseError` and its NOSCRIPT and
-NOPERM subclasses. It does not reconnect by itself more than once per call: a broken
-connection is replaced by the next call.
+or could not be made), `TimeoutError` (no reply within `timeout_s`: the connection is closed
+and every call on it fails, as a late reply could not be told from the next one),
+`ResponseError` and its NOSCRIPT and NOPERM subclasses. A broken connection is replaced by
+the next call.
 """
 
 from __future__ import annotations
@@ -45,20 +45,44 @@ def _error(reply: ResponseError) -> Exception:
     return reply
 
 
+_FRAGMENTS: dict[str, bytes] = {}  # encoded strings that recur (command names, key names)
+_FRAGMENTS_MAX = 8192
+_FRAGMENT_MAX_LEN = 256
+
+
 def encode(args: tuple[str | int | bytes, ...]) -> bytes:
-    """One command as a RESP array of bulk strings."""
+    """One command as a RESP array of bulk strings. The limiters send the same key names
+    over and over: their encodings are kept (bounded), which halves the cost of a call."""
     parts = [b"*%d\r\n" % len(args)]
+    cache = _FRAGMENTS
     for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        if type(arg) is str:
+            fragment = cache.get(arg)
+            if fragment is None:
+                data = arg.encode()
+                fragment = b"$%d\r\n%s\r\n" % (len(data), data)
+                if len(arg) <= _FRAGMENT_MAX_LEN and len(cache) < _FRAGMENTS_MAX:
+                    cache[arg] = fragment
+        else:
+            data = arg if type(arg) is bytes else str(arg).encode()
+            fragment = b"$%d\r\n%s\r\n" % (len(data), data)
+        parts.append(fragment)
     return b"".join(parts)
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self) -> None:
+    """One connection; replies resolve the oldest waiting command. A command with no reply
+    after `timeout_s` fails it and every command behind it, and closes the connection (a
+    sweep checks the oldest, so a call costs no timer of its own)."""
+
+    def __init__(self, timeout_s: float) -> None:
         self._reader = hiredis.Reader(replyError=ResponseError)
-        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []  # commands of this loop iteration, written together
+        self._timeout_s = timeout_s
+        self._sweep: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -66,6 +90,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
+        waiting = self._waiting
         while True:
             try:
                 reply = self._reader.gets()
@@ -74,12 +99,12 @@ class _Connection(asyncio.Protocol):
                 return
             if reply is False:
                 return
-            if not self._waiting:  # a reply nobody waits for: the stream is out of step
+            if not waiting:  # a reply nobody waits for: the stream is out of step
                 self._fail(RedisConnectionError("a Redis reply arrived with no command waiting"))
                 return
-            future = self._waiting.popleft()
+            future = waiting.popleft()[0]
             if future.done():
-                continue  # its caller timed out; the connection is being closed
+                continue  # its caller was cancelled
             if isinstance(reply, ResponseError):
                 future.set_exception(_error(reply))
             else:
@@ -90,26 +115,46 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, error: Exception) -> None:
         self.lost = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         while self._waiting:
-            future = self._waiting.popleft()
+            future = self._waiting.popleft()[0]
             if not future.done():
                 future.set_exception(error)
         if self._transport is not None:
             self._transport.close()
 
     def send(self, payload: bytes) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        future: asyncio.Future[Any] = loop.create_future()
         if self.lost or self._transport is None:
             future.set_exception(RedisConnectionError("the connection to Redis is closed"))
             return future
-        self._waiting.append(future)
-        self._transport.write(payload)
+        self._waiting.append((future, loop.time()))
+        if not self._out:  # the first of this iteration: one write for all of them, next tick
+            loop.call_soon(self._flush)
+        self._out.append(payload)
+        if self._sweep is None:
+            self._sweep = loop.call_later(self._timeout_s / 4, self._check)
         return future
 
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self._transport is not None and not self.lost and out:
+            self._transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def _check(self) -> None:
+        self._sweep = None
+        if not self._waiting or self.lost:
+            return
+        if self._loop.time() - self._waiting[0][1] >= self._timeout_s:
+            self._fail(RedisTimeoutError(f"Redis did not answer within {self._timeout_s:g} s"))
+            return
+        self._sweep = self._loop.call_later(self._timeout_s / 4, self._check)
+
     def close(self) -> None:
-        self.lost = True
-        if self._transport is not None:
-            self._transport.close()
+        self._fail(RedisConnectionError("the connection to Redis was closed"))
 
 
 class RespClient:
@@ -151,7 +196,9 @@ class RespClient:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout_s):
-                _, conn = await loop.create_connection(_Connection, self._host, self._port)
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self.timeout_s), self._host, self._port
+                )
                 hello: list[tuple[str | int | bytes, ...]] = []
                 if self._password is not None:
                     auth = ("AUTH", self._username, self._password) if self._username else (
@@ -170,14 +217,10 @@ class RespClient:
         return conn
 
     async def execute(self, *args: str | int | bytes) -> Any:
-        conn = await self._connection()
-        future = conn.send(encode(args))
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                return await future
-        except TimeoutError:
-            conn.close()  # a late reply could not be told from the next command's
-            raise RedisTimeoutError(f"Redis did not answer within {self.timeout_s:g} s") from None
+        conn = self._conn
+        if conn is None or conn.lost:
+            conn = await self._connection()
+        return await conn.send(encode(args))
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: str | int) -> Any:
         return await self.execute("EVALSHA", sha, numkeys, *keys_and_args)
