@@ -53,6 +53,7 @@ from fleetserve.tenancy.scripts import ScriptRunner, refused, script
 
 DEFAULT_PREFIX = "fleetserve"
 DEFAULT_TIMEOUT_S = 0.5
+DEFAULT_CONNECT_TIMEOUT_S = 1.0
 DEFAULT_MAX_CONNECTIONS = 64
 _US = 1_000_000
 _KEY_CACHE = 10_000  # key-name tuples kept; cleared past this
@@ -62,16 +63,20 @@ def connect(
     url: str,
     *,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> Redis:
     """A client on a bounded pool with short timeouts and no retries: a limiter must answer
-    at once, and an admission retried after a timeout could be recorded twice."""
+    at once, and an admission retried after a timeout could be recorded twice. Connecting
+    (once per pooled connection, with its handshake) may take longer than a command: a burst
+    of requests opens the whole pool at once, and a busy event loop reads the handshakes
+    late; a refused connection fails at once either way."""
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=timeout_s,  # waiting for a free connection
         socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
+        socket_connect_timeout=connect_timeout_s,
         retry=Retry(NoBackoff(), 0),
     )
     return Redis.from_pool(pool)  # the client owns the pool: closing it closes the pool
@@ -132,13 +137,19 @@ class RedisLimiter:
         url: str,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         prefix: str = DEFAULT_PREFIX,
         lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
         window_s: float = DEFAULT_WINDOW_S,
     ) -> RedisLimiter:
         """A limiter on its own connection pool (closed with it)."""
-        client = connect(url, timeout_s=timeout_s, max_connections=max_connections)
+        client = connect(
+            url,
+            timeout_s=timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            max_connections=max_connections,
+        )
         return cls(
             client, prefix=prefix, lease_ttl_s=lease_ttl_s, window_s=window_s, owns_client=True
         )
