@@ -127,6 +127,25 @@ async def test_no_limits_and_no_budget_cost_nothing(make: Make) -> None:
         assert await keys_under(s.prefix) == []  # no script ran
 
 
+@pytest.mark.parametrize(
+    "who",
+    [
+        pytest.param(principal(rpm=5), id="rpm"),
+        pytest.param(principal(key_tpm=5000), id="tpm"),
+        pytest.param(principal(concurrent=5), id="leases"),
+    ],
+)
+async def test_a_request_id_is_admitted_once(make: Make, who: Principal) -> None:
+    s = await make()
+    admitted(await s.limiter.admit(who, estimate("same")))
+    with pytest.raises(ValueError, match="already admitted"):
+        await s.limiter.admit(who, estimate("same"))
+    budgeted = principal(tenant="payer", budget_usd=1.0)
+    admitted(await s.limiter.admit(budgeted, priced("paid")))
+    with pytest.raises(ValueError, match="already admitted"):
+        await s.limiter.admit(budgeted, priced("paid"))
+
+
 async def test_rpm_is_a_sliding_window(make: Make) -> None:
     s = await make()
     who = principal(rpm=3)

@@ -56,6 +56,7 @@ DEFAULT_TIMEOUT_S = 0.5
 DEFAULT_CONNECT_TIMEOUT_S = 1.0
 DEFAULT_MAX_CONNECTIONS = 64
 _US = 1_000_000
+_DUPLICATE = 2  # admit.lua: the request id is already admitted
 _KEY_CACHE = 10_000  # key-name tuples kept; cleared past this
 
 
@@ -195,6 +196,8 @@ class RedisLimiter:
         reply = await self._runner.run(
             self._admit, list(self._keys_of(tenant.name, key.prefix)), args
         )
+        if reply[0] == _DUPLICATE:
+            raise ValueError(f"request {estimate.request_id!r} is already admitted")
         (ok, reason, scope, retry_us, capped, tokens, cost, left, *quotas) = reply
         requests = _quota(*quotas[0:3])
         tokens_quota = _quota(*quotas[3:6])
