@@ -13,9 +13,11 @@ from fleetserve import __version__
 from fleetserve.cli.autoscaler import autoscaler_command
 from fleetserve.cli.bench import bench_app
 from fleetserve.cli.common import USAGE_EXIT, fail
+from fleetserve.cli.db import db_app
 from fleetserve.cli.engine import engine_app
 from fleetserve.cli.gateway import gateway_command
 from fleetserve.cli.status import status_command
+from fleetserve.cli.tenants import keys_app, tenants_app, usage_command
 from fleetserve.cli.up import up_command
 
 app = typer.Typer(
@@ -27,10 +29,14 @@ app = typer.Typer(
 )
 app.add_typer(engine_app, name="engine")
 app.add_typer(bench_app, name="bench")
+app.add_typer(db_app, name="db")
 app.command("gateway")(gateway_command)
 app.command("up")(up_command)
 app.command("status")(status_command)
 app.command("autoscaler")(autoscaler_command)
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+app.command("usage")(usage_command)
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
 

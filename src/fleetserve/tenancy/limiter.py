@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from fleetserve.tenancy.model import Principal
+from fleetserve.tenancy.model import Principal, Tenant
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +102,11 @@ class Limiter(Protocol):
 
     async def state(self, principal: Principal) -> dict[str, object]:
         """The live limit state of a tenant and key: used and limit of each counter."""
+        ...
+
+    async def seed_spend(self, tenant: Tenant, period_start_s: int, micro_usd: int) -> bool:
+        """Start the tenant's spend counter of the period beginning `period_start_s` at
+        `micro_usd` (from the ledger), unless it exists already; True if it was set."""
         ...
 
     async def close(self) -> None: ...
