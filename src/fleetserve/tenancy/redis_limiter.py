@@ -54,8 +54,10 @@ from fleetserve.transport.resp import RespClient
 
 DEFAULT_PREFIX = "fleetserve"
 DEFAULT_TIMEOUT_S = 0.5
+DEFAULT_CONNECT_TIMEOUT_S = 1.0
 DEFAULT_MAX_CONNECTIONS = 64
 _US = 1_000_000
+_DUPLICATE = 2  # admit.lua: the request id is already admitted
 _KEY_CACHE = 10_000  # key-name tuples kept; cleared past this
 
 
@@ -63,16 +65,20 @@ def connect(
     url: str,
     *,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> Redis:
     """A client on a bounded pool with short timeouts and no retries: a limiter must answer
-    at once, and an admission retried after a timeout could be recorded twice."""
+    at once, and an admission retried after a timeout could be recorded twice. Connecting
+    (once per pooled connection, with its handshake) may take longer than a command: a burst
+    of requests opens the whole pool at once, and a busy event loop reads the handshakes
+    late; a refused connection fails at once either way."""
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=timeout_s,  # waiting for a free connection
         socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
+        socket_connect_timeout=connect_timeout_s,
         retry=Retry(NoBackoff(), 0),
     )
     return Redis.from_pool(pool)  # the client owns the pool: closing it closes the pool
@@ -137,6 +143,7 @@ class RedisLimiter:
         url: str,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         prefix: str = DEFAULT_PREFIX,
         lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
@@ -144,7 +151,12 @@ class RedisLimiter:
     ) -> RedisLimiter:
         """A limiter on its own connection pool (closed with it); on plain TCP its scripts
         go over a `RespClient` (one pipelined connection, a third of redis-py's CPU)."""
-        client = connect(url, timeout_s=timeout_s, max_connections=max_connections)
+        client = connect(
+            url,
+            timeout_s=timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            max_connections=max_connections,
+        )
         fast = RespClient(url, timeout_s=timeout_s) if RespClient.supports(url) else None
         return cls(
             client, prefix=prefix, lease_ttl_s=lease_ttl_s, window_s=window_s, owns_client=True,
@@ -192,6 +204,8 @@ class RedisLimiter:
         reply = await self._runner.run(
             self._admit, list(self._keys_of(tenant.name, key.prefix)), args
         )
+        if reply[0] == _DUPLICATE:
+            raise ValueError(f"request {estimate.request_id!r} is already admitted")
         (ok, reason, scope, retry_us, capped, tokens, cost, left, *quotas) = reply
         requests = _quota(*quotas[0:3])
         tokens_quota = _quota(*quotas[3:6])
