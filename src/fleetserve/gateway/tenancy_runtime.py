@@ -4,6 +4,7 @@ usage ledger (flushed at stop, after the last request), and the revocation feed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -14,7 +15,7 @@ from fleetserve.config import GatewaySettings, TenancySettings
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.gateway.tenancy import KeyCache, PromptCounter, TenantGate
 from fleetserve.gateway.upstream import UpstreamClient
-from fleetserve.supervisor import Supervisor
+from fleetserve.supervisor import Supervisor, cancel_all
 from fleetserve.telemetry.tenant_metrics import TenantMetrics
 from fleetserve.tenancy.admin import TenancyAdmin
 from fleetserve.tenancy.keys import load_pepper
@@ -24,6 +25,7 @@ from fleetserve.tenancy.local_limiter import LocalLimiter
 from fleetserve.tenancy.model import ApiKey, Price, Principal, Tenant, UsageRow
 from fleetserve.tenancy.periods import period_of
 from fleetserve.tenancy.redis_limiter import RedisLimiter
+from fleetserve.tenancy.revocations import Revocations
 from fleetserve.tenancy.shared_limiter import SharedLimiter, divided
 from fleetserve.tenancy.store import TenancyStore
 
@@ -147,6 +149,11 @@ class TenancyRuntime:
             PromptCounter(fleet, upstream, engines), seed=self._seed_budget,
         )  # fmt: skip
         self._seeded: set[tuple[str, str]] = set()
+        self._supervisor = supervisor
+        url = tenancy.redis_url
+        self.revocations = None if url is None else Revocations.from_url(url.get_secret_value())
+        self._feed: asyncio.Task[None] | None = None
+        self._published: set[asyncio.Task[int]] = set()
 
     # -- the background service ------------------------------------------------------------
     async def start(self) -> None:
@@ -158,8 +165,21 @@ class TenancyRuntime:
         self.metrics.ledger_db_up.set(1)
         await self.ledger.start()
         await self.gate.start()
+        revocations = self.revocations
+        if revocations is not None:
+            keys = self.keys
+
+            async def feed() -> None:
+                await revocations.run(keys.forget, on_subscribed=keys.clear)
+
+            self._feed = self._supervisor.spawn("tenancy/revocations", feed)
 
     async def stop(self) -> None:
+        if self._feed is not None:
+            await cancel_all([self._feed])
+        if self.revocations is not None:
+            await asyncio.gather(*self._published, return_exceptions=True)
+            await self.revocations.close()
         await self.gate.stop()
         await self.ledger.stop()  # after the last request: the server has drained by now
         await self.limiter.close()
@@ -176,7 +196,21 @@ class TenancyRuntime:
         return await self.limiter.state(principal)
 
     def key_changed(self, prefix: str) -> None:
+        """A key was revoked, rotated or its tenant changed: this process forgets it now,
+        and every other gateway process too (pushed over Redis; else within the cache TTL)."""
         self.keys.forget(prefix)
+        if self.revocations is not None:
+            task = asyncio.get_running_loop().create_task(self._publish(prefix))
+            self._published.add(task)
+            task.add_done_callback(self._published.discard)
+
+    async def _publish(self, prefix: str) -> int:
+        assert self.revocations is not None
+        try:
+            return await self.revocations.publish(prefix)
+        except Exception:  # noqa: BLE001 - the cache TTL still bounds it; never fail the caller
+            log.warning("could not push the change of key fs-%s to other gateways", prefix)
+            return 0
 
     # -- internals -------------------------------------------------------------------------
     async def _find_key(self, prefix: str) -> tuple[ApiKey, Tenant] | None:
