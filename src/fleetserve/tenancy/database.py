@@ -39,6 +39,7 @@ from fleetserve.tenancy.schema import VERSION_TABLE
 __all__ = [
     "BEGIN_OPTION",
     "DEFAULT_FILE",
+    "OPEN_ERRORS",
     "Migration",
     "check_schema",
     "connect_error",
@@ -58,6 +59,10 @@ BEGIN_OPTION = "fleetserve_sqlite_begin"
 # pg_advisory_xact_lock key of the schema migration: "fleetsrv" as a big-endian int64.
 MIGRATION_LOCK_KEY = int.from_bytes(b"fleetsrv", "big") - (1 << 63)
 MIGRATIONS = "fleetserve.tenancy:migrations"  # Alembic's package-resource notation
+
+OPEN_ERRORS = (SQLAlchemyError, OSError, TimeoutError, TypeError, ValueError, OverflowError)
+"""What opening a database raises for a bad URL or an unreachable server: unknown URL
+parameters reach the driver as keyword arguments (TypeError), bad values as ValueError."""
 
 _POSTGRES_SCHEMES = frozenset({"postgres", "postgresql", "postgresql+asyncpg"})
 _SQLITE_SCHEMES = frozenset({"sqlite", "sqlite+aiosqlite"})
@@ -100,7 +105,12 @@ def database_url(url: str | None, state_dir: Path) -> URL:
     if scheme in _POSTGRES_SCHEMES:
         if not parsed.host and not parsed.query.get("host"):
             raise ConfigError(f"invalid database URL {shown!r}: it names no host")
-        return parsed.set(drivername="postgresql+asyncpg")
+        if parsed.port is not None and not 0 < parsed.port < 65536:
+            raise ConfigError(f"invalid database URL {shown!r}: port {parsed.port} is not 1-65535")
+        query = dict(parsed.query)
+        if "sslmode" in query and "ssl" not in query:  # libpq's name; asyncpg takes the values
+            query["ssl"] = query.pop("sslmode")
+        return parsed.set(drivername="postgresql+asyncpg", query=query)
     if scheme in _SQLITE_SCHEMES:
         if not parsed.database or parsed.database == ":memory:":
             raise ConfigError(
@@ -265,7 +275,7 @@ async def upgrade_database(url: str | None, state_dir: Path) -> tuple[str, Migra
             writer = await connection.execution_options(**{BEGIN_OPTION: "IMMEDIATE"})
             async with writer.begin():
                 migration = await migrate(writer)
-    except (SQLAlchemyError, OSError, TimeoutError) as exc:
+    except OPEN_ERRORS as exc:
         raise connect_error(target, exc) from exc
     finally:
         await engine.dispose()

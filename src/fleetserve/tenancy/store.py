@@ -34,7 +34,6 @@ from sqlalchemy.exc import (
     DBAPIError,
     IntegrityError,
     ProgrammingError,
-    SQLAlchemyError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -50,6 +49,7 @@ from fleetserve.tenancy import keys
 from fleetserve.tenancy.changes import UNSET, TenantChanges, Unset
 from fleetserve.tenancy.database import (
     BEGIN_OPTION,
+    OPEN_ERRORS,
     check_schema,
     connect_error,
     create_engine,
@@ -122,7 +122,7 @@ class TenancyStore:
                         await migrate(writer)
                     else:
                         await check_schema(writer)
-        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+        except OPEN_ERRORS as exc:
             await engine.dispose()
             raise connect_error(target, exc) from exc
         except BaseException:
