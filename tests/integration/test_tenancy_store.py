@@ -310,6 +310,19 @@ async def test_key_lookups(store: TenancyStore) -> None:
         assert await store.get_key(prefix) is None
 
 
+async def test_keys_created_while_their_tenant_is_deleted(store: TenancyStore) -> None:
+    """Each create either lands before the delete (and goes with it) or finds no tenant."""
+    await store.create_tenant(FULL)
+    creates = [store.create_key("team-a", PEPPER, now=NOW) for _ in range(6)]
+    results = await asyncio.gather(
+        *creates[:3], store.delete_tenant("team-a"), *creates[3:], return_exceptions=True
+    )
+    assert results[3] is True
+    for result in results[:3] + results[4:]:
+        assert isinstance(result, tuple | NotFoundError), repr(result)
+    assert await store.list_keys() == []
+
+
 async def test_bad_key_requests(store: TenancyStore) -> None:
     with pytest.raises(NotFoundError):
         await store.create_key("nobody", PEPPER, now=NOW)

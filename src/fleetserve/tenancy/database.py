@@ -17,8 +17,11 @@ A URL is shown only with its password masked (`mask_url`); nothing here logs it.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import sqlite3
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,10 +131,30 @@ def _sqlite_file(path: Path) -> URL:
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # SQLite keeps an existing mode
-        os.close(fd)
+        try:
+            _ensure_wal(fd, path)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise ConfigError(f"cannot create the database {path}: {exc.strerror or exc}") from exc
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot open the database {path}: {exc}") from exc
     return URL.create("sqlite+aiosqlite", database=str(path))
+
+
+def _ensure_wal(fd: int, path: Path) -> None:
+    """Put the file in WAL mode (it stays so), one process at a time: SQLite may refuse a
+    journal-mode change at once, without waiting, while another connection converts the same
+    new file. The flock (whole file, apart from SQLite's own byte-range locks) is held for
+    the few milliseconds that the PRAGMA takes."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with closing(sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)) as conn:
+            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if str(mode).lower() != "wal":
+            raise ConfigError(f"cannot put the database {path} in WAL mode (it is in {mode})")
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def create_engine(url: URL) -> AsyncEngine:
@@ -156,7 +179,10 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA journal_mode")  # `_ensure_wal` made it WAL; read, not changed
+        (mode,) = cursor.fetchone()
+        if str(mode).lower() != "wal":  # changed by another program since: change it back
+            cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA foreign_keys = ON")
     finally:
         cursor.close()

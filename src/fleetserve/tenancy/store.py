@@ -243,7 +243,9 @@ class TenancyStore:
         limits: Limits,
         now: float,
     ) -> tuple[ApiKey, str]:
-        found = await connection.execute(select(tenants.c.name).where(tenants.c.name == tenant))
+        found = await connection.execute(  # FOR SHARE: a concurrent delete waits for us
+            select(tenants.c.name).where(tenants.c.name == tenant).with_for_update(read=True)
+        )
         if found.first() is None:
             raise NotFoundError(f"no tenant {tenant!r}", param="tenant")
         for _ in range(KEY_PREFIX_TRIES):
@@ -262,7 +264,10 @@ class TenancyStore:
                 created_at=now,
                 expires_at=expires_at,
             )
-            await connection.execute(insert(api_keys).values(key_values(key)))
+            try:
+                await connection.execute(insert(api_keys).values(key_values(key)))
+            except IntegrityError as exc:  # the prefix, taken by a concurrent create
+                raise ConflictError("a new key collided with another; try again") from exc
             return key, issued.token
         raise ConflictError("could not find a free key prefix; try again")
 
