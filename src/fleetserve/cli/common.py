@@ -64,6 +64,26 @@ def admin_key_file_option() -> Any:
     )
 
 
+def auth_option() -> Any:
+    """`--auth none|keys`, on the commands that serve /v1."""
+    return typer.Option(
+        None,
+        "--auth",
+        help="none: /v1 is open; keys: /v1 needs a tenant's key (FLEETSERVE_AUTH). Default: "
+        "keys on a non-loopback address, none on loopback.",
+    )
+
+
+def with_auth(settings: GatewaySettings, auth: str | None) -> GatewaySettings:
+    """The settings with `--auth` applied, when given (it outranks FLEETSERVE_AUTH)."""
+    if auth is None:
+        return settings
+    if auth not in ("none", "keys"):
+        raise ConfigError(f"--auth: one of none, keys; not {auth!r}")
+    tenancy = settings.tenancy.model_copy(update={"auth": auth})
+    return settings.model_copy(update={"tenancy": tenancy})
+
+
 def given_options(ctx: typer.Context, *names: str) -> tuple[dict[str, Any], dict[str, str]]:
     """The options among `names` that the user gave on the command line, and the flag of each
     (`port` -> `--port`). Only these become init values of the settings, so that the

@@ -10,10 +10,12 @@ import typer
 from fleetserve.cli.common import (
     admin_key_file_option,
     admin_key_option,
+    auth_option,
     clear_errors,
     ensure_port_free,
     err_console,
     settings_from,
+    with_auth,
 )
 from fleetserve.config import (
     DEFAULT_PICKER,
@@ -74,6 +76,7 @@ def gateway_command(
     ),
     admin_key: str | None = admin_key_option(),
     admin_key_file: Path | None = admin_key_file_option(),
+    auth: str | None = auth_option(),
 ) -> None:
     """Run the gateway in front of engines.
 
@@ -86,7 +89,7 @@ def gateway_command(
     Settings, highest first: a flag, the environment (FLEETSERVE_<NAME>, nested as
     FLEETSERVE_TIMEOUTS__FIRST_BYTE_S), the fleet file's `gateway:` section, the default.
     """
-    settings = settings_from(ctx, *SETTINGS_OPTIONS)
+    settings = with_auth(settings_from(ctx, *SETTINGS_OPTIONS), auth)
     inline: FleetFile | None = None
     if upstream or k8s_service:
         if not model:

@@ -17,6 +17,7 @@ from fleetserve.cli.db import db_app
 from fleetserve.cli.engine import engine_app
 from fleetserve.cli.gateway import gateway_command
 from fleetserve.cli.status import status_command
+from fleetserve.cli.tenants import keys_app, tenants_app, usage_command
 from fleetserve.cli.up import up_command
 
 app = typer.Typer(
@@ -33,6 +34,9 @@ app.command("gateway")(gateway_command)
 app.command("up")(up_command)
 app.command("status")(status_command)
 app.command("autoscaler")(autoscaler_command)
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+app.command("usage")(usage_command)
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
 

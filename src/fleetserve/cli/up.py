@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
 import typer
 from pydantic import ValidationError
 
+from fleetserve.cli.admin_client import ensure_default_key
 from fleetserve.cli.common import (
     admin_key_file_option,
     admin_key_option,
+    auth_option,
     clear_errors,
     ensure_port_free,
     err_console,
     settings_from,
+    with_auth,
 )
 from fleetserve.config import (
     DEFAULT_PICKER,
     DRAIN_GRACE_S,
     AutoscaleSettings,
     EngineName,
+    GatewaySettings,
     ModelSpec,
     PickerName,
     admin_api_line,
@@ -33,6 +38,7 @@ from fleetserve.engines.llamacpp.model import load_model
 from fleetserve.engines.registry import adapter_for
 from fleetserve.engines.sim.profiles import get_profile
 from fleetserve.errors import ConfigError
+from fleetserve.gateway.app import auth_mode
 from fleetserve.stack import (
     AutoscaledStackSpec,
     LocalStackSpec,
@@ -136,6 +142,7 @@ def up_command(
     ),
     admin_key: str | None = admin_key_option("that the gateway's /admin/* requires"),
     admin_key_file: Path | None = admin_key_file_option(),
+    auth: str | None = auth_option(),
 ) -> None:
     """Start engine replicas and the gateway on this machine; Ctrl-C stops everything.
 
@@ -148,7 +155,7 @@ def up_command(
     Gateway settings, highest first: a flag, the environment (FLEETSERVE_<NAME>), the fleet
     file's `gateway:` section, the default.
     """
-    settings = settings_from(ctx, *SETTINGS_OPTIONS)
+    settings = with_auth(settings_from(ctx, *SETTINGS_OPTIONS), auth)
     admin = admin_api_line(settings)
     low, high = _replica_range(replicas)
     fleet_file = settings.fleet_file
@@ -172,9 +179,11 @@ def up_command(
         err_console.print(f"[dim]fleetserve[/] {line}")
 
     endpoint = f"http://{settings.host}:{settings.port}"
+    keys = auth_mode(settings) == "keys"
+    token = _default_key(settings) if keys else None
 
     def announce() -> None:
-        _print_ready(endpoint, served)
+        _print_ready(endpoint, served, keys, token)
 
     try:
         if autoscale is None:
@@ -282,10 +291,31 @@ def _picker(name: str) -> PickerName:
         raise ConfigError(f"unknown picker {name!r}") from exc
 
 
-def _print_ready(endpoint: str, model: str) -> None:
+def _default_key(settings: GatewaySettings) -> str | None:
+    """The `default` tenant's first key, made on the first `up --auth keys` (else None)."""
+    tenancy = settings.tenancy
+    url = tenancy.database_url.get_secret_value() if tenancy.database_url else None
+    pepper = tenancy.key_pepper.get_secret_value() if tenancy.key_pepper else None
+    return asyncio.run(ensure_default_key(url, pepper))
+
+
+def _print_ready(endpoint: str, model: str, keys: bool = False, token: str | None = None) -> None:
     err_console.print(f"\n[bold green]ready[/]: OpenAI-compatible endpoint {endpoint}/v1")
+    auth = ""
+    if keys:
+        auth = f"-H 'Authorization: Bearer {token or '$FLEETSERVE_API_KEY'}' "
+        if token:
+            err_console.print(
+                f"tenant [cyan]default[/] and its key (shown once, store it): {token}"
+            )
+        else:
+            err_console.print(
+                "auth: keys (tenant `default` exists; make a key with "
+                "`fleetserve keys create --tenant default`)"
+            )
     err_console.print(
-        f"try:\n  curl {endpoint}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        f"try:\n  curl {endpoint}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"{auth}\\\n"
         f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", '
         f'"content": "Which city is the capital of France?"}}], "temperature": 0}}\'\n'
     )

@@ -42,6 +42,13 @@ class TenancySettings(BaseModel):
         description="Redis for limits shared by every worker and gateway replica "
         "(None: limits are exact within one gateway process)",
     )
+    redis_prefix: str = Field(
+        "fleetserve",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9:_.-]+$",
+        description="namespace of fleetserve's keys in Redis (several fleets can share one)",
+    )
     redis_failure: RedisFailure = Field(
         "fail_closed",
         description="when Redis is unreachable: fail_closed answers 503; local enforces "

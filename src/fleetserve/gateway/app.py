@@ -11,7 +11,13 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Protocol
 
 from fleetserve.clock import Clock, RealClock
-from fleetserve.config import FleetFile, GatewaySettings, load_fleet_file
+from fleetserve.config import (
+    FleetFile,
+    GatewaySettings,
+    default_state_dir,
+    is_loopback,
+    load_fleet_file,
+)
 from fleetserve.engines.registry import adapter_for
 from fleetserve.errors import ConfigError
 from fleetserve.fleet.discovery import populate_static
@@ -25,13 +31,16 @@ from fleetserve.gateway.peers import Peers, WorkerContext, WorkerLink
 from fleetserve.gateway.proxy import Proxy
 from fleetserve.gateway.routes import AdminView, build_routes_app
 from fleetserve.gateway.shutdown import Shutdown, shutting_down_error
+from fleetserve.gateway.tenancy_runtime import TenancyRuntime
 from fleetserve.gateway.upstream import UpstreamClient
 from fleetserve.gateway.watchdog import Watchdog
 from fleetserve.routing.picker import Picker
 from fleetserve.routing.pickers import make_picker
 from fleetserve.supervisor import Supervisor
 from fleetserve.telemetry.metrics import GatewayMetrics
+from fleetserve.telemetry.tenant_metrics import TenantMetrics
 from fleetserve.telemetry.window import LoadWindow
+from fleetserve.tenancy.model import Price
 from fleetserve.transport.http1 import Http1Client
 
 log = logging.getLogger("fleetserve.gateway")
@@ -93,6 +102,15 @@ def build_gateway(
     }
     metrics = GatewayMetrics()
     upstream = UpstreamClient(settings.timeouts)
+    tenancy = None
+    if auth_mode(settings) == "keys":
+        tenancy = TenancyRuntime(
+            settings, default_state_dir(), _prices(fleet_file),
+            {spec.name: spec.engine for spec in fleet_file.models}, clock,
+            TenantMetrics(metrics.registry, settings.tenancy.metrics_top_tenants), fleet,
+            upstream, supervisor, workers=worker.workers if worker is not None else 1,
+        )  # fmt: skip
+        services = [*services, tenancy]
     fleet.subscribe(functools.partial(_forget_when_removed, fleet, upstream.http1))
     monitor = FleetMonitor(fleet, health, clock, parsers, supervisor)
     autoscaled = {spec.name for spec in fleet_file.models if spec.autoscale is not None}
@@ -155,13 +173,29 @@ def build_gateway(
     simulated = frozenset(spec.name for spec in fleet_file.models if spec.engine == "sim")
     cold = build_routes_app(
         fleet, metrics, clock, window, holds, shutdown, settings.admin_key_value(), admin_views,
-        simulated, supervisor, peers,
+        simulated, supervisor, peers, tenancy,
     )  # fmt: skip
     proxy = Proxy(fleet, pickers, upstream, settings, metrics, clock, window, holds, shutdown)
     return GatewayApp(
         proxy, fleet, settings, metrics, clock, cold, window, holds,
         watchdog=watchdog, shutdown=shutdown, lifespan=lifespan,
+        gate=None if tenancy is None else tenancy.gate,
     )  # fmt: skip
+
+
+def auth_mode(settings: GatewaySettings) -> str:
+    """`keys` or `none`: as set, else keys on a non-loopback address and none on loopback."""
+    if settings.tenancy.auth is not None:
+        return settings.tenancy.auth
+    return "none" if is_loopback(settings.host) else "keys"
+
+
+def _prices(fleet_file: FleetFile) -> dict[str, Price]:
+    return {
+        spec.name: Price(spec.pricing.input_per_mtok_usd, spec.pricing.output_per_mtok_usd)
+        for spec in fleet_file.models
+        if spec.pricing is not None
+    }
 
 
 def _desired_from(view: dict[str, object], metrics: GatewayMetrics) -> None:

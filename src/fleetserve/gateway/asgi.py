@@ -36,6 +36,8 @@ from fleetserve.gateway.exchange import Exchange
 from fleetserve.gateway.hold import HoldQueue
 from fleetserve.gateway.proxy import Proxy
 from fleetserve.gateway.shutdown import CONNECTION_CLOSE, Shutdown, shutting_down_error
+from fleetserve.gateway.tenancy import TenantGate
+from fleetserve.gateway.ticket import Ticket
 from fleetserve.gateway.watchdog import Watchdog
 from fleetserve.protocol.asgi import (
     ClientGoneError,
@@ -84,6 +86,7 @@ class GatewayApp:
         watchdog: Watchdog,
         shutdown: Shutdown,
         lifespan: Lifespan,
+        gate: TenantGate | None = None,
     ) -> None:
         self.proxy = proxy
         self.fleet = fleet
@@ -96,9 +99,11 @@ class GatewayApp:
         self.watchdog = watchdog
         self.shutdown = shutdown
         self.lifespan = lifespan
+        self.gate = gate
         self.startup_error: FleetserveError | None = None
         self._ids = itertools.count(1)
-        self._id_prefix = f"fs-{os.getpid():x}-"
+        # Unique across processes and restarts: the ledger's idempotent write keys on it.
+        self._id_prefix = f"fs-{os.urandom(5).hex()}-"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -178,7 +183,11 @@ class GatewayApp:
             return
         exchange.reading_since = 0.0
         t0 = self.clock.now()  # the budget, TTFT and e2e count from the end of the body
+        gate = self.gate
+        principal = None
         try:
+            if gate is not None:  # auth before anything about the body is told
+                principal = await gate.keys.principal(header(scope, b"authorization"))
             info = inspect_request(body, chat=chat)
             model = info.model
             if not self.fleet.serves(model):
@@ -187,11 +196,26 @@ class GatewayApp:
                     param="model",
                 )
         except ApiError as err:
+            if gate is not None and principal is None:
+                gate.rejected_key()
             await self._reject(send, err, exchange)
             return
         exchange.model = model
         rid = header(scope, b"x-request-id")
-        request_id = rid.decode("latin-1") if rid else f"{self._id_prefix}{next(self._ids)}"
+        ticket: Ticket | None = None
+        if gate is not None:
+            assert principal is not None
+            request_id = f"{self._id_prefix}{next(self._ids)}"  # the client's may repeat
+            try:
+                ticket = await gate.admit(principal, info, body, request_id)
+            except ApiError as err:
+                await self._reject(send, err, exchange)
+                return
+            body = ticket.body
+            exchange.ticket = ticket
+            exchange.extra_headers = gate.headers(ticket)
+        else:
+            request_id = rid.decode("latin-1") if rid else f"{self._id_prefix}{next(self._ids)}"
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, exchange))
         gauge = self.metrics.in_flight_child(model)
         gauge.inc()
@@ -204,7 +228,8 @@ class GatewayApp:
         except ApiError as err:
             exchange.finishing = True
             status = err.status
-            await send_error(send, err, CLOSE if self.shutdown.draining else None)
+            extra = [*exchange.extra_headers, *(CLOSE if self.shutdown.draining else ())]
+            await send_error(send, err, extra)
         except asyncio.CancelledError:
             if exchange.ended_by is None:
                 raise
@@ -218,6 +243,22 @@ class GatewayApp:
             self.window.finished(model, now)
             served = 200 <= status < 300 and not exchange.stream_failed
             self.metrics.finished(model, status, now - t0 if served else None)
+            if ticket is not None:
+                assert gate is not None
+                await self._account(gate, ticket, exchange, status, now - t0)
+
+    async def _account(
+        self, gate: TenantGate, ticket: Ticket, exchange: Exchange, status: int, e2e_s: float
+    ) -> None:
+        """Settle and write the ledger row; never raises (the answer is already out)."""
+        try:
+            await gate.finish(
+                ticket, model=exchange.model, replica=exchange.replica, status=status,
+                cancelled=status == CLIENT_CLOSED or exchange.ended_by is not None,
+                failed=exchange.stream_failed, queue_s=exchange.hold_s, e2e_s=e2e_s,
+            )  # fmt: skip
+        except Exception:
+            log.exception("accounting of request %s failed", ticket.request_id)
 
     async def _reject(self, send: Send, err: ApiError, exchange: Exchange) -> None:
         """A request refused before it reached a replica: counted, not timed."""

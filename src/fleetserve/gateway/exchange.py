@@ -5,8 +5,11 @@ shutdown deadline). One object per request, so the hot path allocates nothing mo
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+from fleetserve.gateway.ticket import Ticket
 
 EndReason = Literal["client_gone", "body_timeout", "write_stall", "shutdown"]
 """Why a request's task was cancelled from outside: set before `task.cancel()`."""
@@ -28,6 +31,8 @@ class Exchange:
     sending_since: float = 0.0  # > 0 while a write to the client waits (flow control)
     ended_by: EndReason | None = None
     finishing: bool = False  # answered: a disconnect now is the client's normal close
+    ticket: Ticket | None = None  # tenancy (auth = keys): the admitted request's accounting
+    extra_headers: Sequence[tuple[bytes, bytes]] = ()  # the tenant's x-ratelimit-* headers
 
     def end(self, reason: EndReason) -> bool:
         """Cancel the request's task for `reason`, once; False if it was already ended."""

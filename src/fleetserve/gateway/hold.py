@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from fleetserve.clock import Clock
@@ -40,6 +40,7 @@ from fleetserve.fleet.replica import Replica
 from fleetserve.routing.snapshot import ReplicaState
 from fleetserve.telemetry.metrics import GatewayMetrics
 from fleetserve.telemetry.window import LoadWindow
+from fleetserve.tenancy.fairness import FairQueue, Priority
 
 log = logging.getLogger("fleetserve.gateway.hold")
 
@@ -56,6 +57,19 @@ class HoldTicker(Protocol):
     next_at: float  # clock time of the next tick; the ticker moves it on in tick()
 
     async def tick(self, held_s: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Share:
+    """Who a held request belongs to, for the release order (tenancy/fairness.py)."""
+
+    tenant: str = ""
+    weight: float = 1.0
+    priority: Priority = Priority.STANDARD
+    input_tokens: int = 0
+
+
+ANONYMOUS = Share()  # auth none: one tenant, so release is oldest first
 
 
 def at_capacity(replica: Replica) -> bool:
@@ -84,7 +98,7 @@ class HoldQueue:
         self.autoscaled = set(autoscaled or ())
         self.on_demand = on_demand
         self._retry = {"Retry-After": str(retry_after_s)}
-        self._queues: dict[str, deque[Waiter]] = {}
+        self._queues: dict[str, FairQueue[Waiter]] = {}
         self._closed: NoReplicaError | None = None  # shutting down: nothing is held any more
         self._boot_ids = frozenset(r.id for r in fleet.replicas())
         fleet.subscribe(self._on_change)
@@ -113,18 +127,26 @@ class HoldQueue:
 
     # -- holding ----------------------------------------------------------------------------
     async def hold(
-        self, model: str, started: float, ticker: HoldTicker | None = None
+        self,
+        model: str,
+        started: float,
+        ticker: HoldTicker | None = None,
+        share: Share = ANONYMOUS,
     ) -> str | None:
         """Wait until a replica of `model` can take the request; NoReplicaError if the queue is
         full or the wait passes its bound.
 
         Returns the id of a replica whose slot was reserved for this request (the caller sends
         there and calls `Fleet.end` after), or None: route as usual. `started` is when this
-        request first began to wait: the bound covers all its waits.
+        request first began to wait: the bound covers all its waits. Waiters are released
+        by priority class, then fair share across tenants (`share`; VTC), oldest first within
+        a tenant.
         """
         if self._closed is not None:
             raise self._closed
-        queue = self._queues.setdefault(model, deque())
+        queue = self._queues.get(model)
+        if queue is None:
+            queue = self._queues[model] = FairQueue()
         ready = self._has_ready(model)
         if len(queue) >= self.settings.max_held:
             why = (
@@ -139,7 +161,10 @@ class HoldQueue:
                 headers=self._retry,
             )
         waiter: Waiter = asyncio.get_running_loop().create_future()
-        queue.append(waiter)
+        queue.push(
+            waiter, share.tenant, now=self.clock.now(), weight=share.weight,
+            priority=share.priority, input_tokens=share.input_tokens,
+        )  # fmt: skip
         self.window.hold_started(model, self.clock.now())
         gauge = self.metrics.held.labels(model)
         gauge.inc()
@@ -153,7 +178,7 @@ class HoldQueue:
         finally:
             if not waiter.done():
                 waiter.cancel()
-                queue.remove(waiter)
+            queue.remove(waiter)
             self.window.hold_ended(model, self.clock.now())
             gauge.dec()
         return waiter.result()
@@ -243,13 +268,20 @@ class HoldQueue:
         if replica is not None and replica.state is ReplicaState.READY:
             self._grant(replica, queue)
 
-    def _grant(self, replica: Replica, queue: deque[Waiter]) -> None:
+    def charge(self, model: str, tenant: str, tokens: int) -> None:
+        """`tokens` of output streamed to `tenant`: service counted in the fair order."""
+        queue = self._queues.get(model)
+        if queue is not None:
+            queue.charge(tenant, tokens)
+
+    def _grant(self, replica: Replica, queue: FairQueue[Waiter]) -> None:
         if replica.max_concurrency is None:
             self.release(replica.model)
             return
+        now = self.clock.now()
         while queue and not at_capacity(replica):
-            waiter = queue.popleft()
-            if not waiter.done():
+            waiter = queue.release(now)
+            if waiter is not None and not waiter.done():
                 self.fleet.begin(replica.id)
                 waiter.set_result(replica.id)
 
@@ -259,10 +291,11 @@ class HoldQueue:
         Returns how many were waiting."""
         self._closed = error
         answered = 0
+        now = self.clock.now()
         for queue in self._queues.values():
             while queue:
-                waiter = queue.popleft()
-                if not waiter.done():
+                waiter = queue.release(now)
+                if waiter is not None and not waiter.done():
                     waiter.set_exception(error)
                     answered += 1
         return answered
@@ -271,9 +304,10 @@ class HoldQueue:
         """Wake every request held for `model`, oldest first, to be routed; returns how many."""
         queue = self._queues.get(model)
         released = 0
+        now = self.clock.now()
         while queue:
-            waiter = queue.popleft()
-            if not waiter.done():
+            waiter = queue.release(now)
+            if waiter is not None and not waiter.done():
                 waiter.set_result(None)
                 released += 1
         return released

@@ -18,6 +18,8 @@ shorten it); time held for a cold start does not.
 
 from __future__ import annotations
 
+import functools
+
 from fleetserve.clock import Clock
 from fleetserve.config import DEFAULT_PICKER, GatewaySettings
 from fleetserve.errors import (
@@ -33,13 +35,13 @@ from fleetserve.errors import (
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.replica import Replica
 from fleetserve.gateway.exchange import Exchange
-from fleetserve.gateway.hold import HoldQueue
+from fleetserve.gateway.hold import ANONYMOUS, HoldQueue, Share
 from fleetserve.gateway.keepalive import SSE_HEADERS_BASE, StreamKeepAlive, answer_as_event
 from fleetserve.gateway.shutdown import CONNECTION_CLOSE, Shutdown
 from fleetserve.gateway.upstream import UpstreamClient
 from fleetserve.protocol.asgi import Send, send_bytes
 from fleetserve.protocol.inspect import RequestInfo
-from fleetserve.protocol.sse import OutputCounter, encode_error_event
+from fleetserve.protocol.sse import OutputCounter, encode_error_event, usage_of
 from fleetserve.routing.picker import Picker
 from fleetserve.routing.pickers import make_picker
 from fleetserve.routing.snapshot import ReplicaSnapshot, ReplicaState, RouteRequest
@@ -118,8 +120,13 @@ class Proxy:
         if info.stream:
             ticker = StreamKeepAlive(send, holds.settings, started, exchange.head_sent)
             ticker.next_at = max(ticker.next_at, now)  # a second hold: tick on from now
+        ticket = exchange.ticket
+        share = ANONYMOUS
+        if ticket is not None:
+            tenant = ticket.principal.tenant
+            share = Share(tenant.name, tenant.weight, tenant.priority, ticket.prompt_estimate)
         try:
-            return await holds.hold(info.model, started, ticker)
+            return await holds.hold(info.model, started, ticker, share)
         finally:
             end = self.clock.now()
             exchange.hold_s = end - started
@@ -224,7 +231,7 @@ class Proxy:
             exchange.attempts = attempt
             exchange.replica = replica.id
             url = replica.url + path
-            tag = self._tag(replica.id)
+            tag = self._tag(replica.id, exchange)
             if not reserved:
                 self.fleet.begin(replica.id)
             try:
@@ -236,6 +243,8 @@ class Proxy:
                 else:
                     response = await self.upstream.send(url, body, request_id, timeout_s)
                     exchange.finishing = True  # the answer is in hand: shutdown lets it out
+                    if exchange.ticket is not None and response.status < 300:
+                        exchange.ticket.usage = usage_of(response.body)
                     await send_bytes(
                         send, response.status, response.body, response.content_type.encode(), tag
                     )
@@ -262,14 +271,16 @@ class Proxy:
         if not tried:
             raise self._no_replica(info.model)
         if isinstance(last, UpstreamStatusError):  # pass the engine's own 5xx answer on
-            await self._pass_on(send, last, self._tag(exchange.replica or ""), exchange)
+            tag = self._tag(exchange.replica or "", exchange)
+            await self._pass_on(send, last, tag, exchange)
             return
         raise _final_error(last, info.model, len(tried))
 
-    def _tag(self, replica_id: str) -> list[tuple[bytes, bytes]]:
-        """Headers of an answer: which replica served it; `Connection: close` while the
-        gateway shuts down (clients reconnect to another gateway replica)."""
-        tag = [(REPLICA_HEADER, replica_id.encode())]
+    def _tag(self, replica_id: str, exchange: Exchange) -> list[tuple[bytes, bytes]]:
+        """Headers of an answer: which replica served it; the tenant's rate-limit state;
+        `Connection: close` while the gateway shuts down (clients reconnect to another
+        gateway replica)."""
+        tag = [(REPLICA_HEADER, replica_id.encode()), *exchange.extra_headers]
         if self.shutdown.draining:
             tag.append(CONNECTION_CLOSE)
         return tag
@@ -318,11 +329,26 @@ class Proxy:
             # Committed: from here on a failure cannot be retried, only reported in-stream.
             now = clock.now()
             self.metrics.observe_ttft(info.model, now - t0)
+            ticket = exchange.ticket
+            tap = None
+            charge = None
+            if ticket is not None:
+                ticket.ttft_s = now - t0
+                tap = ticket.tap
+                holds = self.holds
+                if holds is not None:
+                    charge = functools.partial(holds.charge, info.model, ticket.tenant)
             # The autoscaler's window leaves a cold-start hold out (more replicas cannot
             # shorten it) but keeps time held at capacity (more replicas would).
             self.window.observe_ttft(info.model, now, now - t0 - exchange.cold_hold_s)
             outputs = OutputCounter()
             events = outputs.count(first)
+            if ticket is not None:
+                ticket.output_events = events
+                if charge is not None and events:
+                    charge(events)
+                if tap is not None:
+                    first = tap.feed(first)
             # Writes to the client are stamped: the watchdog cuts a client that stops reading.
             exchange.sending_since = now
             if not exchange.head_sent:
@@ -333,7 +359,8 @@ class Proxy:
                     {"type": "http.response.start", "status": stream.status, "headers": headers}
                 )
                 exchange.head_sent = True
-            await send({"type": "http.response.body", "body": first, "more_body": True})
+            if first:
+                await send({"type": "http.response.body", "body": first, "more_body": True})
             exchange.sending_since = 0.0
             exchange.status = stream.status
             # Inter-token latency: the gap from one event with generated output to the next
@@ -371,9 +398,19 @@ class Proxy:
                     if events > 1:
                         observe_zeros(itl, events - 1)
                     content_at = now
+                    if ticket is not None:
+                        ticket.output_events += events
+                        if charge is not None:
+                            charge(events)
+                if tap is not None:
+                    chunk = tap.feed(chunk)
+                    if not chunk:
+                        continue
                 exchange.sending_since = now
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 exchange.sending_since = 0.0
             exchange.sending_since = clock.now()
+            if tap is not None and (rest := tap.finish()):
+                await send({"type": "http.response.body", "body": rest, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             exchange.sending_since = 0.0

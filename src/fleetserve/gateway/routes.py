@@ -23,6 +23,7 @@ from fleetserve.fleet.fleet import Fleet
 from fleetserve.gateway.hold import HoldQueue
 from fleetserve.gateway.peers import Peers, merged_window
 from fleetserve.gateway.shutdown import Shutdown
+from fleetserve.gateway.tenancy_admin import TenancyApi, tenancy_routes
 from fleetserve.protocol.envelope import api_error_body
 from fleetserve.routing.snapshot import ReplicaState
 from fleetserve.supervisor import Supervisor
@@ -31,7 +32,7 @@ from fleetserve.telemetry.window import LoadWindow
 
 AdminView = Callable[[], object]
 """Returns what `/admin/<name>` answers, as JSON-serialisable data (orjson: dataclasses too)."""
-BUILT_IN_VIEWS = frozenset({"fleet", "load", "replicas"})
+BUILT_IN_VIEWS = frozenset({"fleet", "load", "replicas", "tenants", "keys", "usage"})
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -59,9 +60,11 @@ def build_routes_app(
     simulated_models: frozenset[str] = frozenset(),
     supervisor: Supervisor | None = None,
     peers: Peers | None = None,
+    tenancy: TenancyApi | None = None,
 ) -> Starlette:
     """The cold routes. With `peers` (one of several worker processes) the admin views add
-    the other workers' reports in, so they answer for the whole gateway."""
+    the other workers' reports in, so they answer for the whole gateway. With `tenancy`
+    (auth = keys) the tenant, key and usage admin API is served too."""
     views = dict(admin_views or {})
     if clash := BUILT_IN_VIEWS & views.keys():
         raise ValueError(f"admin views {sorted(clash)} would hide built-in admin routes")
@@ -204,6 +207,7 @@ def build_routes_app(
             Route("/admin/load", admin_load),
             *(admin_view(name, view) for name, view in views.items()),
             Route("/admin/replicas/{replica_id:path}/drain", admin_drain, methods=["POST"]),
+            *(tenancy_routes(tenancy, admin_denied) if tenancy is not None else ()),
         ],
         exception_handlers={HTTPException: not_found},
     )

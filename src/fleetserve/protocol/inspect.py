@@ -24,6 +24,7 @@ class RequestInfo:
     include_usage: bool
     max_tokens: int | None
     prefix_key: str
+    has_stream_options: bool = False
 
 
 def _prompt_prefix(body: dict[str, Any]) -> str:
@@ -84,4 +85,30 @@ def inspect_request(raw: bytes, *, chat: bool) -> RequestInfo:
         include_usage=include_usage,
         max_tokens=max_tokens,
         prefix_key=_prompt_prefix(body),
+        has_stream_options="stream_options" in body,
     )
+
+
+_USAGE_OPTION = b'{"stream_options":{"include_usage":true},'
+
+
+def rewrite_body(
+    raw: bytes, info: RequestInfo, *, include_usage: bool, max_tokens: int | None
+) -> bytes:
+    """The body with `stream_options.include_usage` set and/or `max_tokens` capped: the only
+    rewrites the gateway makes (tenancy: usage for the ledger, a budget's cap). Asking for
+    usage alone splices the field in without re-encoding the body."""
+    if max_tokens is None and not include_usage:
+        return raw
+    if max_tokens is None and not info.has_stream_options:
+        start = raw.find(b"{")  # inspect_request saw a JSON object with a model in it
+        return raw[:start] + _USAGE_OPTION + raw[start + 1 :]
+    body = orjson.loads(raw)
+    if include_usage:
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                  "include_usage": True}  # fmt: skip
+    if max_tokens is not None:
+        body.pop("max_completion_tokens", None)
+        body["max_tokens"] = max_tokens
+    return orjson.dumps(body)

@@ -157,3 +157,80 @@ class OutputCounter:
                 self._field = other
                 return found
         return count_content_events(chunk)
+
+
+class UsageTap:
+    """Reads the engine's `usage` out of a stream as it passes, and drops the usage-only
+    event when the gateway asked for it and the client did not (`strip`).
+
+    Whole events pass on at once; the bytes of an unfinished last event wait for the rest of
+    it (a client cannot use half an event, so this delays nothing it could read). A read with
+    no `"usage"` in it and no unfinished event before it passes on as it is, untouched.
+    """
+
+    __slots__ = ("_carry", "completion_tokens", "prompt_tokens", "strip")
+
+    def __init__(self, *, strip: bool) -> None:
+        self.strip = strip
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self._carry = b""
+
+    @property
+    def usage(self) -> tuple[int, int] | None:
+        """(prompt, completion) tokens, once the usage event has passed."""
+        if self.prompt_tokens is None or self.completion_tokens is None:
+            return None
+        return self.prompt_tokens, self.completion_tokens
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What of `chunk` to send on now."""
+        if not self._carry and b'"usage"' not in chunk and chunk.endswith(b"\n\n"):
+            return chunk
+        data = self._carry + chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._carry = data
+            return b""
+        whole, self._carry = data[: end + 2], data[end + 2 :]
+        if b'"usage"' not in whole:
+            return whole
+        kept = [event for event in whole.split(b"\n\n")[:-1] if self._keep(event)]
+        return b"".join(event + b"\n\n" for event in kept)
+
+    def finish(self) -> bytes:
+        """The end of the stream: whatever was still waiting, as it is."""
+        rest, self._carry = self._carry, b""
+        return rest
+
+    def _keep(self, event: bytes) -> bool:
+        if b'"usage"' not in event or not event.startswith(b"data:"):
+            return True
+        try:
+            chunk = orjson.loads(event[5:])
+        except orjson.JSONDecodeError:
+            return True
+        usage = chunk.get("usage") if type(chunk) is dict else None
+        if type(usage) is not dict:
+            return True
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if type(prompt) is int and type(completion) is int:
+            self.prompt_tokens, self.completion_tokens = prompt, completion
+        return not (self.strip and not chunk.get("choices"))
+
+
+def usage_of(body: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of a whole (non-stream) answer's `usage`, if it has one."""
+    if b'"usage"' not in body:
+        return None
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    usage = answer.get("usage") if type(answer) is dict else None
+    if type(usage) is not dict:
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if type(prompt) is int and type(completion) is int:
+        return prompt, completion
+    return None

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from fleetserve.tenancy.model import Principal
+from fleetserve.tenancy.model import Principal, Tenant
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,9 @@ class Admission:
     max_tokens: int | None = None  # set: the budget capped the request's max_tokens to this
     requests: Quota | None = None  # the tightest RPM scope after this admission
     tokens: Quota | None = None  # the tightest TPM scope after this admission
-    budget_left_micro_usd: int | None = None  # None: the tenant has no budget
+    budget_left_micro_usd: int | None = None  # None: no budget applied (none, or free model)
+    recorded: bool = True  # False: no counter holds the request (no limits, no budget, or a
+    # free model), so settle() and renew() have nothing to do for it (no Redis round trip)
 
 
 class RejectReason(enum.StrEnum):
@@ -100,6 +102,11 @@ class Limiter(Protocol):
 
     async def state(self, principal: Principal) -> dict[str, object]:
         """The live limit state of a tenant and key: used and limit of each counter."""
+        ...
+
+    async def seed_spend(self, tenant: Tenant, period_start_s: int, micro_usd: int) -> bool:
+        """Start the tenant's spend counter of the period beginning `period_start_s` at
+        `micro_usd` (from the ledger), unless it exists already; True if it was set."""
         ...
 
     async def close(self) -> None: ...

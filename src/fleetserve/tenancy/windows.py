@@ -9,7 +9,8 @@ scripts keep across gateway replicas (one atomic step each, on the server's cloc
 - `Leases`: concurrent requests as leases that expire unless renewed, so a gateway that dies
   cannot keep its slots.
 - `Budget`: money in integer micro-dollars, the worst case reserved at admission and settled
-  to the real cost: spend plus reservations never pass the budget.
+  to the real cost: spend plus reservations never pass the budget. A reservation that is
+  never settled (its gateway died) expires into spend at its worst case.
 
 `now` always comes in; no clock is read here.
 """
@@ -59,6 +60,11 @@ class RequestLog:
         self._expire(now)
         return len(self._times)
 
+    def oldest(self, now: float) -> float | None:
+        """When the oldest admission still in the window was made (None: the window is empty)."""
+        self._expire(now)
+        return self._times[0] if self._times else None
+
 
 class TokenLog:
     def __init__(self, limit: int, window_s: float = 60.0) -> None:
@@ -86,7 +92,7 @@ class TokenLog:
             raise ValueError(f"request {request_id!r} already holds a reservation")
         self._expire(now)
         if self._sum + tokens > self.limit:
-            return Verdict(False, self.limit, self.limit - self._sum, self._room_at(tokens, now))
+            return Verdict(False, self.limit, self.limit - self._sum, self.room_at(tokens, now))
         self._entries[request_id] = (now, tokens)
         self._sum += tokens
         return Verdict(True, self.limit, self.limit - self._sum, 0.0)
@@ -106,8 +112,12 @@ class TokenLog:
         self._expire(now)
         return self._sum
 
-    def _room_at(self, tokens: int, now: float) -> float:
+    def holds(self, request_id: str) -> bool:
+        return request_id in self._entries
+
+    def room_at(self, tokens: int, now: float) -> float:
         """Seconds until enough reservations leave the window for `tokens` more."""
+        self._expire(now)
         if tokens > self.limit:
             return self.window_s  # never fits; say the whole window
         needed = self._sum + tokens - self.limit
@@ -156,21 +166,41 @@ class Leases:
         self._expire(now)
         return len(self._until)
 
+    def holds(self, lease_id: str) -> bool:
+        return lease_id in self._until
+
+    def soonest(self, now: float) -> float | None:
+        """When the first lease held expires (None: none is held)."""
+        self._expire(now)
+        return min(self._until.values()) if self._until else None
+
 
 class Budget:
-    def __init__(self, limit_micro_usd: int) -> None:
+    """Spent plus reserved never passes `limit`. A reservation may carry an expiry: a request
+    whose gateway died never settles, so once its reservation expires (`expire`) it counts as
+    spent at its worst case, which frees nothing it might have used (never an overshoot)."""
+
+    def __init__(self, limit_micro_usd: int, spent_micro_usd: int = 0) -> None:
         if limit_micro_usd < 0:
             raise ValueError(f"a budget cannot be negative: {limit_micro_usd}")
         self.limit = limit_micro_usd
-        self.spent = 0
-        self._reserved: dict[str, int] = {}
+        self.spent = spent_micro_usd
+        self._reserved: dict[str, tuple[int, float | None]] = {}  # id -> (amount, expires at)
+        self._held = 0  # the sum of the amounts reserved
+        self._soonest: float | None = None  # no reservation expires before this
+
+    @property
+    def reserved(self) -> int:
+        return self._held
 
     @property
     def committed(self) -> int:
         """Spent plus reserved: what admission checks against the limit."""
-        return self.spent + sum(self._reserved.values())
+        return self.spent + self._held
 
-    def reserve(self, request_id: str, worst_micro_usd: int) -> Verdict:
+    def reserve(
+        self, request_id: str, worst_micro_usd: int, expires_at: float | None = None
+    ) -> Verdict:
         if worst_micro_usd < 0:
             raise ValueError(f"a cost cannot be negative: {worst_micro_usd}")
         if request_id in self._reserved:
@@ -178,16 +208,48 @@ class Budget:
         left = self.limit - self.committed
         if worst_micro_usd > left:
             return Verdict(False, self.limit, left, 0.0)
-        self._reserved[request_id] = worst_micro_usd
+        self._reserved[request_id] = (worst_micro_usd, expires_at)
+        self._held += worst_micro_usd
+        if expires_at is not None and (self._soonest is None or expires_at < self._soonest):
+            self._soonest = expires_at
         return Verdict(True, self.limit, left - worst_micro_usd, 0.0)
 
     def settle(self, request_id: str, cost_micro_usd: int) -> None:
         """The request cost `cost_micro_usd` (never more than it reserved: the reservation
         was its worst case); the rest of the reservation is freed."""
-        reserved = self._reserved.pop(request_id, None)
-        if reserved is None:
+        found = self._reserved.pop(request_id, None)
+        if found is None:
             return
-        self.spent += min(cost_micro_usd, reserved)
+        reserved = found[0]
+        self._held -= reserved
+        self.spent += min(max(cost_micro_usd, 0), reserved)
+
+    def holds(self, request_id: str) -> bool:
+        return request_id in self._reserved
+
+    def renew(self, request_id: str, expires_at: float) -> bool:
+        """Push a reservation's expiry out; False if it is not held (settled or expired)."""
+        found = self._reserved.get(request_id)
+        if found is None:
+            return False
+        self._reserved[request_id] = (found[0], expires_at)
+        return True
+
+    def expire(self, now: float) -> None:
+        """Reservations whose expiry has come count as spent at their worst case."""
+        if self._soonest is None or now < self._soonest:
+            return  # renewals only push expiries out, so nothing is due yet
+        soonest: float | None = None
+        for request_id, (amount, expires_at) in list(self._reserved.items()):
+            if expires_at is None:
+                continue
+            if expires_at <= now:
+                del self._reserved[request_id]
+                self._held -= amount
+                self.spent += amount
+            elif soonest is None or expires_at < soonest:
+                soonest = expires_at
+        self._soonest = soonest
 
     def left(self) -> int:
         return self.limit - self.committed

@@ -7,8 +7,9 @@ reuses its plan, see `api.PlanCache`). A framework's routing and request objects
 
 Routes: POST /v1/chat/completions and /v1/completions, GET /v1/models and /health (all 503
 until the simulated cold start is over, when a real vLLM would not listen yet), /metrics
-(vLLM's names) and /version. A client that disconnects aborts its request inside the engine,
-freeing its batch slot and KV blocks, as vLLM does.
+(vLLM's names), /version, and POST /tokenize (vLLM's: the prompt's token count). A client
+that disconnects aborts its request inside the engine, freeing its batch slot and KV blocks,
+as vLLM does.
 
 The HTTP server may stamp in the scope, under `RECEIVED_S`, when it began parsing a request
 (`serve.stamping_protocol` does): the request log then counts arrival from there.
@@ -23,6 +24,7 @@ import asyncio
 import itertools
 import os
 import urllib.parse
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -151,6 +153,12 @@ class SimServer:
                 return
             await self._completion(path == "/v1/chat/completions", scope, receive, send)
             return
+        if path == "/tokenize":
+            if method != "POST":
+                await _respond_error(send, _method_not_allowed(method, path))
+                return
+            await self._tokenize(receive, send)
+            return
         if path == REQUEST_LOG_PATH:
             await self._request_log(method, scope.get("query_string", b""), send)
             return
@@ -230,6 +238,26 @@ class SimServer:
             seq.finished_s, len(job.plan.prompt), output_tokens, finish_reason, job.plan.stream,
             stamps.request_id, stamps.body_read_s,
         )  # fmt: skip
+
+    async def _tokenize(self, receive: Receive, send: Send) -> None:
+        """vLLM's POST /tokenize: `{"model", "messages"}` (chat template applied) or
+        `{"model", "prompt"}` -> `{"count", "max_model_len", "tokens"}`; the gateway counts a
+        cancelled stream's prompt with it. Token ids are stable hashes of the token texts."""
+        try:
+            body = await read_body(receive, MAX_BODY_BYTES)
+            plan = self._plans.plan(body, chat=b'"messages"' in body)
+        except ApiError as err:
+            await _respond_error(send, err)
+            return
+        except ClientGoneError:
+            return
+        tokens = [zlib.crc32(str(t).encode()) % 50_000 for t in plan.prompt]
+        answer = {
+            "count": len(tokens),
+            "max_model_len": self.engine.profile.max_model_len,
+            "tokens": tokens,
+        }
+        await _respond(send, 200, orjson.dumps(answer))
 
     async def _completion(self, chat: bool, scope: Scope, receive: Receive, send: Send) -> None:
         engine = self.engine
