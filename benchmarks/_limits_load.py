@@ -1,9 +1,9 @@
 """The load side of benchmarks/tenancy_limits.py: impatient clients spread over two gateways,
 and the samplers that watch the engines and the limiter's Redis keys while they run.
 
-Every client loops until its deadline (and at most `MAX_ATTEMPTS` times): it sends, and when
-refused it waits a jittered pause (not the Retry-After, so that demand stays far above every
-limit) and tries again. It records each attempt with the client's own `time.time()` before the
+Every client loops until its deadline (and at most `MAX_ATTEMPTS` times): it sends, waits a
+jittered pause (also when refused: not the Retry-After, so that demand stays far above every
+limit) and sends again. It records each attempt with the client's own `time.time()` before the
 send and after the answer: the server decided somewhere in between. A client whose gateway
 died moves to the other one, as a load balancer would.
 """
@@ -47,6 +47,7 @@ class Attempt:
     code: str = ""  # the error's code, or the client error's name
     request_id: str = ""  # x-request-id of an admitted request
     complete: bool = False  # a whole, valid answer
+    retry_after_s: float | None = None  # a refusal's Retry-After
 
 
 class Gateways:
@@ -126,6 +127,8 @@ async def send(
             attempt.request_id = r.headers.get("x-request-id", "")
             if r.status != 200:
                 attempt.code = _code_of(await r.read())
+                with contextlib.suppress(KeyError, ValueError):
+                    attempt.retry_after_s = float(r.headers["Retry-After"])
                 return
             if not load.stream:
                 data = await r.read()
@@ -158,8 +161,8 @@ async def impatient_client(
     log: list[Attempt],
     streams: OpenStreams | None = None,
 ) -> None:
-    """Send until `deadline` (monotonic): at once after an answer, after a jittered pause
-    after a refusal or an error."""
+    """Send until `deadline` (monotonic), with a jittered pause after each answer (a client
+    that went again at once would take back the slot its own request just freed)."""
     rng = random.Random(index)
     preferred = index % 2
     for _ in range(MAX_ATTEMPTS):
@@ -169,8 +172,6 @@ async def impatient_client(
         attempt = Attempt(load.tenant, gateway, now_us())
         log.append(attempt)
         await send(session, gateways.urls[gateway], load, load.next_body(rng), attempt, streams)
-        if attempt.status == 200 and attempt.complete:
-            continue
         pause = rng.uniform(0.5, 1.5) * pause_s
         await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
 

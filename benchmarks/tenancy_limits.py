@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import random
 import secrets
 import signal
 import sqlite3
@@ -112,6 +113,7 @@ PROMPT = (
     "the limits and the replicas."
 )
 BUDGET_POLL_S = 0.01
+RETRY_AFTER_MAX_S = 60.0  # the openai client waits out a Retry-After up to this; else gives up
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +132,7 @@ class Plan:
     budget_requests: int
     budget_usd: float
     budget_max_tokens: int = 50
+    budget_retries: int = 2  # the openai client's default max_retries
     input_per_mtok_usd: float = 250.0
     output_per_mtok_usd: float = 1000.0
 
@@ -150,15 +153,15 @@ FULL = Plan(
     budget_usd=5.0,
 )
 QUICK = Plan(
-    duration_s=10,
-    kill_at_s=4,
+    duration_s=6,
+    kill_at_s=2.5,
     clients=12,
     rpm=10,
     tpm=6000,
     tpm_max_tokens=300,
     max_concurrent=3,
-    stream_tokens=(50, 500),
-    lease_ttl_s=2,
+    stream_tokens=(50, 400),
+    lease_ttl_s=1.5,
     retry_pause_s=0.2,
     sample_s=0.05,
     budget_requests=100,
@@ -448,6 +451,7 @@ async def phase_one(stack: Stack, plan: Plan, prefix: str, say: Callable[[str], 
 @dataclass
 class PhaseTwo:
     attempts: list[Attempt]
+    finals: list[Attempt]
     watch: Watch
     worst_micro_usd: int
     limiter_state: dict[str, Any] = field(default_factory=dict)
@@ -465,24 +469,37 @@ async def phase_two(stack: Stack, plan: Plan, prefix: str) -> PhaseTwo:
     redis = Redis.from_url(REDIS_URL, decode_responses=True)
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=120, sock_connect=30)
-    attempts = [Attempt(BUDGET, i % 2, 0) for i in range(plan.budget_requests)]
+    attempts: list[Attempt] = []
+    finals: dict[int, Attempt] = {}  # each request's last attempt
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         poller = asyncio.create_task(
             watch_budget(redis, RedisKeys(prefix, BUDGET), watch, BUDGET_POLL_S, stop)
         )
         try:
 
-            async def one(attempt: Attempt) -> None:
-                attempt.sent_us = now_us()
-                await send(session, stack.urls[attempt.gateway], load, body, attempt)
+            async def one(index: int) -> None:
+                """One request, retried as the openai client retries a 429 (max_retries=2,
+                after its Retry-After, when that is short): a refusal while reservations in
+                flight may still settle low says 1 s; a spent budget says a day."""
+                rng = random.Random(index)
+                for _ in range(1 + plan.budget_retries):
+                    attempt = Attempt(BUDGET, index % 2, now_us())
+                    attempts.append(attempt)
+                    finals[index] = attempt
+                    await send(session, stack.urls[attempt.gateway], load, body, attempt)
+                    wait = attempt.retry_after_s
+                    if attempt.status != 429 or wait is None or wait > RETRY_AFTER_MAX_S:
+                        return
+                    await asyncio.sleep(wait * rng.uniform(1.0, 1.25))
 
-            await asyncio.wait_for(asyncio.gather(*(one(a) for a in attempts)), timeout=150)
+            requests = (one(i) for i in range(plan.budget_requests))
+            await asyncio.wait_for(asyncio.gather(*requests), timeout=150)
             await asyncio.sleep(0.1)  # the last settlements leave the expiry set
         finally:
             stop.set()
             await poller
             await redis.aclose()
-    return PhaseTwo(attempts, watch, worst)
+    return PhaseTwo(attempts, list(finals.values()), watch, worst)
 
 
 # --- what the ledger and the engines recorded ---------------------------------------------
@@ -755,11 +772,14 @@ def report_budget(r: Report, plan: Plan, two: PhaseTwo, ledger: list[Row], ttl_u
     attempts = two.attempts
     budget = round(plan.budget_usd * US)
     r.say(
-        f"  {len(attempts):,} concurrent requests over both gateways, each worth at most "
+        f"  {len(two.finals):,} concurrent requests over both gateways, each worth at most "
         f"{_usd(two.worst_micro_usd)} ({BODY_BYTES}-byte body x ${plan.input_per_mtok_usd:g}/"
         f"Mtok + max_tokens {plan.budget_max_tokens} x ${plan.output_per_mtok_usd:g}/Mtok), "
-        f"budget ${plan.budget_usd:g} (total): {_statuses(attempts)}"
+        f"budget ${plan.budget_usd:g} (total); a refusal with a short Retry-After retried up to "
+        f"{plan.budget_retries} times, as the openai client does"
     )
+    r.say(f"    requests, as they ended: {_statuses(two.finals)}")
+    r.say(f"    attempts ({len(attempts):,}): {_statuses(attempts)}")
     rows = {w.request_id: w for w in ledger if w.tenant == BUDGET}
     spend = sum(w.cost_micro_usd for w in rows.values())
     admitted = [a for a in attempts if a.status == 200]
@@ -769,6 +789,11 @@ def report_budget(r: Report, plan: Plan, two: PhaseTwo, ledger: list[Row], ttl_u
         spend <= budget,
         f"final spend (ledger, {len(rows)} rows) {_usd(spend)} <= ${plan.budget_usd:.2f}",
     )
+    left = budget - spend
+    r.info(
+        f"left {_usd(left)}: "
+        + ("less than one worst case, spent" if left < two.worst_micro_usd else "room for more")
+    )
     state = two.limiter_state
     if state:
         r.info(
@@ -777,7 +802,7 @@ def report_budget(r: Report, plan: Plan, two: PhaseTwo, ledger: list[Row], ttl_u
         )
     r.check(
         others == 0 and {a.request_id for a in admitted} == set(rows),
-        f"admitted {len(admitted)}, refused insufficient_quota {len(refused)}, other "
+        f"admitted {len(admitted)}, refusals (insufficient_quota) {len(refused):,}, other "
         f"answers {others}; every admitted answer has its ledger row",
     )
     charges = []
