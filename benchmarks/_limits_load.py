@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import random
 import re
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from redis.asyncio import Redis
 
 from benchmarks._harness import SseCheck
 
+REDIS_URL = "redis://127.0.0.1:6379/0"
 MAX_ATTEMPTS = 1_000_000  # per client: a bound, never reached at these pauses
 US = 1_000_000
 _GAUGE = re.compile(rb"^vllm:num_requests_(running|waiting)\{[^}]*\} ([0-9.e+]+)$", re.MULTILINE)
@@ -264,8 +266,6 @@ async def harvest_until(
 
 
 async def sample_until(
-    session: aiohttp.ClientSession,
-    redis: Redis,
     engines: Sequence[str],
     conc: RedisKeys,
     tpm: RedisKeys,
@@ -274,43 +274,95 @@ async def sample_until(
     stop: asyncio.Event,
 ) -> None:
     """Every `every_s`: each concurrency engine's running + waiting (asked at once), the
-    tenant's live leases, and the TPM window's sum as the limiter keeps it."""
-    while not stop.is_set():
-        t0 = now_us()
-        loads = await asyncio.gather(*(engine_load(session, url) for url in engines))
-        t1 = now_us()
-        members = await _zrange(redis, conc.leases)
-        live = [m for m, expiry in members if expiry > t1]
-        watch.lease_ids.update(live)
-        total = await redis.hget(tpm.tpm_sums, "sum")
-        if total is not None:
-            watch.tpm_window_sums.append(int(total))
-        watch.engine_samples.append(EngineSample(t0, t1 - t0, tuple(loads), len(live)))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), every_s)
+    tenant's live leases, and the TPM window's sum as the limiter keeps it. Meant for a
+    `BackgroundLoop`, with clients of its own."""
+    timeout = aiohttp.ClientTimeout(total=10)
+    redis = Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while not stop.is_set():
+                t0 = now_us()
+                loads = await asyncio.gather(*(engine_load(session, url) for url in engines))
+                t1 = now_us()
+                members = await _zrange(redis, conc.leases)
+                live = [m for m, expiry in members if expiry > t1]
+                watch.lease_ids.update(live)
+                total = await redis.hget(tpm.tpm_sums, "sum")
+                if total is not None:
+                    watch.tpm_window_sums.append(int(total))
+                watch.engine_samples.append(EngineSample(t0, t1 - t0, tuple(loads), len(live)))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), every_s)
+    finally:
+        await redis.aclose()
 
 
-async def watch_budget(
-    redis: Redis, keys: RedisKeys, watch: Watch, every_s: float, stop: asyncio.Event
-) -> None:
+class BackgroundLoop:
+    """A coroutine on an event loop of its own, in a thread of its own: a sampler's timing
+    then waits on the GIL at most, not on the load generator's busy loop."""
+
+    def __init__(self, main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+        self._main = main
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(10.0):
+            raise RuntimeError("the sampler's event loop did not start")
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop it and wait for it; re-raises what it failed with."""
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise RuntimeError(f"the sampler did not stop within {timeout_s:g} s")
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            self._ready.set()
+            await self._main(self._stop)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # handed to the thread that stops it
+            self._error = exc
+        finally:
+            self._ready.set()
+
+
+async def watch_budget(keys: RedisKeys, watch: Watch, every_s: float, stop: asyncio.Event) -> None:
     """The budget's reservations in flight: when each was first seen (its expiry score is
-    admission + TTL until a renewal moves it) and between which polls it went."""
-    while not stop.is_set():
-        before = now_us()
-        members = dict(await _zrange(redis, keys.budget_expiries))
-        after = now_us()
-        watch.budget_polls += 1
-        for rid, score in members.items():
-            seen = watch.budget_seen.get(rid)
-            if seen is None:
-                watch.budget_seen[rid] = [score, before, before, 0]
-            else:
-                seen[2] = before
-        for rid, seen in watch.budget_seen.items():
-            if rid not in members and seen[3] == 0:
-                seen[3] = after
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), every_s)
+    admission + TTL until a renewal moves it) and between which polls it went. Meant for a
+    `BackgroundLoop`."""
+    redis = Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        while not stop.is_set():
+            before = now_us()
+            members = dict(await _zrange(redis, keys.budget_expiries))
+            after = now_us()
+            watch.budget_polls += 1
+            for rid, score in members.items():
+                seen = watch.budget_seen.get(rid)
+                if seen is None:
+                    watch.budget_seen[rid] = [score, before, before, 0]
+                else:
+                    seen[2] = before
+            for rid, seen in watch.budget_seen.items():
+                if rid not in members and seen[3] == 0:
+                    seen[3] = after
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every_s)
+    finally:
+        await redis.aclose()
 
 
 # --- the crash of one gateway ---------------------------------------------------------------
