@@ -638,18 +638,20 @@ def report_rpm(r: Report, plan: Plan, one: PhaseOne, ledger: list[Row], tol_us: 
             f"{plan.rpm} = exactly the limit); held {plan.rpm} all through "
             f"{steady:,} of them ({100 * steady / len(refusals):.2f} %)",
         )
-        start = min(a.sent_us for a in refusals)
-        share = full_share(times, start, one.ended_us, WINDOW_US, plan.rpm)
+        # Demand is known to exceed the limit from the first refusal's answer to the last
+        # refusal's send (after it, the clients stop at their deadline).
+        start, end = min(a.answered_us for a in refusals), max(a.sent_us for a in refusals)
+        share = full_share(times, start, end, WINDOW_US, plan.rpm)
         r.info(
-            f"from the first refusal to the end the window held {plan.rpm} for "
+            f"from the first refusal to the last the window held {plan.rpm} for "
             f"{100 * share.full_frac:.2f} % of the time; {share.gaps} dips below it, the "
             f"longest {share.longest_gap_us / 1000:.1f} ms (a slot left the window and no "
             f"client asked within that time: no refusal fell in a dip)"
         )
-        stepped = sliding_counts(times, start, one.ended_us, US, WINDOW_US)
+        stepped = sliding_counts(times, start, end, US, WINDOW_US)
         if stepped:
             r.info(
-                f"windows wholly after the first refusal, every 1 s ({len(stepped)}): "
+                f"windows between the first and the last refusal, every 1 s ({len(stepped)}): "
                 f"min {min(stepped)}, max {max(stepped)}"
             )
     else:
