@@ -47,13 +47,14 @@ class FullShare:
     full_frac: float  # of [start, end], the share of time the window held `limit`
     longest_gap_us: int  # the longest stretch below it
     gaps: int  # how many stretches below it
+    lowest: int  # the fewest admissions the window held
 
 
 def full_share(times: Sequence[int], start: int, end: int, window_us: int, limit: int) -> FullShare:
     """How much of [start, end] the window spent at `limit` admissions (a sweep over the
     points where the count changes)."""
     if end <= start:
-        return FullShare(0.0, 0, 0)
+        return FullShare(0.0, 0, 0, count_at(times, start, window_us))
     ups = times[bisect.bisect_right(times, start) : bisect.bisect_right(times, end)]
     downs = [
         t + window_us
@@ -66,8 +67,11 @@ def full_share(times: Sequence[int], start: int, end: int, window_us: int, limit
     edges = sorted({start, *ups, *downs, end})
     full = 0
     gap = longest = gaps = 0
+    lowest = limit
     for left, right in itertools.pairwise(edges):
-        if count_at(times, left, window_us) >= limit:
+        held = count_at(times, left, window_us)
+        lowest = min(lowest, held)
+        if held >= limit:
             full += right - left
             if gap:
                 longest, gap = max(longest, gap), 0
@@ -76,7 +80,7 @@ def full_share(times: Sequence[int], start: int, end: int, window_us: int, limit
                 gaps += 1
             gap += right - left
     longest = max(longest, gap)
-    return FullShare(full / (end - start), longest, gaps)
+    return FullShare(full / (end - start), longest, gaps, lowest)
 
 
 def window_sums(times: Sequence[int], weights: Sequence[int], window_us: int) -> list[int]:
@@ -87,18 +91,6 @@ def window_sums(times: Sequence[int], weights: Sequence[int], window_us: int) ->
     for i, t in enumerate(times):
         first = bisect.bisect_right(times, t - window_us)
         out.append(prefix[i + 1] - prefix[first])
-    return out
-
-
-def sliding_counts(
-    times: Sequence[int], start: int, end: int, step_us: int, window_us: int
-) -> list[int]:
-    """Admissions in the windows ending at start + window, start + window + step, ..., end."""
-    out = []
-    t = start + window_us
-    while t <= end:
-        out.append(count_at(times, t, window_us))
-        t += step_us
     return out
 
 
