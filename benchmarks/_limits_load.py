@@ -65,10 +65,6 @@ class Gateways:
         alive = [i for i in range(len(self.urls)) if i not in self.dead]
         return alive[0] if alive else preferred
 
-    def replace(self, index: int, url: str) -> None:
-        self.urls[index] = url
-        self.dead.discard(index)
-
 
 @dataclass
 class OpenStreams:

@@ -5,14 +5,14 @@ Setup: 2 x `fleetserve gateway --workers 2 --auth keys` sharing one state direct
 SQLite database and key pepper) and one Redis prefix of their own (random, deleted after), in
 front of SIMULATED engines: two `instant` ones (model limits-fast) and two `h100` ones (model
 limits-h100, priced). Every tenant's clients alternate between the two gateways. They are
-impatient: after a refusal they pause ~`--retry-pause-s` (jittered), not the Retry-After, so
-that demand stays far above every limit.
+impatient: after every answer, refusals included, they pause ~`--retry-pause-s` (jittered) and
+ask again, not waiting out the Retry-After, so that demand stays far above every limit.
 
 1. Exact across replicas, for `--duration-s` (180): three tenants at once, one key each,
    `--clients` (200) clients each:
    - rpm (limits-rpm, rpm=60, fast engines): every rolling 60 s window, on the Redis server's
      clock (each admission's time is read from the limiter's log, which keeps it 60 s), holds
-     <= 60 admissions; and at each refusal the window held 60 (it is checked over the whole
+     <= 60 admissions; and at each refusal the window held exactly 60 (it is checked over the whole
      time the refusal was in flight, from the client's send to its answer: the server decided
      in between);
    - tpm (limits-tpm, tpm and max_tokens set, fast engines): the tokens the engines used
@@ -34,8 +34,8 @@ that demand stays far above every limit.
    it was made: settled costs + the worst cases in flight + its own <= $5, replayed from the
    reservations' Redis times (polled every 10 ms) and their settlements (ledger end times).
 
-    .venv/bin/python -m benchmarks.tenancy_limits             # the issue's figures, ~4 minutes
-    .venv/bin/python -m benchmarks.tenancy_limits --quick     # smoke run, ~30 s
+    .venv/bin/python -m benchmarks.tenancy_limits             # the issue's figures, ~3.5 minutes
+    .venv/bin/python -m benchmarks.tenancy_limits --quick     # smoke run, ~25 s
     .venv/bin/python -m benchmarks.tenancy_limits --duration-s 60 --clients 50
 
 Exit status 1 when a check fails, else 0.
