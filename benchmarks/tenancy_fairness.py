@@ -6,15 +6,18 @@ queue, released by priority class and then by VTC across tenants (tenancy/fairne
 Tenants are created through the admin API, each with its own key; their clients keep them
 backlogged (closed loop) for the whole measured span. Service is VTC's unit, input + output
 tokens, counted per 60 s window from what each client received (and from the usage ledger's
-rows, as a cross-check). Three scenarios, one after the other on the same gateway:
+rows, as a cross-check). Four scenarios, one after the other on the same gateway:
 
 1. equal weights, one tenant with 10x the other's clients: each gets 50% +/- 5 points;
 2. weights 1:2:3:4: shares within 5 points of 10/20/30/40%;
-3. an `interactive` tenant at a modest open-loop rate, alone (the idle fleet) and then while a
+3. equal weights in a new spell of saturation: a new tenant fills the fleet first, and the
+   10x tenant of scenario 1 (which has a past in the fair queue's counters) is back 2 s
+   later, after the queue ran empty: 50% +/- 5 points again, from the first window;
+4. an `interactive` tenant at a modest open-loop rate, alone (the idle fleet) and then while a
    `batch` tenant saturates every slot: its TTFT p95 stays within 2x of the idle figure, and
    the batch tenant still completes requests.
 
-    .venv/bin/python -m benchmarks.tenancy_fairness            # about 8 minutes
+    .venv/bin/python -m benchmarks.tenancy_fairness            # about 10 minutes
     .venv/bin/python -m benchmarks.tenancy_fairness --quick    # about 30 s, a smoke run
     flock /tmp/fleetserve-bench.lock .venv/bin/python -m benchmarks.tenancy_fairness
 
@@ -52,6 +55,7 @@ from benchmarks._fairness_load import (
 )
 from benchmarks._harness import LOCALHOST, Processes, sigterm_as_exit
 from fleetserve.fleet.processes import free_port
+from fleetserve.telemetry.quantiles import percentile_of
 from fleetserve.tenancy.model import UsageRow
 from fleetserve.tenancy.store import TenancyStore
 
@@ -76,9 +80,11 @@ class Plan:
     max_concurrency: int = 8  # per replica: the gateway holds what does not fit
     window_s: float = 60.0
     windows: int = 2
-    warmup_s: float = 15.0  # before the first window: the queues fill, counters settle
-    idle_s: float = 60.0  # the interactive tenant alone, for the idle TTFT
+    warmup_s: float = 10.0  # before the first window: the queues fill
+    idle_s: float = 45.0  # the interactive tenant alone, for the idle TTFT
     interactive_rps: float = 2.0
+    history_s: float = 30.0  # the rejoin scenario's past, when scenario 1 did not run
+    rejoin_after_s: float = 2.0
     shape: Shape = SHARE_SHAPE
     interactive_shape: Shape = INTERACTIVE_SHAPE
     batch_shape: Shape = BATCH_SHAPE
@@ -100,6 +106,11 @@ class Plan:
         return max(2, math.ceil(self.slots * 3 / 4))
 
     @property
+    def rejoin_sessions(self) -> int:
+        # Each saturates the fleet alone: the new tenant waits before the other is back.
+        return max(2, math.ceil(self.slots * 3 / 2))
+
+    @property
     def batch_sessions(self) -> int:
         return 2 * self.slots
 
@@ -117,6 +128,8 @@ QUICK = Plan(
     warmup_s=2.0,
     idle_s=4.0,
     interactive_rps=4.0,
+    history_s=3.0,
+    rejoin_after_s=1.0,
     shape=Shape(prompt_words=(20, 60), max_tokens=(8, 16)),
     interactive_shape=Shape(prompt_words=(20, 60), max_tokens=(4, 8)),
     batch_shape=Shape(prompt_words=(20, 60), max_tokens=(8, 16)),
@@ -131,7 +144,7 @@ def _fleetserve(python: Path, *args: str) -> list[str]:
 
 
 def start_stack(
-    procs: Processes, plan: Plan, state_dir: Path, python: Path
+    procs: Processes, plan: Plan, state_dir: Path, python: Path, gateway_src: Path | None
 ) -> tuple[str, list[str]]:
     """Sim engines (core 1) and one gateway worker (core 0), ready; (gateway URL, engine URLs)."""
     engines = []
@@ -157,6 +170,8 @@ def start_stack(
                        "--auth", "keys")  # fmt: skip
     env = {"FLEETSERVE_STATE_DIR": str(state_dir), "FLEETSERVE_KEY_PEPPER": "bench-fairness"}
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("FLEETSERVE_")}, **env}
+    if gateway_src is not None:
+        env["PYTHONPATH"] = str(gateway_src)
     gateway = procs.start("gateway", argv, core=0, env=env)
     url = f"http://{LOCALHOST}:{port}"
     gateway.wait_ready(url + "/ready", READY_TIMEOUT_S)
@@ -209,7 +224,7 @@ async def ledger_rows(state_dir: Path, since: float, tenants: Sequence[str]) -> 
             if len(rows) == last:
                 return rows
             last = len(rows)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.5)  # two ledger batches
         return rows
     finally:
         await store.close()
@@ -225,6 +240,8 @@ class TenantSpec:
     priority: str
     sessions: int
     shape: Shape
+    start_after_s: float = 0.0
+    note: str = ""
 
 
 @dataclass
@@ -271,6 +288,10 @@ class PriorityReport:
     batch_done: list[int] = field(default_factory=list)  # per window
     batch_tokens_s: list[float] = field(default_factory=list)
     interactive_share: list[float] = field(default_factory=list)
+    # From the ledger's rows of the interactive tenant: the wait in the gateway's hold queue
+    # (queue_s) and the rest of TTFT (ttft_s - queue_s: the engine's prefill and step), ms.
+    split: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    slot_gap_ms: float | None = None  # measured span / requests finished in it
     errors: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -301,12 +322,20 @@ async def share_scenario(
     plan: Plan,
     title: str,
     specs: list[TenantSpec],
+    keys: dict[str, str],
 ) -> ShareReport:
+    """Every tenant of `specs` backlogged at once (each from its `start_after_s`); a tenant
+    already in `keys` is not created again (it keeps its history in the fair queue)."""
     loads = []
     for i, spec in enumerate(specs):
-        key = await create_tenant(http, url, spec.name, spec.weight, spec.priority)
+        key = keys.get(spec.name)
+        if key is None:
+            key = keys[spec.name] = await create_tenant(
+                http, url, spec.name, spec.weight, spec.priority
+            )
         loads.append(TenantLoad(spec.name, key, spec.shape, sessions=spec.sessions,
-                                seed=plan.seed + i))  # fmt: skip
+                                start_after_s=spec.start_after_s,
+                                seed=plan.seed + 100 * len(keys) + i))  # fmt: skip
     t0 = time.time()
     log = ServiceLog(t0)
     result = await run_phase(url, MODEL, loads, plan.phase_s, log)
@@ -342,8 +371,51 @@ async def share_scenario(
     return report
 
 
+async def rejoin_scenario(
+    http: aiohttp.ClientSession,
+    url: str,
+    state_dir: Path,
+    plan: Plan,
+    keys: dict[str, str],
+    engines: Sequence[str],
+) -> ShareReport:
+    """A tenant with a past (eq-heavy, served half of scenario 1; or rj-past, alone for
+    `history_s` first) comes back after the queue ran empty, just after a new tenant that
+    saturates the fleet on its own: both backlogged, equal weights, 50/50 from the start."""
+    past = "eq-heavy" if "eq-heavy" in keys else "rj-past"
+    if past not in keys:
+        keys[past] = await create_tenant(http, url, past, 1, "standard")
+        history = TenantLoad(past, keys[past], plan.shape, sessions=plan.rejoin_sessions,
+                             seed=plan.seed + 50)  # fmt: skip
+        await run_phase(url, MODEL, [history], plan.history_s, ServiceLog(time.time()))
+        await wait_idle(http, engines)
+    n = plan.rejoin_sessions
+    specs = [
+        TenantSpec("rj-new", 1, "standard", n, plan.shape, note="new, first to wait"),
+        TenantSpec(past, 1, "standard", n, plan.shape, start_after_s=plan.rejoin_after_s,
+                   note=f"has a past, back after {plan.rejoin_after_s:g} s"),
+    ]  # fmt: skip
+    title = "equal weights, a new spell of saturation: a new tenant first, then one with a past"
+    return await share_scenario(http, url, state_dir, plan, title, specs, keys)
+
+
+def _ttft_split(rows: Sequence[UsageRow], lo: float, hi: float) -> dict[str, float | None]:
+    """p50/p95 of the hold-queue wait and of the rest of TTFT, ms, of rows started in
+    [lo, hi)."""
+    picked = [r for r in rows if lo <= r.started_at < hi and r.ttft_s is not None]
+    held = [r.queue_s for r in picked]
+    rest = [r.ttft_s - r.queue_s for r in picked if r.ttft_s is not None]
+
+    def ms(values: Sequence[float], pct: float) -> float | None:
+        value = percentile_of(values, pct)
+        return None if value is None else value * 1000.0
+
+    return {"held_p50": ms(held, 50), "held_p95": ms(held, 95),
+            "rest_p50": ms(rest, 50), "rest_p95": ms(rest, 95)}  # fmt: skip
+
+
 async def priority_scenario(
-    http: aiohttp.ClientSession, url: str, plan: Plan, engines: Sequence[str]
+    http: aiohttp.ClientSession, url: str, state_dir: Path, plan: Plan, engines: Sequence[str]
 ) -> PriorityReport:
     inter_key = await create_tenant(http, url, "inter", 1.0, "interactive")
     batch_key = await create_tenant(http, url, "batch", 1.0, "batch")
@@ -351,7 +423,8 @@ async def priority_scenario(
                        rate_rps=plan.interactive_rps, seed=plan.seed + 10)  # fmt: skip
     report = PriorityReport("inter", "batch")
     # Idle fleet: the interactive tenant alone.
-    idle_log = ServiceLog(time.time())
+    idle_t0 = time.time()
+    idle_log = ServiceLog(idle_t0)
     idle = await run_phase(url, MODEL, [inter], plan.idle_s, idle_log)
     _merge_errors(report.errors, idle)
     report.idle = _ttft_figures(idle.by_tenant("inter"))
@@ -381,6 +454,19 @@ async def priority_scenario(
         report.batch_tokens_s.append(batch_tokens / plan.window_s)
         report.interactive_share.append(inter_tokens / max(1, batch_tokens + inter_tokens))
     report.loaded_all = _ttft_figures(measured)
+    span_lo, span_hi = t0 + plan.warmup_s, t0 + plan.warmup_s + plan.windows * plan.window_s
+    finished = sum(
+        1
+        for r in loaded.records
+        if r.ok and r.end_wall is not None and span_lo <= r.end_wall < span_hi
+    )
+    if finished:
+        report.slot_gap_ms = 1000.0 * (span_hi - span_lo) / finished
+    rows = await ledger_rows(state_dir, idle_t0 - 1.0, ["inter"])
+    report.split = {
+        "idle": _ttft_split(rows, idle_t0, idle_t0 + plan.idle_s),
+        "loaded": _ttft_split(rows, span_lo, span_hi),
+    }
     return report
 
 
@@ -406,7 +492,8 @@ def render_share(report: ShareReport, plan: Plan, number: int) -> str:
     for spec in report.tenants:
         lines.append(
             f"   {spec.name:<9} weight {spec.weight:g}, {spec.priority}, "
-            f"{spec.sessions} closed-loop clients, {spec.shape.describe()}; "
+            f"{spec.sessions} closed-loop clients, {spec.shape.describe()}"
+            f"{'; ' + spec.note if spec.note else ''}; "
             f"{report.requests.get(spec.name, 0)} requests completed"
         )
     lines.append(
@@ -460,6 +547,18 @@ def render_priority(report: PriorityReport, plan: Plan, number: int) -> str:
         )
         lines.append(row(f"under batch {start:.0f}-{start + plan.window_s:.0f} s", figs, extra))
     lines.append(row("under batch, all", report.loaded_all))
+    for phase, label in (("idle", "idle fleet"), ("loaded", "under batch")):
+        split = report.split.get(phase, {})
+        lines.append(
+            f"   ledger, {label:<12}: held at the gateway p50/p95 {_ms(split.get('held_p50'))}"
+            f"/{_ms(split.get('held_p95'))} ms; rest of TTFT (engine) p50/p95 "
+            f"{_ms(split.get('rest_p50'))}/{_ms(split.get('rest_p95'))} ms"
+        )
+    if report.slot_gap_ms is not None:
+        lines.append(
+            f"   under batch a slot frees every {report.slot_gap_ms:.0f} ms on average (requests "
+            "finished / measured span): what a held interactive request waits for"
+        )
     ratio = report.ratio
     idle95, loaded95 = report.idle.get("p95"), report.loaded_all.get("p95")
     shown = "-" if ratio is None else f"{ratio:.2f}x"
@@ -488,9 +587,13 @@ def _first_line(argv: Sequence[str]) -> str:
     return lines[0].strip() if lines else "?"
 
 
-def machine_facts(plan: Plan) -> str:
+def machine_facts(plan: Plan, gateway_src: Path | None) -> str:
     load1, _, _ = os.getloadavg()
     commit = _first_line(["git", "rev-parse", "--short", "HEAD"])
+    if gateway_src is not None:
+        checkout = gateway_src.parent
+        commit = _first_line(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"])
+        commit += f", from {gateway_src}"
     return "\n".join(
         [
             f"machine : {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
@@ -509,7 +612,7 @@ def machine_facts(plan: Plan) -> str:
 # --- main --------------------------------------------------------------------------------
 
 
-SCENARIOS = ("equal", "weights", "priority")
+SCENARIOS = ("equal", "weights", "rejoin", "priority")
 
 
 async def run_all(
@@ -520,27 +623,31 @@ async def run_all(
     priority = None
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(timeout=timeout) as http:
+        keys: dict[str, str] = {}
+        light = plan.light_sessions
         if "equal" in which:
-            say("  1. equal weights, 10x load ...")
-            light = plan.light_sessions
+            say("  equal weights, 10x load ...")
             specs = [
                 TenantSpec("eq-light", 1, "standard", light, plan.shape),
                 TenantSpec("eq-heavy", 1, "standard", 10 * light, plan.shape),
             ]
-            shares.append(await share_scenario(
-                http, url, state_dir, plan, "equal weights, one tenant with 10x the other's "
-                "clients", specs))  # fmt: skip
+            title = "equal weights, one tenant with 10x the other's clients"
+            shares.append(await share_scenario(http, url, state_dir, plan, title, specs, keys))
             await wait_idle(http, engines)
         if "weights" in which:
-            say("  2. weights 1:2:3:4 ...")
+            say("  weights 1:2:3:4 ...")
             n = plan.weighted_sessions
             specs = [TenantSpec(f"w{w}", w, "standard", n, plan.shape) for w in (1, 2, 3, 4)]
-            shares.append(await share_scenario(http, url, state_dir, plan,
-                                               "weights 1:2:3:4", specs))  # fmt: skip
+            title = "weights 1:2:3:4"
+            shares.append(await share_scenario(http, url, state_dir, plan, title, specs, keys))
+            await wait_idle(http, engines)
+        if "rejoin" in which:
+            say("  equal weights, a new spell of saturation ...")
+            shares.append(await rejoin_scenario(http, url, state_dir, plan, keys, engines))
             await wait_idle(http, engines)
         if "priority" in which:
-            say("  3. priority: interactive vs batch ...")
-            priority = await priority_scenario(http, url, plan, engines)
+            say("  priority: interactive vs batch ...")
+            priority = await priority_scenario(http, url, state_dir, plan, engines)
     return shares, priority
 
 
@@ -549,8 +656,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke run: small fleet, short windows")
     ap.add_argument("--window-s", type=float, help="window length (default 60; quick 4)")
     ap.add_argument("--windows", type=int, help="windows per scenario (default 2; quick 1)")
-    ap.add_argument("--warmup-s", type=float, help="before the first window (default 15)")
-    ap.add_argument("--idle-s", type=float, help="idle-fleet TTFT phase (default 60)")
+    ap.add_argument("--warmup-s", type=float, help="before the first window (default 10)")
+    ap.add_argument("--idle-s", type=float, help="idle-fleet TTFT phase (default 45)")
     ap.add_argument("--profile", choices=("a10g", "l4", "h100"), help="sim engine profile")
     ap.add_argument("--replicas", type=int, help="sim engines (default 2)")
     ap.add_argument("--max-concurrency", type=int, help="per replica (default 8)")
@@ -558,12 +665,20 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
                     help=f"comma-separated subset of {','.join(SCENARIOS)}")  # fmt: skip
     ap.add_argument("--json", type=Path, help="also write every figure to this file")
+    ap.add_argument(
+        "--gateway-src",
+        type=Path,
+        help="run the gateway (only) from another checkout's src/, e.g. a `git worktree` of an "
+        "older commit, to compare two versions of the fair queue in turn",
+    )
     args = ap.parse_args(argv)
     which = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = sorted(set(which) - set(SCENARIOS))
     if unknown or not which:
         ap.error(f"--scenarios: choose from {', '.join(SCENARIOS)}, not {', '.join(unknown)}")
     args.which = which
+    if args.gateway_src is not None and not (args.gateway_src / "fleetserve").is_dir():
+        ap.error(f"--gateway-src: {args.gateway_src} holds no fleetserve package")
     checks = [("--window-s", args.window_s, 1.0, 600.0), ("--windows", args.windows, 1, 10),
               ("--warmup-s", args.warmup_s, 0.0, 300.0), ("--idle-s", args.idle_s, 1.0, 600.0),
               ("--replicas", args.replicas, 1, 8),
@@ -595,13 +710,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print("tenancy_fairness: the gateway's fair queue under saturation (issue 10, must-show 5)")
     print(time.strftime("date    : %Y-%m-%d %H:%M:%S %Z"))
-    print(machine_facts(plan), flush=True)
+    print(machine_facts(plan, args.gateway_src), flush=True)
     with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="tenancy-fairness-") as tmp:
         workdir = Path(tmp)
         with Processes(workdir) as procs:
             say("starting the sim engines and the gateway ...")
-            url, engines = start_stack(procs, plan, workdir, Path(sys.executable))
-            shares, priority = asyncio.run(run_all(url, engines, workdir, plan, args.which, say))
+            try:
+                url, engines = start_stack(
+                    procs, plan, workdir, Path(sys.executable), args.gateway_src
+                )
+                shares, priority = asyncio.run(
+                    run_all(url, engines, workdir, plan, args.which, say)
+                )
+            except (RuntimeError, aiohttp.ClientError, OSError) as exc:
+                # StartError is a RuntimeError and carries the process's log: its last lines.
+                lines = str(exc).strip().splitlines()
+                print(f"tenancy_fairness: {lines[0] if lines else type(exc).__name__}",
+                      file=sys.stderr)  # fmt: skip
+                for line in lines[1:][-5:]:
+                    print(f"  {line}", file=sys.stderr)
+                return 2
     number = 0
     for report in shares:
         number += 1
