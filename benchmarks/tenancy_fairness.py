@@ -536,7 +536,7 @@ def render_priority(report: PriorityReport, plan: Plan, number: int) -> str:
         return (
             f"   {label:<22} {n:>8.0f} {_ms(figs.get('p50')):>9} {_ms(figs.get('p95')):>7} "
             f"{_ms(figs.get('p99')):>7} {extra}"
-        )
+        ).rstrip()
 
     lines.append(row(f"idle fleet ({plan.idle_s:.0f} s)", report.idle))
     for i, figs in enumerate(report.loaded):
