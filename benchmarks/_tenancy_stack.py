@@ -200,6 +200,22 @@ def spool_rows(state_dir: Path) -> tuple[int, int]:
     return len(files), rows
 
 
+def spool_ids(state_dir: Path) -> set[str]:
+    """The request ids of the rows in the spool files now (a torn last line is skipped)."""
+    ids: set[str] = set()
+    for path in state_dir.glob(SPOOL_GLOB):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        for line in data.splitlines():
+            try:
+                ids.add(str(orjson.loads(line)["request_id"]))
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue
+    return ids
+
+
 def scrape_metric(url: str, prefix: str) -> dict[str, float]:
     """The samples of /metrics whose name starts with `prefix` (sample line -> value)."""
     with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
