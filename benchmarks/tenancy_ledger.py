@@ -122,6 +122,7 @@ class Answers:
     failure: list[str | None] = field(default_factory=list)
     lag_s: list[float] = field(default_factory=list)  # actual - intended send time
     refusals: collections.Counter[tuple[int, str]] = field(default_factory=collections.Counter)
+    samples: dict[str, bytes] = field(default_factory=dict)  # the first body of each error code
     first_send: float = 0.0  # monotonic
     last_answer: float = 0.0
 
@@ -156,9 +157,15 @@ async def _one(client: Http1Client, url: str, answers: Answers, i: int) -> None:
         return
     answers.status[i] = response.status
     answers.request_id[i] = response.headers.get("x-request-id")
-    if response.status != 200:
-        answers.refusals[(response.status, _error_code(response.body()))] += 1
+    body = response.body()  # taken in full: a pooled connection must not keep old bytes
     response.finish()
+    if response.status != 200:
+        code = _error_code(body)
+        answers.refusals[(response.status, code)] += 1
+        answers.samples.setdefault(code, body[:160])
+    elif b'"choices"' not in body:
+        answers.refusals[(200, "not a chat completion")] += 1
+        answers.samples.setdefault("not a chat completion", body[:160])
     answers.last_answer = time.monotonic()
 
 
@@ -537,9 +544,19 @@ def render(res: RunResult) -> tuple[str, bool]:
         f"{sum(statuses.values()):>7}{sum(failures.values()):>11}"
         f"{len(answered & rows):>8}{len(lost):>6}"
     )
-    if statuses:
+    if ans.refusals:
         codes = ", ".join(f"{n} x {st} {code}" for (st, code), n in ans.refusals.most_common())
-        lines.append(f"other    : {codes} (no x-request-id: not admitted, so no row is due)")
+        with_id = sum(
+            1
+            for st, rid in zip(ans.status, ans.request_id, strict=True)
+            if st not in (0, 200) and rid
+        )
+        lines.append(
+            f"other    : {codes}; {with_id} of the non-200s carried an x-request-id (admitted: "
+            "a row is due; the others were refused before admission)"
+        )
+        for code, body in ans.samples.items():
+            lines.append(f"  {code}: {body.decode(errors='replace')!r}")
     if failures:
         lines.append(f"no answer: {dict(failures.most_common())}")
     cut = res.cut
@@ -568,7 +585,8 @@ def render(res: RunResult) -> tuple[str, bool]:
         f"{at_settle_lost} without a row; after the final SIGTERM (status "
         f"{res.final_exit_status}): {len(res.ids_final)} rows, {len(rows)} distinct"
     )
-    verdict_ok = not lost and not doubled_in_table and not doubled_ids
+    bad_bodies = ans.refusals.get((200, "not a chat completion"), 0)
+    verdict_ok = not lost and not doubled_in_table and not doubled_ids and not bad_bodies
     lines.append(
         f"result   : lost {len(lost)}, doubled rows {doubled_in_table}, ids answered twice "
         f"{doubled_ids}; rows without an answer the client saw: {len(extra)} -> "
@@ -577,12 +595,16 @@ def render(res: RunResult) -> tuple[str, bool]:
     if lost:
         sample = sorted(lost)[:5]
         lines.append(f"lost ids : {sample}{' ...' if len(lost) > 5 else ''}")
-    gap = [i for i, at in enumerate(ans.at_s) if tl.sigterm <= at < tl.ready]
+    outside = [i for i, at in enumerate(ans.at_s) if not tl.sigterm <= at < tl.ready]
     outside_s = max(plan.duration_s - (tl.ready - tl.sigterm), 1e-9)
-    reached = (ok_count - sum(1 for i in gap if ans.status[i] == 200)) / outside_s
+    sent_rate = len(ans.lag_s) / max(plan.duration_s, 1e-9)
+    answered_rate = sum(1 for i in outside if ans.status[i]) / outside_s
+    ok_rate = sum(1 for i in outside if ans.status[i] == 200) / outside_s
+    reached = answered_rate >= 0.95 * plan.rate_rps
     lines.append(
-        f"rate     : {reached:.0f} answered 200s a second outside the restart gap, asked "
-        f"{plan.rate_rps:g}/s: {'reached' if reached >= 0.95 * plan.rate_rps else 'NOT reached'}"
+        f"rate     : sent {sent_rate:.0f}/s; outside the restart gap answered "
+        f"{answered_rate:.0f}/s ({ok_rate:.0f}/s of them 200): {plan.rate_rps:g}/s "
+        f"{'reached' if reached else 'NOT reached'}"
     )
     return "\n".join(lines), verdict_ok
 
