@@ -108,7 +108,7 @@ def build_gateway(
             settings, default_state_dir(), _prices(fleet_file),
             {spec.name: spec.engine for spec in fleet_file.models}, clock,
             TenantMetrics(metrics.registry, settings.tenancy.metrics_top_tenants), fleet,
-            upstream, supervisor,
+            upstream, supervisor, workers=worker.workers if worker is not None else 1,
         )  # fmt: skip
         services = [*services, tenancy]
     fleet.subscribe(functools.partial(_forget_when_removed, fleet, upstream.http1))
