@@ -24,9 +24,12 @@ the generator really reached.
     .venv/bin/python -m benchmarks.tenancy_ledger --database sqlite --duration-s 60
     .venv/bin/python -m benchmarks.tenancy_ledger --quick            # 20 s of load each
 
-The load generator is this process (fleetserve's own HTTP/1.1 client on uvloop, GC off): `wrk`
-cannot read each answer's `x-request-id`, which is the point here. The exit status is 1 when a
-row is lost or doubled, else 0; a rate below the one asked is printed, not hidden.
+The load generator is this process: fleetserve's own HTTP/1.1 client on uvloop, GC off, open
+loop, keeping every answer's `x-request-id`. `wrk` (Debian's 4.1, `make bench-tools`) is not
+used: it is closed loop (no fixed rate, so a stalled gateway would slow the load instead of
+piling it up) and gives response headers only to a Lua hook per response. The rate sent and
+answered is printed, and called "NOT reached" below 95 % of `--rate`. The exit status is 1
+when a row is lost or doubled (or a 200 is not a completion), else 0.
 """
 
 from __future__ import annotations
