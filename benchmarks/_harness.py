@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -262,13 +263,14 @@ def parse_wrk(raw: str) -> WrkResult:
     )
 
 
-def wrk_post_script(path: Path, body: bytes) -> Path:
-    """A wrk lua script that POSTs `body` as JSON on every request."""
+def wrk_post_script(path: Path, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> Path:
+    """A wrk lua script that POSTs `body` as JSON on every request (with `headers`)."""
     lua_body = body.decode().replace("\\", "\\\\").replace("'", "\\'")
+    extra = "".join(f'wrk.headers["{name}"] = "{value}"\n' for name, value in headers)
     path.write_text(
         'wrk.method = "POST"\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
-        f"wrk.body = '{lua_body}'\n"
+        f"{extra}wrk.body = '{lua_body}'\n"
     )
     return path
 
@@ -282,6 +284,8 @@ def run_wrk(
     threads: int = 1,
 ) -> WrkResult:
     """One closed-loop wrk run, pinned to `core`; killed if it outlives its duration."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: run `make bench-tools` (Debian's wrk)")
     seconds = max(1, round(duration_s))
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
     argv += ["--timeout", "5s", "-s", str(script), url]
@@ -313,6 +317,7 @@ class OpenLoopSpec:
     chat: bool = True
     timeout_s: float = 10.0
     max_connections: int = 512
+    headers: tuple[tuple[str, str], ...] = ()  # e.g. a tenant's Authorization
 
     @property
     def count(self) -> int:
@@ -460,7 +465,7 @@ async def open_loop(spec: OpenLoopSpec) -> OpenLoopResult:
     interval = 1.0 / spec.rate_rps
     connector = aiohttp.TCPConnector(limit=spec.max_connections)
     timeout = aiohttp.ClientTimeout(total=spec.timeout_s)
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **dict(spec.headers)}
     loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, headers=headers, auto_decompress=False

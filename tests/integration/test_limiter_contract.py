@@ -14,15 +14,17 @@ from typing import Any
 
 import pytest
 
-from fleetserve.tenancy.limiter import Admission, Estimate, Rejection, RejectReason
+from fleetserve.tenancy.limiter import Admission, Estimate, Limiter, Rejection, RejectReason
 from fleetserve.tenancy.local_limiter import LocalLimiter
 from fleetserve.tenancy.model import BudgetPeriod, Principal
 from fleetserve.tenancy.periods import period_of
 from fleetserve.tenancy.redis_limiter import RedisLimiter, connect
+from fleetserve.tenancy.shared_limiter import SharedLimiter
 from fleetserve.testing.clock import FakeClock
 from tests.integration.redis_support import REDIS_URL, isolated_prefix, keys_under
 from tests.unit.limiter_cases import admitted, estimate, principal, rejected
 
+pytestmark = pytest.mark.integration
 TTL_S = 15.0
 MARCH_14 = datetime(2026, 3, 14, 12, 0, tzinfo=UTC).timestamp()
 
@@ -103,6 +105,13 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[Make]:
                 await subject.limiter.close()
 
 
+async def test_every_limiter_keeps_the_protocol() -> None:
+    redis = RedisLimiter.from_url(REDIS_URL)
+    local = LocalLimiter()
+    limiters: list[Limiter] = [local, redis, SharedLimiter(redis, local)]
+    await limiters[2].close()  # and the two it wraps
+
+
 async def test_no_limits_and_no_budget_cost_nothing(make: Make) -> None:
     s = await make()
     free = principal()
@@ -116,6 +125,25 @@ async def test_no_limits_and_no_budget_cost_nothing(make: Make) -> None:
     await s.limiter.renew([result])
     if s.prefix is not None:
         assert await keys_under(s.prefix) == []  # no script ran
+
+
+@pytest.mark.parametrize(
+    "who",
+    [
+        pytest.param(principal(rpm=5), id="rpm"),
+        pytest.param(principal(key_tpm=5000), id="tpm"),
+        pytest.param(principal(concurrent=5), id="leases"),
+    ],
+)
+async def test_a_request_id_is_admitted_once(make: Make, who: Principal) -> None:
+    s = await make()
+    admitted(await s.limiter.admit(who, estimate("same")))
+    with pytest.raises(ValueError, match="already admitted"):
+        await s.limiter.admit(who, estimate("same"))
+    budgeted = principal(tenant="payer", budget_usd=1.0)
+    admitted(await s.limiter.admit(budgeted, priced("paid")))
+    with pytest.raises(ValueError, match="already admitted"):
+        await s.limiter.admit(budgeted, priced("paid"))
 
 
 async def test_rpm_is_a_sliding_window(make: Make) -> None:

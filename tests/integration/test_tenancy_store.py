@@ -5,6 +5,7 @@ tests and dropped after)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import stat
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import delete, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from fleetserve.errors import (
@@ -308,6 +310,19 @@ async def test_key_lookups(store: TenancyStore) -> None:
         assert await store.get_key(prefix) is None
 
 
+async def test_keys_created_while_their_tenant_is_deleted(store: TenancyStore) -> None:
+    """Each create either lands before the delete (and goes with it) or finds no tenant."""
+    await store.create_tenant(FULL)
+    creates = [store.create_key("team-a", PEPPER, now=NOW) for _ in range(6)]
+    results = await asyncio.gather(
+        *creates[:3], store.delete_tenant("team-a"), *creates[3:], return_exceptions=True
+    )
+    assert results[3] is True
+    for result in results[:3] + results[4:]:
+        assert isinstance(result, tuple | NotFoundError), repr(result)
+    assert await store.list_keys() == []
+
+
 async def test_bad_key_requests(store: TenancyStore) -> None:
     with pytest.raises(NotFoundError):
         await store.create_key("nobody", PEPPER, now=NOW)
@@ -497,6 +512,9 @@ async def test_an_explicit_sqlite_url(tmp_path: Path) -> None:
         pytest.param("mysql://fs:s3cret@127.0.0.1/x", "unsupported database URL", id="mysql"),
         pytest.param("postgresql://fs:s3cret@127.0.0.1:port/x", "invalid database URL",
                      id="bad-port"),
+        pytest.param("postgresql://fs:s3cret@127.0.0.1:99999/x", "port 99999", id="port-range"),
+        pytest.param("postgresql://fs:s3cret@127.0.0.1/x?bogus=1", "'bogus'", id="bad-parameter"),
+        pytest.param("postgresql://fs:s3cret@/x", "names no host", id="no-host"),
         pytest.param("sqlite://", "in-memory", id="memory"),
         pytest.param("s3cret", "invalid database URL", id="not-a-url"),
     ],
@@ -520,6 +538,20 @@ async def test_a_missing_postgres_database_names_it(postgres_url: str, tmp_path:
     assert "postgres:***@" in str(caught.value)
 
 
+async def test_the_password_is_never_logged(
+    postgres_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)  # SQLAlchemy and Alembic log everything they would
+    url = postgres_url.replace("postgres@", "postgres:s3cret@")  # trust auth: any password
+    async with await TenancyStore.open(url, tmp_path) as store:
+        assert store.url_display == postgres_url.replace("postgres@", "postgres:***@")
+        await store.create_tenant(Tenant(name="logged"))
+        await store.create_key("logged", PEPPER, now=NOW)
+        assert await store.delete_tenant("logged")  # the module's database stays empty
+    assert caplog.text  # something was logged
+    assert "s3cret" not in caplog.text
+
+
 async def test_a_store_not_migrated_asks_for_db_upgrade(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="fleetserve db upgrade"):
         await TenancyStore.open(None, tmp_path, upgrade=False)
@@ -527,6 +559,61 @@ async def test_a_store_not_migrated_asks_for_db_upgrade(tmp_path: Path) -> None:
         await store.create_tenant(FULL)
     async with await TenancyStore.open(None, tmp_path, upgrade=False) as store:
         assert await store.get_tenant("team-a") == FULL
+
+
+class TcpRelay:
+    """A TCP relay on 127.0.0.1 to the PostgreSQL server that the test can cut: it stops
+    accepting and closes every relayed connection (as a server that went down)."""
+
+    def __init__(self, port: int) -> None:
+        self._target_port = port
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+
+
+async def test_a_server_that_goes_down_is_503(postgres_url: str, tmp_path: Path) -> None:
+    server = make_url(postgres_url)
+    relay = TcpRelay(server.port or 5432)
+    port = await relay.start()
+    relayed = server.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+    store = await TenancyStore.open(relayed, tmp_path)
+    try:
+        assert await store.get_tenant("nobody") is None
+        await relay.cut()
+        with pytest.raises(ServiceUnavailableError, match="is unavailable") as caught:
+            await store.get_tenant("nobody")
+        assert f"127.0.0.1:{port}" in caught.value.message
+        with pytest.raises(ServiceUnavailableError):
+            await store.insert_usage([row("r1")])
+    finally:
+        await store.close()
 
 
 async def test_a_database_that_goes_away_is_503(postgres_url: str, tmp_path: Path) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import re
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import orjson
@@ -139,3 +141,43 @@ def test_up_on_a_busy_port_fails_with_one_clear_line() -> None:
     assert len(lines) == 1, stderr
     assert f"port {port}" in lines[0]
     assert "in use" in lines[0]
+
+
+@pytest.mark.timeout(90)
+def test_up_with_keys_makes_a_default_tenant_and_prints_its_key_once(tmp_path: Path) -> None:
+    port = free_port()
+    children: list[psutil.Process] = []
+    env = {"FLEETSERVE_STATE_DIR": str(tmp_path)}
+    argv = [*up_argv(port), "--auth", "keys"]
+    with services() as started, reap_on_exit(children):
+        up = started.start("up", argv, port, env)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while "Authorization: Bearer fs-" not in up.process.log_text():
+            assert up.process.running, up.process.log_text()
+            assert time.monotonic() < deadline, up.process.log_text()
+            time.sleep(0.1)
+        found = re.search(r"Bearer (fs-[A-Za-z0-9]{8}-[A-Za-z0-9_-]+)", up.process.log_text())
+        assert found is not None
+        token = found.group(1)
+        with OpenAI(base_url=up.url + "/v1", api_key=token, max_retries=0, timeout=5) as c:
+            wait_serving(c, up, children)
+        with (
+            OpenAI(base_url=up.url + "/v1", api_key="sk-none", max_retries=0, timeout=5) as bad,
+            pytest.raises(openai.AuthenticationError),
+        ):
+            bad.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+        up.process.send_signal(signal.SIGTERM)
+        assert up.process.wait(EXIT_TIMEOUT_S) == 0
+    # a second run finds the tenant and shows no key (only its HMAC is stored)
+    port = free_port()
+    with services() as started, reap_on_exit(children):
+        again = started.start("up", [*up_argv(port), "--auth", "keys"], port, env)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while "tenant `default` exists" not in again.process.log_text():
+            assert again.process.running, again.process.log_text()
+            assert time.monotonic() < deadline, again.process.log_text()
+            time.sleep(0.1)
+        assert token not in again.process.log_text()
+        assert "$FLEETSERVE_API_KEY" in again.process.log_text()

@@ -25,7 +25,7 @@ protocol, cancelled. Nothing is raised out of `send` except the task's own cance
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -44,6 +44,8 @@ from fleetserve.protocol.sse import SseDecoder, chunk_has_content
 from fleetserve.transport.http1 import Http1Client, Response
 
 REPLICA_HEADER = "x-fleetserve-replica"
+REMAINING_REQUESTS_HEADER = "x-ratelimit-remaining-requests"  # OpenAI's, when limits apply
+REMAINING_TOKENS_HEADER = "x-ratelimit-remaining-tokens"
 ERROR_BODY_LIMIT = 64 * 1024  # bytes of a non-2xx body read for its error message
 MAX_POOLED = 65_536  # keep-alive connections kept per origin: one per concurrent stream
 
@@ -51,7 +53,7 @@ MAX_POOLED = 65_536  # keep-alive connections kept per origin: one per concurren
 @dataclass(frozen=True, slots=True)
 class ClientSettings:
     base_url: str  # http://host:port, with or without a trailing /v1
-    api_key: str | None = None  # sent as Authorization: Bearer
+    api_key: str | None = field(default=None, repr=False)  # sent as Authorization: Bearer
     total_timeout_s: float = 600.0  # a whole request, from send to its last byte (both kinds)
     idle_timeout_s: float = IDLE_TIMEOUT_S  # a stream's head, and between its reads
     connect_timeout_s: float = 10.0
@@ -79,7 +81,7 @@ class BenchClient:
             max_idle_per_origin=MAX_POOLED,
             headers=headers,
             stamp=clock.now,
-            capture_headers=(REPLICA_HEADER,),
+            capture_headers=(REPLICA_HEADER, REMAINING_REQUESTS_HEADER, REMAINING_TOKENS_HEADER),
         )
         self._urls: dict[str, str] = {}
 
@@ -106,7 +108,11 @@ class BenchClient:
                 url, request.body, f"bench-{record.index}", head_s, stream=request.stream
             )
             record.status = response.status
-            record.replica = response.headers.get(REPLICA_HEADER)
+            headers = response.headers
+            record.replica = headers.get(REPLICA_HEADER)
+            if headers:
+                record.ratelimit_remaining_requests = _count(headers, REMAINING_REQUESTS_HEADER)
+                record.ratelimit_remaining_tokens = _count(headers, REMAINING_TOKENS_HEADER)
             if not 200 <= response.status < 300:
                 await self._http_error(response, record)
             elif request.stream:
@@ -182,6 +188,7 @@ class BenchClient:
             parsed = orjson.loads(body)
             if isinstance(parsed, dict):
                 message = f"HTTP {status}: {_error_message(parsed)}"
+                record.error_code = _error_code(parsed)
         except orjson.JSONDecodeError:
             if body.strip():
                 message = f"HTTP {status}: {body[:200].decode('utf-8', 'replace').strip()}"
@@ -224,6 +231,24 @@ def _error_message(body: dict[str, Any]) -> str:
     if isinstance(error, str):
         return error
     return str(body.get("message") or body)[:200]
+
+
+def _error_code(body: dict[str, Any]) -> str | None:
+    """OpenAI's error `code` (`rate_limit_exceeded`, ...), else its `type`."""
+    error = body.get("error")
+    if not isinstance(error, dict):
+        return None
+    for name in ("code", "type"):
+        value = error.get(name)
+        if isinstance(value, str) and value:
+            return value[:64]
+    return None
+
+
+def _count(headers: dict[str, str], name: str) -> int | None:
+    """A whole-number header, or None when absent or not a number."""
+    value = headers.get(name, "").strip()
+    return int(value) if value.isdigit() else None
 
 
 def _fail(record: RequestRecord, kind: ErrorKind, message: str, now_s: float) -> None:

@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# HTTP statuses that mean "refused by admission" (OpenAI's 401, 403 and 429 errors).
+REJECTION_STATUSES = frozenset((401, 403, 429))
+
 # Why a request failed. None on a record means it succeeded.
 ErrorKind = Literal[
     "connect",  # TCP connect refused or timed out
@@ -48,10 +51,23 @@ class RequestRecord:
     error: str | None = None  # a short human-readable message for the report
     replica: str | None = None  # x-fleetserve-replica header, when a fleetserve gateway serves
     group: str | None = None  # workload group, e.g. the shared-prefix group of its prompt
+    tenant: str | None = None  # the tenant that sent it (`bench --tenants`), else None
+    # The OpenAI error envelope's `code` of a non-2xx answer (`rate_limit_exceeded`,
+    # `invalid_api_key`, ...), or its `type` when it has no code.
+    error_code: str | None = None
+    # OpenAI's x-ratelimit-remaining-requests / -tokens headers of the answer, when present.
+    ratelimit_remaining_requests: int | None = None
+    ratelimit_remaining_tokens: int | None = None
 
     @property
     def ok(self) -> bool:
         return self.error_kind is None
+
+    @property
+    def rejected(self) -> bool:
+        """Refused by the target's tenancy (401 key, 403 model, 429 limit or budget), not
+        failed: a measured outcome of the run, counted by `error_code`."""
+        return self.status in REJECTION_STATUSES
 
     @property
     def lag_s(self) -> float:

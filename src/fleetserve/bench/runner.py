@@ -8,6 +8,10 @@ a request due while the cap is reached is recorded as `cancelled` ("skipped"), n
 Closed loop: N users each send, wait for the answer, think, and send again; with a pattern
 the number of active users follows it over time (`schedule.active_users`).
 
+Several tenants at once (`run_tenants`): each `TenantLoad` is one of the two loops above with
+its own sender (its own API key) and its own request bound; they share the run's clock, start,
+in-flight cap, drain and records, so every record is on one timeline and carries its tenant.
+
 Every run is bounded by a duration and a request count. At the end, requests in flight get
 `drain_s` to finish and are then cancelled and recorded as `cancelled`. Every request that
 was due has exactly one record in `RunResult.records`, in index order.
@@ -22,7 +26,7 @@ import resource
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import uvloop
 
@@ -85,11 +89,14 @@ class Progress:
     lag_p99_s: float | None  # of the requests finished so far
 
 
+Mode = Literal["open", "closed", "mixed"]  # mixed: tenants of both kinds in one run
+
+
 @dataclass(slots=True)
 class RunResult:
     """A finished run as plain data: the stats and report read it."""
 
-    mode: Literal["open", "closed"]
+    mode: Mode
     records: list[RequestRecord]
     started_wall_s: float  # Unix time of the run's start (t = 0 of every record)
     duration_s: float  # from the start to the end of the drain
@@ -101,24 +108,39 @@ class RunResult:
 ProgressCallback = Callable[[Progress], None]
 
 
+@dataclass(frozen=True, slots=True)
+class TenantLoad:
+    """One tenant's part of a run: open-loop send times (`intended_s`) or closed-loop `users`,
+    its requests (`build(k)` for its k-th), and its own sender (its own API key)."""
+
+    tenant: str | None  # on every record it sends; None for a run without tenants
+    connect: Connect
+    build: Callable[[int], BuiltRequest]
+    intended_s: Sequence[float] | None = None
+    users: ClosedLoop | None = None
+    max_requests: int | None = None  # None: the run's `RunLimits.max_requests`
+
+    def __post_init__(self) -> None:
+        if (self.intended_s is None) == (self.users is None):
+            raise ConfigError(f"tenant {self.tenant!r}: give send times or users, not both")
+        if self.max_requests is not None and self.max_requests < 1:
+            raise ConfigError(f"tenant {self.tenant!r}: max_requests must be >= 1")
+
+
 class _Run:
-    """The bookkeeping both loops share: records, tasks in flight, counters, the drain."""
+    """The bookkeeping every loop shares: records, tasks in flight, counters, the drain."""
 
     def __init__(
-        self,
-        clock: Clock,
-        connect: Connect,
-        limits: RunLimits,
-        on_progress: ProgressCallback | None,
+        self, clock: Clock, limits: RunLimits, on_progress: ProgressCallback | None
     ) -> None:
         self.clock = clock
         self.limits = limits
         self.on_progress = on_progress
         self.started_wall_s = clock.wall()
         self.t0 = clock.now()
-        self.sender = connect(self.t0)
         self.records: list[RequestRecord] = []
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # open-loop requests in flight
+        self.users: list[asyncio.Task[None]] = []  # closed-loop users, running or done
         self.in_flight = 0
         self.done = self.ok = self.skipped = 0
         self.lags: list[float] = []
@@ -128,10 +150,13 @@ class _Run:
     def now(self) -> float:
         return self.clock.now() - self.t0
 
-    def new_record(self, intended_s: float, request: BuiltRequest) -> RequestRecord:
+    def new_record(
+        self, intended_s: float, request: BuiltRequest, tenant: str | None
+    ) -> RequestRecord:
         record = RequestRecord(
-            len(self.records), intended_s, math.nan, math.nan, request.stream, group=request.group
-        )
+            len(self.records), intended_s, math.nan, math.nan, request.stream,
+            group=request.group, tenant=tenant,
+        )  # fmt: skip
         self.records.append(record)
         return record
 
@@ -149,7 +174,7 @@ class _Run:
         if not self.in_flight:
             self.idle.set()
 
-    def launch(self, request: BuiltRequest, record: RequestRecord) -> None:
+    def launch(self, sender: Sender, request: BuiltRequest, record: RequestRecord) -> None:
         """Send in a task of its own (open loop), or record it skipped when at the cap."""
         if self.in_flight >= self.limits.max_in_flight:
             now = self.now()
@@ -160,7 +185,7 @@ class _Run:
             self.done += 1
             return
         self.started()
-        task = asyncio.get_running_loop().create_task(self.sender.send(request, record))
+        task = asyncio.get_running_loop().create_task(sender.send(request, record))
         self.tasks.add(task)
         task.add_done_callback(partial(self._task_done, record))
 
@@ -181,7 +206,7 @@ class _Run:
             idle.cancel()
             timer.cancel()
 
-    async def cancel(self, tasks: Sequence[asyncio.Task[None]]) -> None:
+    async def cancel(self, tasks: Sequence[asyncio.Future[Any]]) -> None:
         for task in tasks:
             task.cancel()
         if tasks:
@@ -203,7 +228,7 @@ class _Run:
         sent = len(self.records) - self.skipped
         return Progress(self.now(), sent, self.done, self.ok, errors, self.in_flight, rate_rps, p99)
 
-    def result(self, mode: Literal["open", "closed"], scheduled: int) -> RunResult:
+    def result(self, mode: Mode, scheduled: int) -> RunResult:
         now = self.now()
         for record in self.records:  # every record is settled; this only guards the contract
             settle(record, "cancelled", "never finished", now)
@@ -225,66 +250,49 @@ def settle(
             record.error_kind, record.error = kind, why
 
 
-async def run_open_loop(
-    intended_s: Sequence[float],
-    build: Callable[[int], BuiltRequest],
-    *,
-    clock: Clock,
-    connect: Connect,
-    limits: RunLimits,
-    on_progress: ProgressCallback | None = None,
-) -> RunResult:
-    """Send request k (`build(k)`) at `intended_s[k]` from the start, within the limits."""
-    offsets = [t for t in intended_s if t < limits.duration_s][: limits.max_requests]
-    run = _Run(clock, connect, limits, on_progress)
-    progress = asyncio.ensure_future(run.report_progress())
-    try:
-        count, index = len(offsets), 0
-        while index < count:
-            now = run.now()
-            due = offsets[index]
-            if due > now:
-                await clock.sleep(due - now)
-                continue
-            batch_end = min(count, index + LAUNCH_BATCH)
-            while index < batch_end and offsets[index] <= now:
-                request = build(index)
-                run.launch(request, run.new_record(offsets[index], request))
-                index += 1
-            await clock.sleep(0)  # let the launched tasks write their requests
-        await run.drain(limits.duration_s + limits.drain_s)
-    finally:
-        await run.cancel(list(run.tasks))
-        progress.cancel()
-        await run.sender.close()
-    return run.result("open", len(offsets))
+async def _open_loop(run: _Run, load: TenantLoad, sender: Sender, offsets: list[float]) -> int:
+    """Launch request k at `offsets[k]` from the start, never waiting for earlier ones; return
+    how many were due."""
+    clock = run.clock
+    count, index = len(offsets), 0
+    while index < count:
+        now = run.now()
+        due = offsets[index]
+        if due > now:
+            await clock.sleep(due - now)
+            continue
+        batch_end = min(count, index + LAUNCH_BATCH)
+        while index < batch_end and offsets[index] <= now:
+            request = load.build(index)
+            run.launch(sender, request, run.new_record(offsets[index], request, load.tenant))
+            index += 1
+        await clock.sleep(0)  # let the launched tasks write their requests
+    return count
 
 
-async def run_closed_loop(
-    users: ClosedLoop,
-    build: Callable[[int], BuiltRequest],
-    *,
-    clock: Clock,
-    connect: Connect,
-    limits: RunLimits,
-    on_progress: ProgressCallback | None = None,
-) -> RunResult:
-    """Users send one request at a time until the duration or the request count runs out."""
-    run = _Run(clock, connect, limits, on_progress)
+async def _closed_loop(run: _Run, load: TenantLoad, sender: Sender, max_requests: int) -> int:
+    """Staff `load.users` until the duration or the request count runs out; return the count
+    of requests this load sent. Users still in flight stay in `run.users` for the drain."""
+    users = load.users
+    assert users is not None
+    clock, duration_s = run.clock, run.limits.duration_s
     workers: dict[int, asyncio.Task[None]] = {}
+    sent = 0
 
     async def user(number: int) -> None:
+        nonlocal sent
         while True:
             now = run.now()
-            if now >= limits.duration_s or len(run.records) >= limits.max_requests:
+            if now >= duration_s or sent >= max_requests:
                 return
             if number >= active_users(users, now):
                 return
-            request = build(len(run.records))
-            record = run.new_record(now, request)
+            request = load.build(sent)
+            sent += 1
+            record = run.new_record(now, request, load.tenant)
             run.started()
             try:
-                await run.sender.send(request, record)
+                await sender.send(request, record)
             finally:
                 settle(record, "cancelled", "cancelled before it was sent", run.now())
                 record.intended_s = record.sent_s  # no schedule: intended is the send
@@ -297,21 +305,79 @@ async def run_closed_loop(
         for number in range(wanted):
             if number not in workers or workers[number].done():
                 workers[number] = asyncio.ensure_future(user(number))
+                run.users.append(workers[number])
 
+    staff()
+    while run.now() < duration_s and sent < max_requests:
+        if users.pattern is None and all(w.done() for w in workers.values()):
+            break
+        await clock.sleep(min(USER_TICK_S, duration_s - run.now()))
+        staff()
+    return sent
+
+
+async def run_tenants(
+    loads: Sequence[TenantLoad],
+    *,
+    clock: Clock,
+    limits: RunLimits,
+    on_progress: ProgressCallback | None = None,
+) -> RunResult:
+    """Drive every load at once from one start, then drain them together."""
+    if not loads:
+        raise ConfigError("a run needs at least one load")
+    run = _Run(clock, limits, on_progress)
+    senders: list[Sender] = []
+    drives: list[asyncio.Future[int]] = []
     progress = asyncio.ensure_future(run.report_progress())
     try:
-        staff()
-        while run.now() < limits.duration_s and len(run.records) < limits.max_requests:
-            if users.pattern is None and all(w.done() for w in workers.values()):
-                break
-            await clock.sleep(min(USER_TICK_S, limits.duration_s - run.now()))
-            staff()
+        for load in loads:
+            senders.append(load.connect(run.t0))
+        for load, sender in zip(loads, senders, strict=True):
+            bound = limits.max_requests if load.max_requests is None else load.max_requests
+            if load.intended_s is not None:
+                offsets = [t for t in load.intended_s if t < limits.duration_s][:bound]
+                drives.append(asyncio.ensure_future(_open_loop(run, load, sender, offsets)))
+            else:
+                drives.append(asyncio.ensure_future(_closed_loop(run, load, sender, bound)))
+        scheduled = sum(await asyncio.gather(*drives))
         await run.drain(max(run.now(), limits.duration_s) + limits.drain_s)
     finally:
-        await run.cancel(list(workers.values()))
+        await run.cancel([*drives, *run.tasks, *run.users])
         progress.cancel()
-        await run.sender.close()
-    return run.result("closed", len(run.records))
+        for sender in senders:
+            await sender.close()
+    kinds = {"open" if load.intended_s is not None else "closed" for load in loads}
+    mode: Mode = "mixed" if len(kinds) > 1 else "open" if "open" in kinds else "closed"
+    return run.result(mode, scheduled)
+
+
+async def run_open_loop(
+    intended_s: Sequence[float],
+    build: Callable[[int], BuiltRequest],
+    *,
+    clock: Clock,
+    connect: Connect,
+    limits: RunLimits,
+    on_progress: ProgressCallback | None = None,
+) -> RunResult:
+    """Send request k (`build(k)`) at `intended_s[k]` from the start, within the limits."""
+    load = TenantLoad(None, connect, build, intended_s=intended_s)
+    return await run_tenants([load], clock=clock, limits=limits, on_progress=on_progress)
+
+
+async def run_closed_loop(
+    users: ClosedLoop,
+    build: Callable[[int], BuiltRequest],
+    *,
+    clock: Clock,
+    connect: Connect,
+    limits: RunLimits,
+    on_progress: ProgressCallback | None = None,
+) -> RunResult:
+    """Users send one request at a time until the duration or the request count runs out."""
+    load = TenantLoad(None, connect, build, users=users)
+    return await run_tenants([load], clock=clock, limits=limits, on_progress=on_progress)
 
 
 def raise_open_files_limit(wanted: int = 65_536) -> int:

@@ -94,14 +94,16 @@ def users_pattern_peak(pattern: Pattern, duration_s: float) -> int:
     return max(1, math.ceil(peak - 1e-9))
 
 
-async def detect_simulation(url: str, model: str) -> bool:
+async def detect_simulation(url: str, model: str, api_key: str | None = None) -> bool:
     """True when the target's model card says it is simulated (fleetserve's sim engine, or
-    a fleetserve gateway in front of it). Unknown (no answer) counts as not simulated."""
+    a fleetserve gateway in front of it). Unknown (no answer) counts as not simulated.
+    `api_key` is for a gateway whose /v1/models asks for one."""
     base = url.rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
-            session.get(f"{base}/v1/models") as response,
+            session.get(f"{base}/v1/models", headers=headers) as response,
         ):
             if response.status != 200:
                 return False
@@ -122,7 +124,7 @@ async def run_bench(
     on_progress: Callable[[Progress], None] | None = None,
 ) -> tuple[RunResult, BenchReport]:
     """Run the plan's load against its URL while sampling the fleet; return data and report."""
-    simulated = await detect_simulation(plan.url, plan.workload.model)
+    simulated = await detect_simulation(plan.url, plan.workload.model, plan.api_key)
     workload = Workload(plan.workload, seed=plan.seed)
     client_settings = ClientSettings(
         base_url=plan.url,

@@ -8,55 +8,62 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from fleetserve.bench.lengths import parse_length
-from fleetserve.bench.patterns import parse_pattern, steady
 from fleetserve.bench.report.compare import compare_table
 from fleetserve.bench.report.console import print_summary, progress_line
 from fleetserve.bench.report.json_out import load_report
 from fleetserve.bench.runner import Progress, run_with_uvloop
 from fleetserve.bench.saturation import Saturation
-from fleetserve.bench.schedule import ClosedLoop, read_trace
+from fleetserve.bench.schedule import Arrivals, read_trace
 from fleetserve.bench.session import (
     BenchPlan,
-    ClosedLoad,
     FleetSourceName,
     Load,
-    OpenLoad,
     SweepStep,
     TraceLoad,
     run_bench,
     run_sweep,
     sweep_rates,
-    users_pattern_peak,
     write_outputs,
 )
 from fleetserve.bench.slo import parse_slos
+from fleetserve.bench.tenant_session import TenantsPlan, run_tenants_bench
+from fleetserve.bench.tenants import TenantDefaults, make_load, read_tenants, resolve_tenants
 from fleetserve.bench.workload import Api, WorkloadSpec, read_dataset
 from fleetserve.cli.common import clear_errors, err_console
 from fleetserve.clock import RealClock
 from fleetserve.config import IDLE_TIMEOUT_S
 from fleetserve.errors import ConfigError
 
+EXAMPLES = """Examples:
+
+fleetserve bench --url http://127.0.0.1:8000 --model llama --rate 10 --duration 60
+
+fleetserve bench --url http://127.0.0.1:8000 --model llama
+--users spike:base=2,peak=40,at=30,for=60 --duration 150 --slo ttft_p95=2s --out run1
+
+fleetserve bench --url http://127.0.0.1:8000 --model llama --tenants tenants.yaml
+--users 10 --duration 120 --out tenants-run
+
+where tenants.yaml lists each tenant with its key and, optionally, its own load and workload:
+tenants: [{name: search, key_env: SEARCH_KEY, users: 20},
+{name: batch, key: fs-..., rate_rps: 2, stream: false, output_tokens: 512}]
+
+fleetserve bench compare run1/report.json run2/report.json
+"""
+
 bench_app = typer.Typer(
     help="Load-test an OpenAI-compatible endpoint: TTFT, ITL, TPOT, goodput, fleet timeline.",
+    epilog=EXAMPLES,
     no_args_is_help=False,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
 SOURCES: tuple[FleetSourceName, ...] = ("auto", "fleetserve", "prometheus", "none")
-
-
-def _number_or_pattern(text: str, what: str) -> tuple[float | None, str]:
-    """('10' -> 10.0) or (None, pattern text) for `spike:base=2,...`."""
-    if not text.strip():
-        raise ConfigError(f"{what} must not be empty")
-    try:
-        return float(text), text
-    except ValueError:
-        return None, text
 
 
 def build_load(
@@ -72,30 +79,19 @@ def build_load(
               if value is not None]  # fmt: skip
     if len(chosen) != 1:
         raise ConfigError("give exactly one of --rate (open loop), --users (closed loop), --trace")
-    if arrivals not in ("constant", "poisson"):
-        raise ConfigError(f"--arrivals is constant or poisson, not {arrivals!r}")
     if trace is not None:
         entries = read_trace(trace, speedup=trace_speedup)
         return TraceLoad(tuple(entries), f"trace replay of {trace.name} ({len(entries)} requests)")
-    if rate is not None:
-        value, text = _number_or_pattern(rate, "--rate")
-        pattern = steady(value) if value is not None else parse_pattern(text)
-        shape = f"steady {value:g} req/s" if value is not None else text
-        return OpenLoad(pattern, "poisson" if arrivals == "poisson" else "constant",
-                        f"open loop, {arrivals} arrivals, {shape}")  # fmt: skip
-    assert users is not None
-    value, text = _number_or_pattern(users, "--users")
-    if value is not None:
-        if value != int(value) or value < 1:
-            raise ConfigError(f"--users takes a whole number >= 1 or a pattern, not {users!r}")
-        loop = ClosedLoop(int(value), think_time_s)
-        shape = f"{int(value)} users"
-    else:
-        pattern = parse_pattern(text)
-        loop = ClosedLoop(users_pattern_peak(pattern, duration_s), think_time_s, pattern)
-        shape = f"users {text}"
-    think = f", think {think_time_s:g}s" if think_time_s else ""
-    return ClosedLoad(loop, f"closed loop, {shape}{think}")
+    return make_load(
+        rate, users, arrivals=_arrivals(arrivals), think_time_s=think_time_s,
+        duration_s=duration_s,
+    )  # fmt: skip
+
+
+def _arrivals(text: str) -> Arrivals:
+    if text not in ("constant", "poisson"):
+        raise ConfigError(f"--arrivals is constant or poisson, not {text!r}")
+    return "poisson" if text == "poisson" else "constant"
 
 
 def _live_progress(console: Console, duration_s: float) -> tuple[Live, Callable[[Progress], None]]:
@@ -124,6 +120,12 @@ def bench_command(
         None, help="Closed loop: concurrent users, or a pattern of users over time."
     ),
     trace: Path | None = typer.Option(None, help="Replay a timestamped CSV/JSONL request file."),
+    tenants: Path | None = typer.Option(
+        None,
+        help="A YAML file of tenants to drive at once, each with its own key (key: or key_env:), "
+        "load (rate_rps: or users:) and workload; what a tenant leaves out is this command's "
+        "flag. The report gains a per-tenant section.",
+    ),
     trace_speedup: float = typer.Option(1.0, min=0.001, help="Replay the trace this much faster."),
     arrivals: str = typer.Option("poisson", help="Open loop arrivals: poisson or constant."),
     think_time: float = typer.Option(0.0, min=0.0, help="Closed loop: seconds between requests."),
@@ -167,18 +169,11 @@ def bench_command(
         "rates until throughput stops rising or the SLOs break.",
     ),
 ) -> None:
-    """Run a load test and report it; `bench compare A.json B.json` compares two runs.
-
-    Examples:
-
-      fleetserve bench --url http://127.0.0.1:8000 --model llama --rate 10 --duration 60
-
-      fleetserve bench --url http://127.0.0.1:8000 --model llama
-      --users spike:base=2,peak=40,at=30,for=60 --duration 150 --slo ttft_p95=2s --out run1
-    """
+    """Run a load test and report it; `bench compare A.json B.json` compares two runs (the
+    examples are in the command's epilog, `EXAMPLES`)."""
     if ctx.invoked_subcommand is not None:
         return
-    if not url or not model:
+    if not url or not (model or tenants):
         raise ConfigError("bench needs --url and --model (see fleetserve bench --help)")
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"--url must start with http:// or https://, not {url!r}")
@@ -195,7 +190,7 @@ def bench_command(
         except ValueError:
             raise ConfigError("--shared-prefix takes GROUPS:TOKENS, e.g. 8:1024") from None
     workload = WorkloadSpec(
-        model=model,
+        model=model or "",
         api=api_name,
         stream=stream,
         prompt_tokens=parse_length(prompt_tokens),
@@ -205,8 +200,33 @@ def bench_command(
         dataset=read_dataset(dataset) if dataset else (),
         extra_body={"temperature": temperature} if temperature is not None else {},
     )
-    load = build_load(rate, users, trace, arrivals, think_time, duration, trace_speedup)
     source: FleetSourceName = next(s for s in SOURCES if s == fleet_source)
+    options = {"prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "api": api,
+               "seed": str(seed)}  # fmt: skip
+    if shared_prefix:
+        options["shared_prefix"] = shared_prefix
+    if tenants is not None:
+        if trace is not None or sweep:
+            raise ConfigError("--tenants gives each tenant a rate or users: it does not combine "
+                              "with --trace or --sweep")  # fmt: skip
+        if rate is not None or users is not None:  # checked here, worded after the flags
+            make_load(rate, users, arrivals=_arrivals(arrivals), think_time_s=think_time,
+                      duration_s=duration)  # fmt: skip
+        defaults = TenantDefaults(
+            workload=workload, duration_s=duration, rate=rate, users=users,
+            arrivals=_arrivals(arrivals), think_time_s=think_time, api_key=api_key,
+            max_requests=max_requests, seed=seed,
+        )  # fmt: skip
+        resolved = resolve_tenants(read_tenants(tenants), defaults, source=tenants)
+        tenants_plan = TenantsPlan(
+            url=url, tenants=tuple(resolved), duration_s=duration, source=tenants.name,
+            timeout_s=timeout, slos=tuple(parse_slos(slo)) if slo else (),
+            fleet_source=source, admin_key=admin_key,
+            options={**options, "tenants": tenants.name},
+        )  # fmt: skip
+        _tenants(tenants_plan, Console(), out)
+        return
+    load = build_load(rate, users, trace, arrivals, think_time, duration, trace_speedup)
     plan = BenchPlan(
         url=url,
         workload=workload,
@@ -219,9 +239,8 @@ def bench_command(
         slos=tuple(parse_slos(slo)) if slo else (),
         fleet_source=source,
         admin_key=admin_key,
-        options={"prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "api": api,
-                 "seed": str(seed), **({"shared_prefix": shared_prefix} if shared_prefix else {})},
-    )  # fmt: skip
+        options=options,
+    )
     console = Console()
     if sweep:
         _sweep(plan, sweep, console, out)
@@ -230,6 +249,22 @@ def bench_command(
     live, update = _live_progress(err_console, duration)
     with live:
         result, report = run_with_uvloop(run_bench(plan, RealClock(), update))
+    print_summary(report, console)
+    if out is not None:
+        paths = write_outputs(report, result, out)
+        err_console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _tenants(plan: TenantsPlan, console: Console, out: Path | None) -> None:
+    names = ", ".join(t.name for t in plan.tenants[:8])
+    more = f" +{len(plan.tenants) - 8} more" if len(plan.tenants) > 8 else ""
+    err_console.print(
+        f"[bold]fleetserve bench[/]: {len(plan.tenants)} tenants ({names}{more}) from "
+        f"{escape(plan.source)}, {plan.duration_s:g}s -> {escape(plan.url)}"
+    )
+    live, update = _live_progress(err_console, plan.duration_s)
+    with live:
+        result, report = run_with_uvloop(run_tenants_bench(plan, RealClock(), update))
     print_summary(report, console)
     if out is not None:
         paths = write_outputs(report, result, out)

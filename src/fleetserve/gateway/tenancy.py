@@ -69,6 +69,10 @@ REQUEST_ID_HEADER = b"x-request-id"  # the ledger row's id, for a client to matc
 BYTES_PER_TOKEN = 4  # a rough prompt size for fair queueing, before the engine tells
 
 
+_Entry = tuple[float, tuple[ApiKey, Tenant] | None]
+"""When a prefix was looked up, and what the store had for it."""
+
+
 class KeyCache:
     """Keys by prefix, as the store had them at most `ttl_s` ago; misses for one prefix
     wait on one lookup; unknown prefixes are remembered too (bounded), so junk keys cost
@@ -84,15 +88,59 @@ class KeyCache:
         self._max = max_entries
         self._entries: OrderedDict[str, tuple[float, tuple[ApiKey, Tenant] | None]] = OrderedDict()
         self._pending: dict[str, asyncio.Future[tuple[ApiKey, Tenant] | None]] = {}
+        # Headers whose key matched its digest, with the prefix entry they matched: a repeat
+        # costs one lookup, no parse and no HMAC, while that entry is current.
+        self._verified: dict[bytes, tuple[str, _Entry, Principal]] = {}
+        self._store_down = False  # one log line per outage of the store
+
+    def _store_failed(
+        self, prefix: str, entry: _Entry | None, exc: Exception
+    ) -> tuple[ApiKey, Tenant] | ServiceUnavailableError | None:
+        """The store could not be read: a key read before keeps its last answer (asked
+        again after another TTL), so a database outage does not refuse known keys; an
+        unknown one gets a 503 that names nothing of the database."""
+        if not self._store_down:
+            self._store_down = True
+            log.warning(
+                "the tenant store cannot be read (%s): known keys are served as last read",
+                str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+            )
+        if entry is None:
+            return ServiceUnavailableError(
+                "API keys cannot be checked now (the tenant store is unreachable); retry soon",
+                headers={"Retry-After": "1"},
+            )
+        self._entries[prefix] = (self._clock.now(), entry[1])
+        return entry[1]
 
     def forget(self, prefix: str) -> None:
-        self._entries.pop(prefix, None)
+        self._entries.pop(prefix, None)  # verified headers of it no longer match an entry
 
     def clear(self) -> None:
         self._entries.clear()
+        self._verified.clear()
 
     async def principal(self, authorization: bytes | None) -> Principal:
         """The request's tenant and key, or AuthenticationError (401 invalid_api_key)."""
+        if authorization is not None:
+            seen = self._verified.get(authorization)
+            if seen is not None:
+                prefix, entry, principal = seen
+                if (
+                    self._entries.get(prefix) is entry
+                    and self._clock.now() - entry[0] < self._ttl_s
+                    and principal.key.usable(self._clock.wall())
+                ):
+                    return principal
+        principal = await self._verify(authorization)
+        current = self._entries.get(principal.key.prefix)
+        if authorization is not None and current is not None:
+            if len(self._verified) >= self._max:
+                self._verified.clear()
+            self._verified[authorization] = (principal.key.prefix, current, principal)
+        return principal
+
+    async def _verify(self, authorization: bytes | None) -> Principal:
         given = None if authorization is None else authorization.decode("latin-1")
         parsed = parse_bearer(given)
         if parsed is None:
@@ -125,12 +173,24 @@ class KeyCache:
             asyncio.get_running_loop().create_future()
         )
         self._pending[prefix] = future
+        found: tuple[ApiKey, Tenant] | None
         try:
             found = await self._find(prefix)
+        except Exception as exc:  # noqa: BLE001 - any store failure is an outage here
+            fallback = self._store_failed(prefix, entry, exc)
+            if isinstance(fallback, ServiceUnavailableError):
+                future.set_exception(fallback)
+                future.exception()  # retrieved: waiters re-raise it, no "never retrieved"
+                raise fallback from None
+            found = fallback
         except BaseException as exc:
             future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it, no "never retrieved" warning
+            future.exception()
             raise
+        else:
+            if self._store_down:
+                self._store_down = False
+                log.warning("the tenant store answers again: keys are read from it")
         finally:
             del self._pending[prefix]
         future.set_result(found)
@@ -278,7 +338,7 @@ class TenantGate:
         left = admission.budget_left_micro_usd
         if budget is None or left is None:
             return
-        self.metrics.budget_left.labels(label).set(left / MICRO_USD)
+        self.metrics.budget(label, left / MICRO_USD)
         name = principal.tenant.name
         spent_frac = 1 - left / budget.limit_micro_usd if budget.limit_micro_usd else 1.0
         if spent_frac >= budget.soft_alert_frac and name not in self._alerted:
@@ -339,15 +399,9 @@ class TenantGate:
             ended_at=now, finish_reason=reason, usage_estimated=estimated,
         )  # fmt: skip
         self.record(row)
-        label = self.metrics.label(ticket.tenant)
         metrics = self.metrics
-        metrics.requests.labels(label, str(status)).inc()
-        if prompt:
-            metrics.tokens.labels(label, "input").inc(prompt)
-        if completion:
-            metrics.tokens.labels(label, "output").inc(completion)
-        if cost:
-            metrics.cost.labels(label).inc(cost / MICRO_USD)
+        metrics.answered(metrics.label(ticket.tenant), status, prompt, completion,
+                         cost / MICRO_USD)  # fmt: skip
 
     def forget_key(self, prefix: str) -> None:
         """A key was revoked or changed: look it up again on its next use."""

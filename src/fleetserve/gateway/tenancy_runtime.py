@@ -4,8 +4,10 @@ usage ledger (flushed at stop, after the last request), and the revocation feed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from fleetserve.clock import Clock
@@ -13,30 +15,87 @@ from fleetserve.config import GatewaySettings, TenancySettings
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.gateway.tenancy import KeyCache, PromptCounter, TenantGate
 from fleetserve.gateway.upstream import UpstreamClient
-from fleetserve.supervisor import Supervisor
+from fleetserve.supervisor import Supervisor, cancel_all
 from fleetserve.telemetry.tenant_metrics import TenantMetrics
 from fleetserve.tenancy.admin import TenancyAdmin
 from fleetserve.tenancy.keys import load_pepper
 from fleetserve.tenancy.ledger import LedgerState, UsageLedger
-from fleetserve.tenancy.limiter import Limiter
+from fleetserve.tenancy.limiter import Admission, Estimate, Limiter, Rejection
 from fleetserve.tenancy.local_limiter import LocalLimiter
 from fleetserve.tenancy.model import ApiKey, Price, Principal, Tenant, UsageRow
 from fleetserve.tenancy.periods import period_of
 from fleetserve.tenancy.redis_limiter import RedisLimiter
+from fleetserve.tenancy.revocations import Revocations
+from fleetserve.tenancy.shared_limiter import SharedLimiter, divided
 from fleetserve.tenancy.store import TenancyStore
 
 log = logging.getLogger("fleetserve.gateway.tenancy")
 
+LEDGER_METRICS_S = 1.0
 
-def build_limiter(tenancy: TenancySettings, clock: Clock) -> Limiter:
-    """Redis when FLEETSERVE_REDIS_URL is set (exact across workers and gateway replicas),
-    else in this process."""
+
+class WorkerShare:
+    """Limits without Redis in one of `workers` gateway worker processes: each enforces its
+    share of every limit and budget (divided, rounded up), so together they never pass
+    them. Exact only with one worker; with Redis they are exact across all."""
+
+    def __init__(self, local: LocalLimiter, workers: int) -> None:
+        self.local = local
+        self.workers = workers
+
+    def _share(self, principal: Principal) -> Principal:
+        tenant, key = principal.tenant, principal.key
+        budget = tenant.budget
+        if budget is not None:
+            budget = replace(budget, limit_micro_usd=budget.limit_micro_usd // self.workers)
+        return Principal(
+            replace(tenant, limits=divided(tenant.limits, self.workers), budget=budget),
+            replace(key, limits=divided(key.limits, self.workers)),
+        )
+
+    async def admit(self, principal: Principal, estimate: Estimate) -> Admission | Rejection:
+        return await self.local.admit(self._share(principal), estimate)
+
+    async def settle(self, admission: Admission, tokens_used: int, cost_micro_usd: int) -> None:
+        await self.local.settle(admission, tokens_used, cost_micro_usd)
+
+    async def renew(self, admissions: Sequence[Admission]) -> None:
+        await self.local.renew(admissions)
+
+    async def state(self, principal: Principal) -> dict[str, object]:
+        return await self.local.state(self._share(principal))
+
+    async def seed_spend(self, tenant: Tenant, period_start_s: int, micro_usd: int) -> bool:
+        return await self.local.seed_spend(tenant, period_start_s, micro_usd // self.workers)
+
+    async def close(self) -> None:
+        await self.local.close()
+
+
+def build_limiter(
+    tenancy: TenancySettings,
+    clock: Clock,
+    workers: int,
+    on_outage: Callable[[bool], None] | None = None,
+) -> Limiter:
+    """Redis when FLEETSERVE_REDIS_URL is set (exact across workers and gateway replicas;
+    what happens when it is out is `tenancy.redis_failure`), else in this process (each of
+    several workers with its share)."""
+    local = LocalLimiter(clock, lease_ttl_s=tenancy.lease_ttl_s)
     if tenancy.redis_url is None:
-        return LocalLimiter(clock, lease_ttl_s=tenancy.lease_ttl_s)
-    return RedisLimiter.from_url(
+        if workers == 1:
+            return local
+        log.warning(
+            "no FLEETSERVE_REDIS_URL: each of the %d workers enforces 1/%d of every limit and "
+            "budget; set it for limits exact across workers", workers, workers,
+        )  # fmt: skip
+        return WorkerShare(local, workers)
+    redis = RedisLimiter.from_url(
         tenancy.redis_url.get_secret_value(), prefix=tenancy.redis_prefix,
         lease_ttl_s=tenancy.lease_ttl_s,
     )  # fmt: skip
+    processes = tenancy.gateway_processes or workers
+    return SharedLimiter(redis, local, tenancy.redis_failure, processes, on_outage, clock=clock)
 
 
 class _StoreSink:
@@ -65,6 +124,7 @@ class TenancyRuntime:
         upstream: UpstreamClient,
         supervisor: Supervisor,
         *,
+        workers: int = 1,
         limiter: Limiter | None = None,
     ) -> None:
         tenancy: TenancySettings = settings.tenancy
@@ -76,7 +136,10 @@ class TenancyRuntime:
         self.pepper = load_pepper(state_dir, pepper_env)
         self.store: TenancyStore | None = None
         self._admin: TenancyAdmin | None = None
-        self.limiter: Limiter = limiter or build_limiter(tenancy, clock)
+        self.limiter: Limiter = limiter or build_limiter(
+            tenancy, clock, workers, lambda out: metrics.limiter_up.set(0 if out else 1)
+        )
+        metrics.limiter_up.set(1)
         self.ledger = UsageLedger(
             _StoreSink(self), state_dir, clock,
             batch_s=tenancy.ledger_batch_s, batch_rows=tenancy.ledger_batch_rows,
@@ -88,6 +151,14 @@ class TenancyRuntime:
             PromptCounter(fleet, upstream, engines), seed=self._seed_budget,
         )  # fmt: skip
         self._seeded: set[tuple[str, str]] = set()
+        self._supervisor = supervisor
+        url = tenancy.redis_url
+        self.revocations = None if url is None else Revocations.from_url(url.get_secret_value())
+        self._feed: asyncio.Task[None] | None = None
+        self._stats: asyncio.Task[None] | None = None
+        self._spooled_seen = 0
+        self._lost_seen = 0
+        self._published: set[asyncio.Task[int]] = set()
 
     # -- the background service ------------------------------------------------------------
     async def start(self) -> None:
@@ -99,8 +170,21 @@ class TenancyRuntime:
         self.metrics.ledger_db_up.set(1)
         await self.ledger.start()
         await self.gate.start()
+        revocations = self.revocations
+        if revocations is not None:
+            keys = self.keys
+
+            async def feed() -> None:
+                await revocations.run(keys.forget, on_subscribed=keys.clear)
+
+            self._feed = self._supervisor.spawn("tenancy/revocations", feed)
+        self._stats = self._supervisor.spawn("tenancy/ledger-metrics", self._count_ledger)
 
     async def stop(self) -> None:
+        await cancel_all([self._feed, self._stats])
+        if self.revocations is not None:
+            await asyncio.gather(*self._published, return_exceptions=True)
+            await self.revocations.close()
         await self.gate.stop()
         await self.ledger.stop()  # after the last request: the server has drained by now
         await self.limiter.close()
@@ -117,7 +201,21 @@ class TenancyRuntime:
         return await self.limiter.state(principal)
 
     def key_changed(self, prefix: str) -> None:
+        """A key was revoked, rotated or its tenant changed: this process forgets it now,
+        and every other gateway process too (pushed over Redis; else within the cache TTL)."""
         self.keys.forget(prefix)
+        if self.revocations is not None:
+            task = asyncio.get_running_loop().create_task(self._publish(prefix))
+            self._published.add(task)
+            task.add_done_callback(self._published.discard)
+
+    async def _publish(self, prefix: str) -> int:
+        assert self.revocations is not None
+        try:
+            return await self.revocations.publish(prefix)
+        except Exception:  # noqa: BLE001 - the cache TTL still bounds it; never fail the caller
+            log.warning("could not push the change of key fs-%s to other gateways", prefix)
+            return 0
 
     # -- internals -------------------------------------------------------------------------
     async def _find_key(self, prefix: str) -> tuple[ApiKey, Tenant] | None:
@@ -140,6 +238,15 @@ class TenancyRuntime:
         spent = await store.spend_micro_usd(tenant.name, float(period.start_s) or None)
         await self.limiter.seed_spend(tenant, period.start_s, spent)
         self._seeded.add(key)
+
+    async def _count_ledger(self) -> None:
+        """The ledger's spooled and lost rows into their counters, once a second."""
+        while True:
+            stats = self.ledger.stats
+            self.metrics.ledger_spooled.inc(stats.spooled - self._spooled_seen)
+            self.metrics.ledger_lost.inc(stats.lost - self._lost_seen)
+            self._spooled_seen, self._lost_seen = stats.spooled, stats.lost
+            await self.clock.sleep(LEDGER_METRICS_S)
 
     def _ledger_state(self, state: LedgerState) -> None:
         self.metrics.ledger_db_up.set(1 if state is LedgerState.UP else 0)

@@ -8,6 +8,7 @@ before a key was known (401) count as tenant `-`. So a flood of junk keys adds n
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.metrics import MetricWrapperBase
 
 OTHER = "other"
 UNKNOWN = "-"
@@ -65,8 +66,35 @@ class TenantMetrics:
             "Usage rows written to the spool file while the database was unreachable.",
             registry=reg,
         )  # fmt: skip
+        self.ledger_lost = Counter(
+            "fleetserve_ledger_lost_rows",
+            "Usage rows in neither the database nor the spool (the spool could not be written).",
+            registry=reg,
+        )  # fmt: skip
         self.ledger_db_up = Gauge(
             "fleetserve_ledger_database_up",
             "1 while the usage ledger's database accepts writes, 0 while rows are spooled.",
             registry=reg, multiprocess_mode="min",
         )  # fmt: skip
+        self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
+
+    def _child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
+        """`metric.labels(*labels)`, cached: the hot path pays a dict lookup."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def answered(self, tenant: str, status: int, prompt: int, completion: int, usd: float) -> None:
+        """One admitted request's accounting (`tenant` is its label)."""
+        self._child(self.requests, tenant, str(status)).inc()  # type: ignore[attr-defined]
+        if prompt:
+            self._child(self.tokens, tenant, "input").inc(prompt)  # type: ignore[attr-defined]
+        if completion:
+            self._child(self.tokens, tenant, "output").inc(completion)  # type: ignore[attr-defined]
+        if usd:
+            self._child(self.cost, tenant).inc(usd)  # type: ignore[attr-defined]
+
+    def budget(self, tenant: str, left_usd: float) -> None:
+        self._child(self.budget_left, tenant).set(left_usd)  # type: ignore[attr-defined]

@@ -17,8 +17,11 @@ A URL is shown only with its password masked (`mask_url`); nothing here logs it.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import sqlite3
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,7 @@ from fleetserve.tenancy.schema import VERSION_TABLE
 __all__ = [
     "BEGIN_OPTION",
     "DEFAULT_FILE",
+    "OPEN_ERRORS",
     "Migration",
     "check_schema",
     "connect_error",
@@ -58,6 +62,10 @@ BEGIN_OPTION = "fleetserve_sqlite_begin"
 # pg_advisory_xact_lock key of the schema migration: "fleetsrv" as a big-endian int64.
 MIGRATION_LOCK_KEY = int.from_bytes(b"fleetsrv", "big") - (1 << 63)
 MIGRATIONS = "fleetserve.tenancy:migrations"  # Alembic's package-resource notation
+
+OPEN_ERRORS = (SQLAlchemyError, OSError, TimeoutError, TypeError, ValueError, OverflowError)
+"""What opening a database raises for a bad URL or an unreachable server: unknown URL
+parameters reach the driver as keyword arguments (TypeError), bad values as ValueError."""
 
 _POSTGRES_SCHEMES = frozenset({"postgres", "postgresql", "postgresql+asyncpg"})
 _SQLITE_SCHEMES = frozenset({"sqlite", "sqlite+aiosqlite"})
@@ -100,7 +108,12 @@ def database_url(url: str | None, state_dir: Path) -> URL:
     if scheme in _POSTGRES_SCHEMES:
         if not parsed.host and not parsed.query.get("host"):
             raise ConfigError(f"invalid database URL {shown!r}: it names no host")
-        return parsed.set(drivername="postgresql+asyncpg")
+        if parsed.port is not None and not 0 < parsed.port < 65536:
+            raise ConfigError(f"invalid database URL {shown!r}: port {parsed.port} is not 1-65535")
+        query = dict(parsed.query)
+        if "sslmode" in query and "ssl" not in query:  # libpq's name; asyncpg takes the values
+            query["ssl"] = query.pop("sslmode")
+        return parsed.set(drivername="postgresql+asyncpg", query=query)
     if scheme in _SQLITE_SCHEMES:
         if not parsed.database or parsed.database == ":memory:":
             raise ConfigError(
@@ -118,10 +131,30 @@ def _sqlite_file(path: Path) -> URL:
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # SQLite keeps an existing mode
-        os.close(fd)
+        try:
+            _ensure_wal(fd, path)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise ConfigError(f"cannot create the database {path}: {exc.strerror or exc}") from exc
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot open the database {path}: {exc}") from exc
     return URL.create("sqlite+aiosqlite", database=str(path))
+
+
+def _ensure_wal(fd: int, path: Path) -> None:
+    """Put the file in WAL mode (it stays so), one process at a time: SQLite may refuse a
+    journal-mode change at once, without waiting, while another connection converts the same
+    new file. The flock (whole file, apart from SQLite's own byte-range locks) is held for
+    the few milliseconds that the PRAGMA takes."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with closing(sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)) as conn:
+            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if str(mode).lower() != "wal":
+            raise ConfigError(f"cannot put the database {path} in WAL mode (it is in {mode})")
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def create_engine(url: URL) -> AsyncEngine:
@@ -146,7 +179,10 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA journal_mode")  # `_ensure_wal` made it WAL; read, not changed
+        (mode,) = cursor.fetchone()
+        if str(mode).lower() != "wal":  # changed by another program since: change it back
+            cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA foreign_keys = ON")
     finally:
         cursor.close()
@@ -265,7 +301,7 @@ async def upgrade_database(url: str | None, state_dir: Path) -> tuple[str, Migra
             writer = await connection.execution_options(**{BEGIN_OPTION: "IMMEDIATE"})
             async with writer.begin():
                 migration = await migrate(writer)
-    except (SQLAlchemyError, OSError, TimeoutError) as exc:
+    except OPEN_ERRORS as exc:
         raise connect_error(target, exc) from exc
     finally:
         await engine.dispose()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import string
 from dataclasses import dataclass, field
@@ -29,7 +30,6 @@ MIN_SECRET_LEN = 32
 PEPPER_FILE = "key-pepper"
 PEPPER_BYTES = 32
 _ALPHANUMERIC = string.ascii_letters + string.digits
-_URL_SAFE = frozenset(_ALPHANUMERIC + "-_")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,17 +65,15 @@ def matches(pepper: bytes, key: ParsedKey, stored_digest: str) -> bool:
     return hmac.compare_digest(digest(pepper, key.token), stored_digest)
 
 
+_KEY_FORM = re.compile(
+    rf"{KEY_SCHEME}-([A-Za-z0-9]{{{PREFIX_LEN}}})-[A-Za-z0-9_-]{{{MIN_SECRET_LEN},512}}"
+)
+
+
 def parse_key(token: str) -> ParsedKey | None:
     """`fs-<8 alphanumeric>-<32+ URL-safe>`, or None for anything else."""
-    scheme, sep, rest = token.partition("-")
-    if scheme != KEY_SCHEME or not sep or len(rest) < PREFIX_LEN + 1 + MIN_SECRET_LEN:
-        return None
-    prefix, dash, secret = rest[:PREFIX_LEN], rest[PREFIX_LEN], rest[PREFIX_LEN + 1 :]
-    if dash != "-" or not all(c in _ALPHANUMERIC for c in prefix):
-        return None
-    if not all(c in _URL_SAFE for c in secret):
-        return None
-    return ParsedKey(prefix, token)
+    found = _KEY_FORM.fullmatch(token)
+    return None if found is None else ParsedKey(found.group(1), token)
 
 
 def parse_bearer(authorization: str | None) -> ParsedKey | None:

@@ -87,10 +87,13 @@ class _Scope:
     def active_leases(self) -> Leases | None:
         return self.leases if self.limits.max_concurrent is not None else None
 
-    def holds(self, request_id: str) -> bool:
+    def holds(self, request_id: str, now: float) -> bool:
+        """Whether an active window already counts `request_id`."""
+        rpm, tpm, leases = self.active_rpm(), self.active_tpm(), self.active_leases()
         return bool(
-            (self.tpm is not None and self.tpm.holds(request_id))
-            or (self.leases is not None and self.leases.holds(request_id))
+            (rpm is not None and rpm.holds(request_id, now))
+            or (tpm is not None and tpm.holds(request_id))
+            or (leases is not None and leases.holds(request_id))
         )
 
 
@@ -196,11 +199,11 @@ class LocalLimiter:
             )
 
         rid = estimate.request_id
-        if any(s.holds(rid) for s in scopes) or (budget is not None and budget.holds(rid)):
+        if any(s.holds(rid, now) for s in scopes) or (budget is not None and budget.holds(rid)):
             raise ValueError(f"request {rid!r} is already admitted")
         for s in scopes:
             if (log := s.active_rpm()) is not None:
-                log.admit(now)
+                log.admit(now, rid)
             if (tpm := s.active_tpm()) is not None:
                 tpm.reserve(rid, tokens, now)
             if (leases := s.active_leases()) is not None:

@@ -34,7 +34,6 @@ from sqlalchemy.exc import (
     DBAPIError,
     IntegrityError,
     ProgrammingError,
-    SQLAlchemyError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -50,6 +49,7 @@ from fleetserve.tenancy import keys
 from fleetserve.tenancy.changes import UNSET, TenantChanges, Unset
 from fleetserve.tenancy.database import (
     BEGIN_OPTION,
+    OPEN_ERRORS,
     check_schema,
     connect_error,
     create_engine,
@@ -122,7 +122,7 @@ class TenancyStore:
                         await migrate(writer)
                     else:
                         await check_schema(writer)
-        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+        except OPEN_ERRORS as exc:
             await engine.dispose()
             raise connect_error(target, exc) from exc
         except BaseException:
@@ -243,7 +243,9 @@ class TenancyStore:
         limits: Limits,
         now: float,
     ) -> tuple[ApiKey, str]:
-        found = await connection.execute(select(tenants.c.name).where(tenants.c.name == tenant))
+        found = await connection.execute(  # FOR SHARE: a concurrent delete waits for us
+            select(tenants.c.name).where(tenants.c.name == tenant).with_for_update(read=True)
+        )
         if found.first() is None:
             raise NotFoundError(f"no tenant {tenant!r}", param="tenant")
         for _ in range(KEY_PREFIX_TRIES):
@@ -262,7 +264,10 @@ class TenancyStore:
                 created_at=now,
                 expires_at=expires_at,
             )
-            await connection.execute(insert(api_keys).values(key_values(key)))
+            try:
+                await connection.execute(insert(api_keys).values(key_values(key)))
+            except IntegrityError as exc:  # the prefix, taken by a concurrent create
+                raise ConflictError("a new key collided with another; try again") from exc
             return key, issued.token
         raise ConflictError("could not find a free key prefix; try again")
 

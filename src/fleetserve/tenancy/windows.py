@@ -40,18 +40,25 @@ class RequestLog:
         self.limit = limit
         self.window_s = window_s
         self._times: deque[float] = deque()
+        self._ids: deque[str | None] = deque()  # beside _times: who was admitted then
+        self._live: set[str] = set()
 
     def _expire(self, now: float) -> None:
         times = self._times
         while times and times[0] <= now - self.window_s:
             times.popleft()
+            if (gone := self._ids.popleft()) is not None:
+                self._live.discard(gone)
 
-    def admit(self, now: float) -> Verdict:
+    def admit(self, now: float, request_id: str | None = None) -> Verdict:
         self._expire(now)
         times = self._times
         if len(times) >= self.limit:
             return Verdict(False, self.limit, 0, times[0] + self.window_s - now)
         times.append(now)
+        self._ids.append(request_id)
+        if request_id is not None:
+            self._live.add(request_id)
         remaining = self.limit - len(times)
         reset_s = 0.0 if remaining else times[0] + self.window_s - now
         return Verdict(True, self.limit, remaining, reset_s)
@@ -64,6 +71,11 @@ class RequestLog:
         """When the oldest admission still in the window was made (None: the window is empty)."""
         self._expire(now)
         return self._times[0] if self._times else None
+
+    def holds(self, request_id: str, now: float) -> bool:
+        """Whether `request_id` was admitted within the window."""
+        self._expire(now)
+        return request_id in self._live
 
 
 class TokenLog:

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fleetserve.bench.report.fmt import count, frac, ms, num
-from fleetserve.bench.report.model import BenchReport, Percentiles
+from fleetserve.bench.report.model import BenchReport, Percentiles, TenantSummary
 from fleetserve.bench.stats import LAG_THRESHOLD_S
 
 SIMULATION = "SIMULATION - figures from a simulated engine's latency model, not from hardware"
@@ -124,6 +124,78 @@ def _errors_table(report: BenchReport) -> Table | None:
     return table
 
 
+def tenant_key(tenant: TenantSummary) -> str:
+    """How a tenant's key is named: its public prefix and where it came from, never itself."""
+    source = {"key": "file", "none": "no key"}.get(tenant.key_source, tenant.key_source)
+    if tenant.key_prefix is None:
+        return source
+    return f"{tenant.key_prefix} ({source})"
+
+
+def rejected_text(tenant: TenantSummary) -> str:
+    """`rate_limit_exceeded 10, insufficient_quota 2`, or `-`."""
+    reasons = tenant.rejected_by_reason
+    return ", ".join(f"{code} {n:,}" for code, n in reasons.items()) if reasons else "-"
+
+
+def remaining_text(tenant: TenantSummary) -> str:
+    """The last x-ratelimit-remaining requests / tokens, `-` where none came."""
+    requests, tokens = tenant.ratelimit_remaining_requests, tenant.ratelimit_remaining_tokens
+    if requests is None and tokens is None:
+        return "-"
+    return f"{count(requests)} / {count(tokens)}"
+
+
+TENANT_COLUMNS = (
+    "tenant", "key", "model", "load", "sent", "ok", "rejected", "errors", "rejected by reason",
+    "remaining req / tok", "tokens in", "tokens out", "output share", "TTFT p50", "TTFT p95",
+    "e2e p95", "req/s", "tok/s",
+)  # fmt: skip
+TENANT_TEXT_COLUMNS = frozenset(("tenant", "key", "model", "load", "rejected by reason"))
+# The console splits the section into narrower tables; HTML shows it whole.
+_CONSOLE_TABLES = (
+    ("Tenants", ("tenant", "key", "model", "load")),
+    ("Tenants: requests (rejected: refused by the target's admission, by error code; "
+     "remaining: the last x-ratelimit-remaining-* seen)",
+     ("tenant", "sent", "ok", "rejected", "errors", "rejected by reason", "remaining req / tok")),
+    ("Tenants: tokens and latency (ms, of ok requests)",
+     ("tenant", "tokens in", "tokens out", "output share", "TTFT p50", "TTFT p95", "e2e p95",
+      "req/s", "tok/s")),
+)  # fmt: skip
+
+
+def tenant_rows(report: BenchReport) -> list[dict[str, str]]:
+    """The per-tenant section as text cells by TENANT_COLUMNS, for the console and HTML."""
+    return [
+        {
+            "tenant": t.name, "key": tenant_key(t), "model": t.model, "load": t.load,
+            "sent": f"{t.requests:,}", "ok": f"{t.ok:,}", "rejected": f"{t.rejected:,}",
+            "errors": f"{t.errors:,}", "rejected by reason": rejected_text(t),
+            "remaining req / tok": remaining_text(t), "tokens in": f"{t.prompt_tokens:,}",
+            "tokens out": f"{t.output_tokens:,}", "output share": frac(t.output_share_frac),
+            "TTFT p50": ms(t.ttft_p50_s), "TTFT p95": ms(t.ttft_p95_s),
+            "e2e p95": ms(t.e2e_p95_s), "req/s": num(t.request_rate_rps),
+            "tok/s": num(t.output_token_rate_tps),
+        }
+        for t in report.tenants
+    ]  # fmt: skip
+
+
+def _tenant_tables(report: BenchReport) -> list[Table]:
+    if not report.tenants:
+        return []
+    rows = tenant_rows(report)
+    tables = []
+    for title, columns in _CONSOLE_TABLES:
+        table = Table(title=title, title_justify="left")
+        for name in columns:
+            table.add_column(name, justify="left" if name in TENANT_TEXT_COLUMNS else "right")
+        for row in rows:
+            table.add_row(*(row[name] for name in columns))
+        tables.append(table)
+    return tables
+
+
 def summary(report: BenchReport) -> Group:
     """The end-of-run summary as rich renderables."""
     config = report.config
@@ -132,6 +204,7 @@ def summary(report: BenchReport) -> Group:
         parts.append(Panel(Text(SIMULATION, style="bold black on yellow")))
     parts.append(Text(f"{config.url}  model {config.model}  {config.load}", style="bold"))
     parts.extend([_totals_table(report), _latency_table(report)])
+    parts.extend(_tenant_tables(report))
     parts.extend(table for table in (_slo_table(report), _errors_table(report)) if table)
     lag_style = "green" if report.lag.kept_up else "bold red"
     parts.append(Text(report.lag.message, style=lag_style))

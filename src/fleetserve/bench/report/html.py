@@ -9,7 +9,12 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from fleetserve.bench.report import plots
-from fleetserve.bench.report.console import SIMULATION
+from fleetserve.bench.report.console import (
+    SIMULATION,
+    TENANT_COLUMNS,
+    TENANT_TEXT_COLUMNS,
+    tenant_rows,
+)
 from fleetserve.bench.report.fmt import count, frac, ms, num
 from fleetserve.bench.report.model import BenchReport
 
@@ -36,6 +41,7 @@ table { border-collapse: collapse; width: 100%; font-size: 13px; }
 th, td { padding: 4px 8px; border-bottom: 1px solid #e9ecef; text-align: right; }
 th.t, td.t { text-align: left; } th { background: #f8f9fa; }
 .pass { color: #2b8a3e; font-weight: 700; } .fail { color: #e03131; font-weight: 700; }
+.scroll { overflow-x: auto; }
 ul { margin: 4px 0; padding-left: 20px; } li { margin: 3px 0; }
 """
 
@@ -150,6 +156,21 @@ def _errors_box(report: BenchReport) -> str:
     )
 
 
+def _tenants_box(report: BenchReport) -> str:
+    if not report.tenants:
+        return ""
+    # Text columns first, so that they align left and the figures right.
+    columns = sorted(TENANT_COLUMNS, key=lambda name: name not in TENANT_TEXT_COLUMNS)
+    rows = [[escape(row[name]) for name in columns] for row in tenant_rows(report)]
+    table = _table(columns, rows, text_columns=len(TENANT_TEXT_COLUMNS))
+    return (
+        '<div class="box"><h2>Tenants</h2><p>Latencies in ms, of ok requests; rejected: '
+        "refused by the target's admission (401, 403, 429), by error code; remaining: the "
+        "last x-ratelimit-remaining-requests / -tokens seen.</p>"
+        f'<div class="scroll">{table}</div></div>'
+    )
+
+
 def _notes_box(report: BenchReport) -> str:
     lag = report.lag
     lag_class = "ok" if lag.kept_up else "bad"
@@ -203,6 +224,7 @@ def render_html(report: BenchReport) -> str:
 {banner if c.simulated else ""}
 {_cards(report)}
 {_notes_box(report)}
+{_tenants_box(report)}
 {plot_html}
 <div class="grid2">{_latency_table(report)}{_totals_table(report)}</div>
 <div class="grid2">{_slo_box(report)}{_config_box(report)}</div>

@@ -180,6 +180,38 @@ class FleetPoint(_Frozen):
     queue_depth: int | None = None
 
 
+class TenantSummary(_Frozen):
+    """One tenant of a `bench --tenants` run, on the run's measured window.
+
+    Requests are sent = ok + rejected + errors. Rejected ones were refused by the target's
+    admission (HTTP 401, 403, 429): counted by the OpenAI error code, not as failures of the
+    target. Tokens and latencies are of ok requests, as in the totals.
+    """
+
+    name: str
+    key_prefix: str | None = None  # the key's public prefix `fs-XXXXXXXX`; never the secret
+    key_source: str = "none"  # "key" (the file), "key_env NAME", "--api-key" or "none"
+    load: str  # e.g. "closed loop, 10 users"
+    model: str
+    stream: bool = True
+    requests: int
+    ok: int
+    rejected: int
+    rejected_by_reason: dict[str, int] = Field(default_factory=dict)  # code -> count
+    errors: int  # failed otherwise: timeouts, 5xx, other 4xx, cancelled ...
+    prompt_tokens: int
+    output_tokens: int
+    ttft_p50_s: float | None = None
+    ttft_p95_s: float | None = None
+    e2e_p95_s: float | None = None
+    request_rate_rps: float  # ok / window_s
+    output_token_rate_tps: float  # output tokens / window_s
+    output_share_frac: float  # this tenant's part of every tenant's output tokens (0..1)
+    # The last x-ratelimit-remaining-* the target sent this tenant (None: it sent none).
+    ratelimit_remaining_requests: int | None = None
+    ratelimit_remaining_tokens: int | None = None
+
+
 class BenchReport(_Frozen):
     schema_version: int = SCHEMA_VERSION
     config: RunConfig
@@ -191,4 +223,5 @@ class BenchReport(_Frozen):
     slo: SloReport = SloReport()
     series: list[SecondBucket] = Field(default_factory=list)
     fleet: list[FleetPoint] = Field(default_factory=list)
+    tenants: list[TenantSummary] = Field(default_factory=list)  # `bench --tenants` runs only
     notes: list[str] = Field(default_factory=list)  # warnings a reader must see

@@ -11,7 +11,7 @@
 --       15 budget period, 16 worst-case cost, 17 prompt cost (exact float), 18 output rate
 --       (micro-dollars per token), 19-21 Retry-After us for concurrency, a budget busy with
 --       reservations, a `total` budget spent
--- Returns: {admitted 1/0, reason, scope, retry us, capped max_tokens (-1: not capped),
+-- Returns: {2} if the request id is already admitted, else {admitted 1/0, reason, scope, retry us, capped max_tokens (-1: not capped),
 --           tokens reserved, cost reserved, budget left ('' = none), requests quota
 --           (limit 0 = none; remaining; reset us), tokens quota (the same)}
 
@@ -152,6 +152,16 @@ if reason then
   return {0, reason, scope, math.ceil(math.max(0, retry)), -1, 0, 0, '',
     rq[1], rq[2], math.ceil(rq[3]), tq[1], tq[2], math.ceil(tq[3])}
 end
+
+-- A request id is admitted once (a second admission would count it twice in the sums).
+for i = 1, 2 do
+  if (rpm_lim[i] > 0 and redis.call('ZSCORE', rpm_keys[i], rid))
+    or (tpm_lim[i] > 0 and redis.call('HEXISTS', tpm_keys[i][2], 'r:' .. rid) == 1)
+    or (conc_lim[i] > 0 and redis.call('ZSCORE', conc_keys[i], rid)) then
+    return {2}
+  end
+end
+if budgeted and redis.call('HEXISTS', b, 'r:' .. rid) == 1 then return {2} end
 
 -- Record it everywhere.
 local gc_window = math.ceil(2 * window / 1000) + 60000  -- ms: key expiry, garbage only
