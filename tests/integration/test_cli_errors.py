@@ -100,9 +100,13 @@ def test_help_and_version_still_exit_0(args: tuple[str, ...], expected: str) -> 
 
 
 def test_root_help_claims_no_cost_analysis() -> None:
-    """The `cost` command does not exist yet, so nothing may promise it."""
+    """The `cost` command does not exist yet, so nothing may promise it (the usage ledger's
+    per-request cost is another thing, and `usage` may say so)."""
     result = run(("--help",), {})
-    assert "cost" not in result.stdout.lower()
+    commands = [line.split()[1] for line in result.stdout.splitlines()
+                if line.startswith("│ ") and len(line.split()) > 1]  # fmt: skip
+    assert "cost" not in commands
+    assert "analysis" not in result.stdout.lower()
     pyproject = Path(__file__).parents[2] / "pyproject.toml"
     description = next(
         line for line in pyproject.read_text().splitlines() if line.startswith("description")

@@ -313,3 +313,22 @@ async def test_the_async_openai_client_too(aclient_token: tuple[AsyncOpenAI, str
     assert all(chunk.usage is None for chunk in chunks)  # the client asked for no usage
     with pytest.raises(openai.RateLimitError):
         await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)
+
+
+def test_tenant_metrics_are_exposed(stack: Stack) -> None:
+    stack.tenant("metered")
+    token = stack.key("metered")["key"]
+    assert _chat(stack, token).status_code == 200
+    assert _chat(stack, None).status_code == 401
+    deadline = time.monotonic() + 5
+    while True:
+        text = httpx.get(stack.url + "/metrics", timeout=5).text
+        if 'fleetserve_tenant_requests_total{status="200",tenant="metered"}' in text:
+            break
+        assert time.monotonic() < deadline, text[-3000:]
+        time.sleep(0.1)
+    for name in ('fleetserve_tenant_tokens_total{kind="output",tenant="metered"}',
+                 'fleetserve_tenant_rejections_total{reason="invalid_key",tenant="-"}',
+                 "fleetserve_ledger_database_up", "fleetserve_ledger_spooled_rows_total",
+                 "fleetserve_limiter_shared_up"):  # fmt: skip
+        assert name in text, name

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from fleetserve.config import HoldSettings
-from fleetserve.errors import AuthenticationError
+from fleetserve.errors import AuthenticationError, ServiceUnavailableError
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.replica import Replica
 from fleetserve.gateway.hold import HoldQueue, Share
@@ -198,3 +198,32 @@ async def test_the_hold_queue_releases_by_priority_then_fair_share() -> None:
     assert order[1:5] == ["heavy0", "light0", "heavy1", "light1"]
     assert order[5:7] == ["heavy2", "heavy3"]
     assert order[7:] == ["batch0", "batch1"]  # batch last
+
+
+async def test_a_store_outage_serves_known_keys_and_refuses_unknown_ones_with_503(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = Keys()
+    known = keys.add("alpha")
+    other = keys.add("beta")
+    down = False
+
+    async def find(prefix: str) -> tuple[ApiKey, Tenant] | None:
+        if down:
+            raise ServiceUnavailableError("the database postgresql://u@db:5432/x is unavailable")
+        return await keys.find(prefix)
+
+    cache = KeyCache(find, PEPPER, clock, ttl_s=0.5)
+    await cache.principal(_bearer(known))
+    down = True
+    await clock.advance(1.0)  # past the TTL: the store is asked again, and fails
+    for _ in range(3):
+        assert (await cache.principal(_bearer(known))).tenant.name == "alpha"
+    with pytest.raises(ServiceUnavailableError) as refused:
+        await cache.principal(_bearer(other))
+    assert "postgresql" not in str(refused.value)  # nothing of the database reaches clients
+    outage_lines = [r for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(outage_lines) == 1
+    down = False
+    await clock.advance(1.0)
+    assert (await cache.principal(_bearer(other))).tenant.name == "beta"

@@ -152,3 +152,36 @@ def test_bad_arguments() -> None:
         queue.push("y", "t", now=0.0, weight=0)
     with pytest.raises(ValueError, match="starvation_s"):
         FairQueue(starvation_s=0)
+
+
+def test_no_credit_is_banked_across_spells_of_saturation() -> None:
+    """The gateway's queue fills only while the fleet is saturated, and counters live as long
+    as the process. a had an earlier spell (100,000 tokens); the queue then ran empty. b, new,
+    is first to wait in the next spell, then a comes back: they alternate from the start, b is
+    not owed a's whole past (before the lift into an empty class, b went 1,000 times in a row).
+    """
+    queue: FairQueue[str] = FairQueue()
+    queue.push("a-old", "a", now=0.0, input_tokens=100)
+    assert queue.release(0.0) == "a-old"
+    queue.charge("a", 100_000)
+    assert len(queue) == 0  # nobody waits: the spell is over
+    for i in range(10):
+        queue.push(f"b{i}", "b", now=100.0, input_tokens=100)
+    for i in range(10):
+        queue.push(f"a{i}", "a", now=100.5, input_tokens=100)
+    order = [queue.release(101.0) for _ in range(10)]
+    assert 4 <= sum(1 for item in order if item and item.startswith("a")) <= 6
+    assert queue.counter("b") >= queue.counter("a") - 200
+
+
+def test_a_lift_into_an_empty_class_keeps_a_higher_counter() -> None:
+    """The lift only raises: a tenant that got more than everyone keeps its own counter."""
+    queue: FairQueue[str] = FairQueue()
+    queue.push("a0", "a", now=0.0, input_tokens=10)
+    queue.push("b0", "b", now=0.0, input_tokens=10)
+    assert [queue.release(0.0), queue.release(0.0)] == ["a0", "b0"]
+    queue.charge("a", 1_000)  # a's answer is still streaming after the queue ran empty
+    queue.push("a1", "a", now=1.0, input_tokens=10)
+    assert queue.counter("a") == 1_010
+    queue.push("b1", "b", now=1.0, input_tokens=10)
+    assert queue.counter("b") == 1_010  # lifted to the least-served of those waiting: a

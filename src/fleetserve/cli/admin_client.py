@@ -8,7 +8,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -25,9 +25,10 @@ from fleetserve.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
-from fleetserve.tenancy.admin import GroupBy, TenancyAdmin
 from fleetserve.tenancy.keys import load_pepper
-from fleetserve.tenancy.store import TenancyStore
+
+if TYPE_CHECKING:
+    from fleetserve.tenancy.admin import GroupBy
 
 REQUEST_TIMEOUT_S = 30.0
 Json = dict[str, Any]
@@ -133,6 +134,9 @@ async def admin_backend(
         async with aiohttp.ClientSession(timeout=timeout) as session:
             yield HttpAdmin(session, url, admin_key)
         return
+    from fleetserve.tenancy.admin import TenancyAdmin  # noqa: PLC0415 - SQLAlchemy loads here
+    from fleetserve.tenancy.store import TenancyStore  # noqa: PLC0415
+
     state_dir: Path = default_state_dir()
     database = database_url or os.environ.get("FLEETSERVE_DATABASE_URL") or None
     pepper = load_pepper(state_dir, os.environ.get("FLEETSERVE_KEY_PEPPER") or None)
@@ -149,6 +153,9 @@ DEFAULT_TENANT = "default"
 async def ensure_default_key(database_url: str | None, pepper_env: str | None) -> str | None:
     """`up --auth keys` on first run: a tenant `default` and a key of it, the key returned to
     print once. None when the tenant exists already (its keys were shown when made)."""
+    from fleetserve.tenancy.admin import TenancyAdmin  # noqa: PLC0415 - SQLAlchemy loads here
+    from fleetserve.tenancy.store import TenancyStore  # noqa: PLC0415
+
     state_dir = default_state_dir()
     pepper = load_pepper(state_dir, pepper_env)
     store = await TenancyStore.open(database_url, state_dir)

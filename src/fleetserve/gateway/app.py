@@ -31,7 +31,6 @@ from fleetserve.gateway.peers import Peers, WorkerContext, WorkerLink
 from fleetserve.gateway.proxy import Proxy
 from fleetserve.gateway.routes import AdminView, build_routes_app
 from fleetserve.gateway.shutdown import Shutdown, shutting_down_error
-from fleetserve.gateway.tenancy_runtime import TenancyRuntime
 from fleetserve.gateway.upstream import UpstreamClient
 from fleetserve.gateway.watchdog import Watchdog
 from fleetserve.routing.picker import Picker
@@ -104,6 +103,9 @@ def build_gateway(
     upstream = UpstreamClient(settings.timeouts)
     tenancy = None
     if auth_mode(settings) == "keys":
+        # Imported here: the store and its drivers load only in gateways that use them.
+        from fleetserve.gateway.tenancy_runtime import TenancyRuntime  # noqa: PLC0415
+
         tenancy = TenancyRuntime(
             settings, default_state_dir(), _prices(fleet_file),
             {spec.name: spec.engine for spec in fleet_file.models}, clock,

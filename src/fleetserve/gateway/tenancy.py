@@ -91,6 +91,27 @@ class KeyCache:
         # Headers whose key matched its digest, with the prefix entry they matched: a repeat
         # costs one lookup, no parse and no HMAC, while that entry is current.
         self._verified: dict[bytes, tuple[str, _Entry, Principal]] = {}
+        self._store_down = False  # one log line per outage of the store
+
+    def _store_failed(
+        self, prefix: str, entry: _Entry | None, exc: Exception
+    ) -> tuple[ApiKey, Tenant] | ServiceUnavailableError | None:
+        """The store could not be read: a key read before keeps its last answer (asked
+        again after another TTL), so a database outage does not refuse known keys; an
+        unknown one gets a 503 that names nothing of the database."""
+        if not self._store_down:
+            self._store_down = True
+            log.warning(
+                "the tenant store cannot be read (%s): known keys are served as last read",
+                str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+            )
+        if entry is None:
+            return ServiceUnavailableError(
+                "API keys cannot be checked now (the tenant store is unreachable); retry soon",
+                headers={"Retry-After": "1"},
+            )
+        self._entries[prefix] = (self._clock.now(), entry[1])
+        return entry[1]
 
     def forget(self, prefix: str) -> None:
         self._entries.pop(prefix, None)  # verified headers of it no longer match an entry
@@ -152,12 +173,24 @@ class KeyCache:
             asyncio.get_running_loop().create_future()
         )
         self._pending[prefix] = future
+        found: tuple[ApiKey, Tenant] | None
         try:
             found = await self._find(prefix)
+        except Exception as exc:  # noqa: BLE001 - any store failure is an outage here
+            fallback = self._store_failed(prefix, entry, exc)
+            if isinstance(fallback, ServiceUnavailableError):
+                future.set_exception(fallback)
+                future.exception()  # retrieved: waiters re-raise it, no "never retrieved"
+                raise fallback from None
+            found = fallback
         except BaseException as exc:
             future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it, no "never retrieved" warning
+            future.exception()
             raise
+        else:
+            if self._store_down:
+                self._store_down = False
+                log.warning("the tenant store answers again: keys are read from it")
         finally:
             del self._pending[prefix]
         future.set_result(found)

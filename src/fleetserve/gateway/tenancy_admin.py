@@ -14,7 +14,7 @@ Errors are OpenAI-style: 400 for bad fields (named), 404, 409 for a name taken.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import orjson
 from starlette.requests import Request
@@ -23,9 +23,11 @@ from starlette.routing import Route
 
 from fleetserve.errors import ApiError, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from fleetserve.protocol.envelope import api_error_body
-from fleetserve.tenancy.admin import GroupBy, TenancyAdmin
 from fleetserve.tenancy.durations import parse_duration
 from fleetserve.tenancy.model import Principal
+
+if TYPE_CHECKING:  # the store (SQLAlchemy) loads only where tenancy runs
+    from fleetserve.tenancy.admin import TenancyAdmin
 
 AdminCheck = Callable[[Request], Response | None]
 """The admin-key check of the cold routes: None when the request may pass."""
@@ -40,6 +42,7 @@ class TenancyApi(Protocol):
     async def limit_state(self, principal: Principal) -> dict[str, object]: ...
 
 
+GroupBy = Literal["tenant", "key", "model", "day"]
 GROUPS: tuple[GroupBy, ...] = ("tenant", "key", "model", "day")
 
 
@@ -64,7 +67,7 @@ async def _body(request: Request) -> object:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
 
 
-Handler = Callable[[Request, TenancyAdmin], Awaitable[Response]]
+Handler = Callable[[Request, "TenancyAdmin"], Awaitable[Response]]
 
 
 def tenancy_routes(api: TenancyApi, denied: AdminCheck) -> list[Route]:

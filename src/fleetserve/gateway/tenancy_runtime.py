@@ -31,6 +31,8 @@ from fleetserve.tenancy.store import TenancyStore
 
 log = logging.getLogger("fleetserve.gateway.tenancy")
 
+LEDGER_METRICS_S = 1.0
+
 
 class WorkerShare:
     """Limits without Redis in one of `workers` gateway worker processes: each enforces its
@@ -153,6 +155,9 @@ class TenancyRuntime:
         url = tenancy.redis_url
         self.revocations = None if url is None else Revocations.from_url(url.get_secret_value())
         self._feed: asyncio.Task[None] | None = None
+        self._stats: asyncio.Task[None] | None = None
+        self._spooled_seen = 0
+        self._lost_seen = 0
         self._published: set[asyncio.Task[int]] = set()
 
     # -- the background service ------------------------------------------------------------
@@ -173,10 +178,10 @@ class TenancyRuntime:
                 await revocations.run(keys.forget, on_subscribed=keys.clear)
 
             self._feed = self._supervisor.spawn("tenancy/revocations", feed)
+        self._stats = self._supervisor.spawn("tenancy/ledger-metrics", self._count_ledger)
 
     async def stop(self) -> None:
-        if self._feed is not None:
-            await cancel_all([self._feed])
+        await cancel_all([self._feed, self._stats])
         if self.revocations is not None:
             await asyncio.gather(*self._published, return_exceptions=True)
             await self.revocations.close()
@@ -233,6 +238,15 @@ class TenancyRuntime:
         spent = await store.spend_micro_usd(tenant.name, float(period.start_s) or None)
         await self.limiter.seed_spend(tenant, period.start_s, spent)
         self._seeded.add(key)
+
+    async def _count_ledger(self) -> None:
+        """The ledger's spooled and lost rows into their counters, once a second."""
+        while True:
+            stats = self.ledger.stats
+            self.metrics.ledger_spooled.inc(stats.spooled - self._spooled_seen)
+            self.metrics.ledger_lost.inc(stats.lost - self._lost_seen)
+            self._spooled_seen, self._lost_seen = stats.spooled, stats.lost
+            await self.clock.sleep(LEDGER_METRICS_S)
 
     def _ledger_state(self, state: LedgerState) -> None:
         self.metrics.ledger_db_up.set(1 if state is LedgerState.UP else 0)

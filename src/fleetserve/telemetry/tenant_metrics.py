@@ -66,6 +66,11 @@ class TenantMetrics:
             "Usage rows written to the spool file while the database was unreachable.",
             registry=reg,
         )  # fmt: skip
+        self.ledger_lost = Counter(
+            "fleetserve_ledger_lost_rows",
+            "Usage rows in neither the database nor the spool (the spool could not be written).",
+            registry=reg,
+        )  # fmt: skip
         self.ledger_db_up = Gauge(
             "fleetserve_ledger_database_up",
             "1 while the usage ledger's database accepts writes, 0 while rows are spooled.",

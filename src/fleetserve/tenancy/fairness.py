@@ -11,7 +11,12 @@ request to go is chosen here:
    divided by its weight; the backlogged tenant with the smallest counter goes next. Service
    is tokens: input tokens when a request is released (`release`), output tokens as they
    stream (`charge`). A tenant that returns from idle is lifted to the smallest counter of
-   those backlogged, so it cannot bank credit while away (the paper's counter lift).
+   those backlogged, so it cannot bank credit while away (the paper's counter lift). When no
+   other tenant waits in its class, it is lifted to the highest counter of all: this queue
+   fills only while the fleet is saturated and counters live as long as the process, so the
+   first tenant to wait in a new spell of saturation would otherwise be owed all that the
+   others were served in earlier spells, and go first until it caught up. Every spell
+   starts level.
 
 Pure: no clock reads (`now` comes in), no I/O. Fairness is per gateway process.
 """
@@ -68,6 +73,7 @@ class FairQueue(Generic[T]):
         self._tenants: dict[str, _Tenant] = {}
         self._where: dict[T, tuple[_Waiting[T], Priority]] = {}
         self._order = itertools.count()
+        self._top = 0.0  # the highest counter of any tenant (counters never go down)
 
     def __len__(self) -> int:
         return len(self._where)
@@ -102,9 +108,9 @@ class FairQueue(Generic[T]):
         if not state.backlogged(priority):
             # Counter lift: back from idle, it starts level with the least-served of those
             # waiting in its class, not below them with credit saved while away.
+            # Into an empty class: level with the most-served, as a new spell starts.
             floor = self._min_counter(priority, exclude=tenant)
-            if floor is not None:
-                state.counter = max(state.counter, floor)
+            state.counter = max(state.counter, self._top if floor is None else floor)
         waiting = _Waiting(item, tenant, now, next(self._order), input_tokens)
         state.queues.setdefault(priority, deque()).append(waiting)
         self._where[item] = (waiting, priority)
@@ -139,6 +145,7 @@ class FairQueue(Generic[T]):
         state = self._tenants.get(tenant)
         if state is not None and tokens > 0:
             state.counter += tokens / state.weight
+            self._top = max(self._top, state.counter)
 
     # -- internals ----------------------------------------------------------------------
     def _next_class(self, now: float) -> Priority | None:
