@@ -509,3 +509,31 @@ def run_open_loop(
         return res
     finally:
         gc.enable()
+
+
+# --- machine facts, for the heading of a report ---------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def first_line(argv: Sequence[str]) -> str:
+    """First line a command prints (stdout, else stderr), run in the repository, or "?"."""
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=10, check=False, cwd=REPO_ROOT
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    lines = (done.stdout or done.stderr).splitlines()
+    return lines[0].strip() if lines else "?"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, or "?"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"

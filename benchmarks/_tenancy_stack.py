@@ -12,11 +12,9 @@ import asyncio
 import os
 import re
 import sqlite3
-import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -27,7 +25,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from benchmarks._harness import LOCALHOST, Processes
+from benchmarks._harness import LOCALHOST, Processes, cpu_model, first_line
 from fleetserve.fleet.processes import free_port
 from fleetserve.testing.processes import ManagedProcess
 from fleetserve.testing.stack import FAST_HEALTH_ENV
@@ -58,24 +56,8 @@ def clean_environment() -> None:
         del os.environ[name]
 
 
-def first_line(argv: Sequence[str]) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    text = (out.stdout or out.stderr).strip()
-    return text.splitlines()[0] if text else "?"
-
-
 def machine_line() -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     load1, _, _ = os.getloadavg()
     commit = first_line(["git", "rev-parse", "--short", "HEAD"])
     return (

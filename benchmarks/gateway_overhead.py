@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,8 @@ from benchmarks._harness import (
     OpenLoopSpec,
     Processes,
     RoundTrip,
+    cpu_model,
+    first_line,
     loopback_round_trip,
     merge_results,
     pin_self,
@@ -444,33 +445,14 @@ def render_summary(reports: Sequence[RunReport]) -> tuple[str, bool]:
     return "\n".join(lines), all_met
 
 
-def _first_line(argv: Sequence[str]) -> str:
-    """First line a command prints (stdout, else stderr), or "?"."""
-    try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=10, check=False, cwd=REPO_ROOT
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    lines = (done.stdout or done.stderr).splitlines()
-    return lines[0].strip() if lines else "?"
-
-
 def machine_facts(setup: Setup) -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     load1, _, _ = os.getloadavg()
     fleetserve = importlib.metadata.version("fleetserve")
-    commit = _first_line(["git", "rev-parse", "--short", "HEAD"])
+    commit = first_line(["git", "rev-parse", "--short", "HEAD"])
     if setup.gateway_src is not None:
         checkout = setup.gateway_src.parent
-        commit = _first_line(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"])
+        commit = first_line(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"])
         commit += f", from {setup.gateway_src}"
     upstream = f"peerbench stub ({setup.stub_path})"
     if setup.upstream_kind == "sim":
@@ -480,7 +462,7 @@ def machine_facts(setup: Setup) -> str:
             f"machine : {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
             f"load average {load1:.2f} at start",
             f"python  : {platform.python_version()} ({sys.executable}); "
-            f"{_first_line(['wrk', '-v']).split(' Copyright')[0]}",
+            f"{first_line(['wrk', '-v']).split(' Copyright')[0]}",
             f"gateway : fleetserve {fleetserve} (commit {commit}), 1 worker, default picker, "
             "metrics on, 2 upstreams",
             f"upstream: {upstream}",

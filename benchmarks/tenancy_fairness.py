@@ -34,7 +34,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ from benchmarks._fairness_load import (
     run_phase,
     ttft_ms,
 )
-from benchmarks._harness import LOCALHOST, Processes, sigterm_as_exit
+from benchmarks._harness import LOCALHOST, Processes, first_line, sigterm_as_exit
 from fleetserve.fleet.processes import free_port
 from fleetserve.telemetry.quantiles import percentile_of
 from fleetserve.tenancy.model import UsageRow
@@ -577,22 +576,12 @@ def render_priority(report: PriorityReport, plan: Plan, number: int) -> str:
     return "\n".join(lines)
 
 
-def _first_line(argv: Sequence[str]) -> str:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False,
-                              cwd=REPO_ROOT)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    lines = (done.stdout or done.stderr).splitlines()
-    return lines[0].strip() if lines else "?"
-
-
 def machine_facts(plan: Plan, gateway_src: Path | None) -> str:
     load1, _, _ = os.getloadavg()
-    commit = _first_line(["git", "rev-parse", "--short", "HEAD"])
+    commit = first_line(["git", "rev-parse", "--short", "HEAD"])
     if gateway_src is not None:
         checkout = gateway_src.parent
-        commit = _first_line(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"])
+        commit = first_line(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"])
         commit += f", from {gateway_src}"
     return "\n".join(
         [

@@ -54,7 +54,6 @@ import random
 import secrets
 import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,7 +70,7 @@ import psutil
 import uvloop
 from redis.asyncio import Redis
 
-from benchmarks._harness import LOCALHOST, Processes, sigterm_as_exit
+from benchmarks._harness import LOCALHOST, Processes, first_line, sigterm_as_exit
 from benchmarks._limits_load import (
     REDIS_URL,
     US,
@@ -104,6 +103,7 @@ from fleetserve.telemetry.quantiles import percentile_of
 from fleetserve.tenancy.limiter import Estimate
 from fleetserve.tenancy.reservations import worst_case_micro_usd
 from fleetserve.testing.processes import ManagedProcess
+from fleetserve.testing.redis import delete_redis_prefix
 from fleetserve.testing.stack import fleetserve_argv
 
 FAST, PRICED = "limits-fast", "limits-h100"
@@ -559,16 +559,6 @@ def clock_offset_us() -> int:
     return asyncio.run(probe())
 
 
-async def _drop(prefix: str) -> None:
-    client = Redis.from_url(REDIS_URL)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
-        for start in range(0, len(keys), 500):
-            await client.delete(*keys[start : start + 500])
-    finally:
-        await client.aclose()
-
-
 # --- the report ---------------------------------------------------------------------------
 
 
@@ -866,14 +856,6 @@ def report_budget(r: Report, plan: Plan, two: PhaseTwo, ledger: list[Row], ttl_u
 # --- main -----------------------------------------------------------------------------------
 
 
-def _first_line(argv: Sequence[str]) -> str:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-        if out.returncode == 0:
-            return out.stdout.strip().splitlines()[0]
-    return "?"
-
-
 def run(plan: Plan, workdir: Path, say: Callable[[str], None]) -> Report:
     prefix = f"bench-limits-{secrets.token_hex(6)}"
     report = Report()
@@ -896,7 +878,7 @@ def run(plan: Plan, workdir: Path, say: Callable[[str], None]) -> Report:
                 procs.stop(gateway)
             ledger = read_ledger(workdir / "state")
     finally:
-        asyncio.run(_drop(prefix))
+        asyncio.run(delete_redis_prefix(REDIS_URL, prefix))
     report.say(
         f"1. exact across replicas: 2 gateways x 2 workers, {plan.duration_s:g} s, "
         f"clients retry {plan.retry_pause_s:g} s (jittered) after a refusal; clock "
@@ -1010,7 +992,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("tenancy_limits: issue 10 must-show 1 (exact across replicas) and 2 (budget)")
     print(
         time.strftime("date    : %Y-%m-%d %H:%M:%S %Z")
-        + f"; commit {_first_line(['git', 'rev-parse', '--short', 'HEAD'])}; "
+        + f"; commit {first_line(['git', 'rev-parse', '--short', 'HEAD'])}; "
         f"{os.cpu_count()} cores, load average {load1:.2f} / {load5:.2f}"
     )
     print(f"plan    : {plan}", flush=True)

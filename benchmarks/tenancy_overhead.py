@@ -31,7 +31,6 @@ from pathlib import Path
 
 import httpx2 as httpx
 import orjson
-from redis.asyncio import Redis
 
 from benchmarks._harness import (
     LOCALHOST,
@@ -47,6 +46,7 @@ from benchmarks._harness import (
 )
 from fleetserve.fleet.processes import free_port
 from fleetserve.testing.processes import ManagedProcess
+from fleetserve.testing.redis import delete_redis_prefix
 
 MODEL = "bench-model"
 CHAT_PATH = "/v1/chat/completions"
@@ -204,18 +204,8 @@ def run_once(
             usage = httpx.get(urls["on"] + "/admin/usage", params={"since": "1h"}, timeout=30)
             report.ledger_rows = sum(g["requests"] for g in usage.json()["data"])
     finally:
-        asyncio.run(_drop(prefix))
+        asyncio.run(delete_redis_prefix(REDIS_URL, prefix))
     return report
-
-
-async def _drop(prefix: str) -> None:
-    client = Redis.from_url(REDIS_URL)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
-        for start in range(0, len(keys), 500):
-            await client.delete(*keys[start : start + 500])
-    finally:
-        await client.aclose()
 
 
 def _f(value: float | None, spec: str = ".2f") -> str:

@@ -13,6 +13,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from fleetserve.testing.redis import delete_redis_prefix
+
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -35,13 +37,7 @@ def random_prefix(what: str = "limits") -> str:
 
 
 async def delete_prefix(prefix: str) -> None:
-    client = Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
-        for start in range(0, len(keys), 500):
-            await client.delete(*keys[start : start + 500])
-    finally:
-        await client.aclose()
+    await delete_redis_prefix(REDIS_URL, prefix)
 
 
 async def keys_under(prefix: str) -> list[str]:
