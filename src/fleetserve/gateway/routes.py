@@ -10,7 +10,6 @@ import dataclasses
 import hmac
 from collections.abc import Callable, Mapping
 
-import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -18,13 +17,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from fleetserve.clock import Clock
-from fleetserve.errors import ApiError, AuthenticationError, MethodNotAllowedError, NotFoundError
+from fleetserve.errors import AuthenticationError, MethodNotAllowedError, NotFoundError
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.gateway.hold import HoldQueue
 from fleetserve.gateway.peers import Peers, merged_window
+from fleetserve.gateway.responses import error_response, json_response
 from fleetserve.gateway.shutdown import Shutdown
 from fleetserve.gateway.tenancy_admin import TenancyApi, tenancy_routes
-from fleetserve.protocol.envelope import api_error_body
 from fleetserve.routing.snapshot import ReplicaState
 from fleetserve.supervisor import Supervisor
 from fleetserve.telemetry.metrics import GatewayMetrics, exposition
@@ -35,17 +34,6 @@ AdminView = Callable[[], object]
 BUILT_IN_VIEWS = frozenset({"fleet", "load", "replicas", "tenants", "keys", "usage"})
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
-
-
-def _json(payload: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
-
-
-def _error(err: ApiError) -> Response:
-    return Response(
-        api_error_body(err), status_code=err.status, media_type="application/json",
-        headers=err.headers,
-    )  # fmt: skip
 
 
 def build_routes_app(
@@ -77,10 +65,12 @@ def build_routes_app(
         given = request.headers.get("authorization", "")
         if hmac.compare_digest(given.encode(), expected_auth.encode()):
             return None
-        return _error(AuthenticationError("admin endpoints need the admin key as a bearer token"))
+        return error_response(
+            AuthenticationError("admin endpoints need the admin key as a bearer token")
+        )
 
     async def health(_: Request) -> Response:
-        return _json({"status": "ok"})
+        return json_response({"status": "ok"})
 
     async def ready(_: Request) -> Response:
         """Ready when some model has a ready replica or can hold requests until it has one,
@@ -98,7 +88,7 @@ def build_routes_app(
             body["shutting_down"] = True
         if supervisor is not None:
             body |= supervisor.view()
-        return _json(body, 200 if ok else 503)
+        return json_response(body, 200 if ok else 503)
 
     async def models(_: Request) -> Response:
         # A model served by simulated engines says so, as the engines themselves do, so that
@@ -108,7 +98,7 @@ def build_routes_app(
             | ({"simulated": True} if m in simulated_models else {})
             for m in fleet.models()
         ]
-        return _json({"object": "list", "data": data})
+        return json_response({"object": "list", "data": data})
 
     def state_counts() -> list[tuple[str, str, int]]:
         return [
@@ -150,7 +140,7 @@ def build_routes_app(
         ]
         by_state = {s.value: n for s, n in fleet.count_by_state().items()}
         held = {m: holds.held(m) + sum(r.held.get(m, 0) for r in reports) for m in fleet.models()}
-        return _json({"replicas": replicas, "by_state": by_state, "ready": by_state.get(
+        return json_response({"replicas": replicas, "by_state": by_state, "ready": by_state.get(
             ReplicaState.READY.value, 0), "held": held, "workers": 1 + len(reports)})  # fmt: skip
 
     async def admin_load(request: Request) -> Response:
@@ -162,13 +152,13 @@ def build_routes_app(
         if peers is not None:
             source = merged_window(window, peers.reports(), now, window.window_s)
         models = {m: dataclasses.asdict(source.snapshot(m, now)) for m in fleet.models()}
-        return _json({"window_s": window.window_s, "models": models})
+        return json_response({"window_s": window.window_s, "models": models})
 
     def admin_view(name: str, view: AdminView) -> Route:
         async def endpoint(request: Request) -> Response:
             if denied := admin_denied(request):
                 return denied
-            return _json(view())
+            return json_response(view())
 
         return Route(f"/admin/{name}", endpoint, name=f"admin_{name}")
 
@@ -179,22 +169,26 @@ def build_routes_app(
         replica_id = request.path_params["replica_id"]
         replica = fleet.get(replica_id)
         if replica is None:
-            return _error(NotFoundError(f"no replica {replica_id!r}", code="replica_not_found"))
+            return error_response(
+                NotFoundError(f"no replica {replica_id!r}", code="replica_not_found")
+            )
         fleet.drain(replica_id, clock.now())
         if peers is not None:
             peers.drain(replica_id)  # every worker routes, so every worker drains it
-        return _json(
+        return json_response(
             {"id": replica_id, "state": replica.state.value, "in_flight": replica.in_flight}
         )
 
     async def not_found(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 405:
-            return _error(
+            return error_response(
                 MethodNotAllowedError(f"{request.url.path} does not accept {request.method}")
             )
         if exc.status_code == 404:
-            return _error(NotFoundError(f"no route for {request.method} {request.url.path}"))
+            return error_response(
+                NotFoundError(f"no route for {request.method} {request.url.path}")
+            )
         return Response(str(exc.detail), status_code=exc.status_code)
 
     return Starlette(
