@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -150,7 +151,8 @@ class TenancyRuntime:
             self.keys, self.limiter, self.ledger.record, prices, tenancy, clock, metrics,
             PromptCounter(fleet, upstream, engines), seed=self._seed_budget,
         )  # fmt: skip
-        self._seeded: set[tuple[str, str]] = set()
+        # (tenant, period kind) -> when the seeded period ends: until then, nothing to do
+        self._seeded: dict[tuple[str, str], float] = {}
         self._supervisor = supervisor
         url = tenancy.redis_url
         self.revocations = None if url is None else Revocations.from_url(url.get_secret_value())
@@ -230,14 +232,15 @@ class TenancyRuntime:
         budget, store = tenant.budget, self.store
         if budget is None or store is None:
             return
-        period = period_of(budget.period, self.clock.wall())
-        key = (tenant.name, period.name)
-        if key in self._seeded:
+        key = (tenant.name, budget.period.value)
+        now = self.clock.wall()
+        if now < self._seeded.get(key, -math.inf):  # the hot path: one lookup per admission
             return
+        period = period_of(budget.period, now)
         await self.ledger.flush()
         spent = await store.spend_micro_usd(tenant.name, float(period.start_s) or None)
         await self.limiter.seed_spend(tenant, period.start_s, spent)
-        self._seeded.add(key)
+        self._seeded[key] = math.inf if period.end_s is None else float(period.end_s)
 
     async def _count_ledger(self) -> None:
         """The ledger's spooled and lost rows into their counters, once a second."""
