@@ -8,7 +8,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -26,9 +26,7 @@ from fleetserve.errors import (
     ServiceUnavailableError,
 )
 from fleetserve.tenancy.keys import load_pepper
-
-if TYPE_CHECKING:
-    from fleetserve.tenancy.admin import GroupBy
+from fleetserve.tenancy.model import UsageGroupBy
 
 REQUEST_TIMEOUT_S = 30.0
 Json = dict[str, Any]
@@ -45,7 +43,11 @@ class AdminBackend(Protocol):
     async def rotate_key(self, prefix: str, body: object) -> Json: ...
     async def revoke_key(self, prefix: str) -> Json: ...
     async def usage(
-        self, *, since_s: float | None = None, tenant: str | None = None, by: GroupBy = "tenant"
+        self,
+        *,
+        since_s: float | None = None,
+        tenant: str | None = None,
+        by: UsageGroupBy = "tenant",
     ) -> list[Json]: ...
 
 
@@ -116,7 +118,11 @@ class HttpAdmin:
         return await self._call("POST", f"/admin/keys/{quote(prefix, safe='')}/revoke")  # type: ignore[no-any-return]
 
     async def usage(
-        self, *, since_s: float | None = None, tenant: str | None = None, by: GroupBy = "tenant"
+        self,
+        *,
+        since_s: float | None = None,
+        tenant: str | None = None,
+        by: UsageGroupBy = "tenant",
     ) -> list[Json]:
         since = None if since_s is None else f"{since_s:g}s"
         answer = await self._call("GET", "/admin/usage", since=since, tenant=tenant, by=by)

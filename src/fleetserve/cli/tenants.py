@@ -21,6 +21,7 @@ from fleetserve.cli.admin_client import AdminBackend, admin_backend
 from fleetserve.cli.common import USAGE_EXIT, admin_key_option, err_console, fail
 from fleetserve.errors import FleetserveError, InvalidRequestError
 from fleetserve.tenancy.durations import parse_duration
+from fleetserve.tenancy.model import USAGE_GROUPS
 
 R = TypeVar("R")
 out = Console(highlight=False, soft_wrap=True)
@@ -310,14 +311,14 @@ def usage_command(
 ) -> None:  # fmt: skip
     """Requests, tokens, cost, errors and p95 TTFT from the usage ledger. Example:
     fleetserve usage --since 7d --by day --format csv"""
-    if by not in ("tenant", "key", "model", "day"):
-        fail(f"--by: one of tenant, key, model, day; not {by!r}", USAGE_EXIT)
+    if by not in USAGE_GROUPS:
+        fail(f"--by: one of {', '.join(USAGE_GROUPS)}; not {by!r}", USAGE_EXIT)
     if fmt not in ("table", "json", "csv"):
         fail(f"--format: one of table, json, csv; not {fmt!r}", USAGE_EXIT)
     since_s = _duration(since, "--since")
     rows = _run(
         _connect(url, admin_key, database_url),
-        lambda b: b.usage(since_s=since_s, tenant=tenant, by=by),  # type: ignore[arg-type]
+        lambda b: b.usage(since_s=since_s, tenant=tenant, by=by),
     )
     if fmt == "json":
         _print(rows, True)

@@ -14,7 +14,7 @@ Errors are OpenAI-style: 400 for bad fields (named), 404, 409 for a name taken.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
 from starlette.requests import Request
@@ -22,9 +22,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from fleetserve.errors import ApiError, InvalidRequestError, NotFoundError, ServiceUnavailableError
-from fleetserve.protocol.envelope import api_error_body
+from fleetserve.gateway.responses import error_response, json_response
 from fleetserve.tenancy.durations import parse_duration
-from fleetserve.tenancy.model import Principal
+from fleetserve.tenancy.model import USAGE_GROUPS, Principal
 
 if TYPE_CHECKING:  # the store (SQLAlchemy) loads only where tenancy runs
     from fleetserve.tenancy.admin import TenancyAdmin
@@ -40,21 +40,6 @@ class TenancyApi(Protocol):
     def admin(self) -> TenancyAdmin | None: ...
 
     async def limit_state(self, principal: Principal) -> dict[str, object]: ...
-
-
-GroupBy = Literal["tenant", "key", "model", "day"]
-GROUPS: tuple[GroupBy, ...] = ("tenant", "key", "model", "day")
-
-
-def _json(payload: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
-
-
-def _error(err: ApiError) -> Response:
-    return Response(
-        api_error_body(err), status_code=err.status, media_type="application/json",
-        headers=err.headers,
-    )  # fmt: skip
 
 
 async def _body(request: Request) -> object:
@@ -77,26 +62,26 @@ def tenancy_routes(api: TenancyApi, denied: AdminCheck) -> list[Route]:
                 return refusal
             admin = api.admin
             if admin is None:
-                return _error(ServiceUnavailableError("the tenant store is not open yet"))
+                return error_response(ServiceUnavailableError("the tenant store is not open yet"))
             try:
                 return await handler(request, admin)
             except ApiError as err:
-                return _error(err)
+                return error_response(err)
 
         return endpoint
 
     async def tenants(request: Request, admin: TenancyAdmin) -> Response:
         if request.method == "POST":
-            return _json(await admin.create_tenant(await _body(request)), 201)
-        return _json({"data": await admin.list_tenants()})
+            return json_response(await admin.create_tenant(await _body(request)), 201)
+        return json_response({"data": await admin.list_tenants()})
 
     async def tenant(request: Request, admin: TenancyAdmin) -> Response:
         name = request.path_params["name"]
         if request.method == "PATCH":
-            return _json(await admin.update_tenant(name, await _body(request)))
+            return json_response(await admin.update_tenant(name, await _body(request)))
         if request.method == "DELETE":
-            return _json(await admin.delete_tenant(name))
-        return _json(await admin.get_tenant(name))
+            return json_response(await admin.delete_tenant(name))
+        return json_response(await admin.get_tenant(name))
 
     async def limits(request: Request, admin: TenancyAdmin) -> Response:
         name = request.path_params["name"]
@@ -107,28 +92,32 @@ def tenancy_routes(api: TenancyApi, denied: AdminCheck) -> list[Route]:
         states = {}
         for key in keys or []:
             states[f"fs-{key.prefix}"] = await api.limit_state(Principal(found, key))
-        return _json({"tenant": name, "keys": states})
+        return json_response({"tenant": name, "keys": states})
 
     async def keys(request: Request, admin: TenancyAdmin) -> Response:
         if request.method == "POST":
-            return _json(await admin.create_key(await _body(request)), 201)
-        return _json({"data": await admin.list_keys(request.query_params.get("tenant"))})
+            return json_response(await admin.create_key(await _body(request)), 201)
+        return json_response({"data": await admin.list_keys(request.query_params.get("tenant"))})
 
     async def rotate(request: Request, admin: TenancyAdmin) -> Response:
-        return _json(await admin.rotate_key(request.path_params["key"], await _body(request)), 201)
+        return json_response(
+            await admin.rotate_key(request.path_params["key"], await _body(request)), 201
+        )
 
     async def revoke(request: Request, admin: TenancyAdmin) -> Response:
-        return _json(await admin.revoke_key(request.path_params["key"]))
+        return json_response(await admin.revoke_key(request.path_params["key"]))
 
     async def usage(request: Request, admin: TenancyAdmin) -> Response:
         query = request.query_params
         by = query.get("by", "tenant")
-        if by not in GROUPS:
-            raise InvalidRequestError(f"by: one of {', '.join(GROUPS)}, not {by!r}", param="by")
+        if by not in USAGE_GROUPS:
+            raise InvalidRequestError(
+                f"by: one of {', '.join(USAGE_GROUPS)}, not {by!r}", param="by"
+            )
         since = query.get("since")
         since_s = None if since is None else parse_duration(since, "since")
         data = await admin.usage(since_s=since_s, tenant=query.get("tenant"), by=by)
-        return _json({"by": by, "data": data})
+        return json_response({"by": by, "data": data})
 
     return [
         Route("/admin/tenants", guarded(tenants), methods=["GET", "POST"]),

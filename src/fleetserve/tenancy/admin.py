@@ -25,11 +25,11 @@ from fleetserve.tenancy.model import (
     BudgetSpec,
     Limits,
     Tenant,
+    UsageGroupBy,
 )
 from fleetserve.tenancy.store import TenancyStore
 
 PriorityName = Literal["interactive", "standard", "batch"]
-GroupBy = Literal["tenant", "key", "model", "day"]
 DEFAULT_GRACE_S = 3600.0  # a rotated key stays valid this long unless told otherwise
 MAX_NAME = 63
 MAX_LIMIT = 10**12
@@ -283,7 +283,7 @@ class TenancyAdmin:
         *,
         since_s: float | None = None,
         tenant: str | None = None,
-        by: GroupBy = "tenant",
+        by: UsageGroupBy = "tenant",
     ) -> list[dict[str, object]]:
         since = None if since_s is None else self.clock.wall() - since_s
         groups = await self.store.usage(since=since, tenant=tenant, by=by)

@@ -11,6 +11,7 @@ import enum
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from fleetserve.tenancy.fairness import Priority
 from fleetserve.tenancy.windows import MICRO_USD
@@ -18,6 +19,7 @@ from fleetserve.tenancy.windows import MICRO_USD
 __all__ = [
     "MICRO_USD",
     "NAME_PATTERN",
+    "USAGE_GROUPS",
     "ApiKey",
     "BudgetPeriod",
     "BudgetSpec",
@@ -27,6 +29,7 @@ __all__ = [
     "Principal",
     "Priority",
     "Tenant",
+    "UsageGroupBy",
     "UsageRow",
     "cost_micro_usd",
     "valid_name",
@@ -39,6 +42,11 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 def valid_name(name: str) -> bool:
     return bool(NAME_PATTERN.fullmatch(name))
+
+
+UsageGroupBy = Literal["tenant", "key", "model", "day"]
+"""How usage is summed: per tenant, key prefix, model, or UTC day."""
+USAGE_GROUPS: tuple[UsageGroupBy, ...] = get_args(UsageGroupBy)
 
 
 class BudgetPeriod(enum.StrEnum):

@@ -58,7 +58,7 @@ from fleetserve.tenancy.database import (
     mask_url,
     migrate,
 )
-from fleetserve.tenancy.model import ApiKey, Limits, Tenant, UsageRow, valid_name
+from fleetserve.tenancy.model import ApiKey, Limits, Tenant, UsageGroupBy, UsageRow, valid_name
 from fleetserve.tenancy.schema import api_keys, tenants, usage
 from fleetserve.tenancy.store_rows import (
     check_label,
@@ -72,7 +72,6 @@ from fleetserve.tenancy.store_rows import (
 )
 from fleetserve.tenancy.store_usage import (
     UsageGroup,
-    UsageGroupBy,
     spend,
     usage_groups,
     usage_rows,

@@ -10,19 +10,17 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Integer, Select, case, cast, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fleetserve.errors import InvalidRequestError
 from fleetserve.telemetry.quantiles import percentile_of
-from fleetserve.tenancy.model import FinishReason, UsageRow
+from fleetserve.tenancy.model import USAGE_GROUPS, FinishReason, UsageGroupBy, UsageRow
 from fleetserve.tenancy.schema import usage
 from fleetserve.tenancy.store_rows import usage_from
 
-UsageGroupBy = Literal["tenant", "key", "model", "day"]
-USAGE_GROUPS: tuple[UsageGroupBy, ...] = get_args(UsageGroupBy)
 NO_KEY = "-"  # the group of rows written without a key (auth none)
 DAY_S = 86_400
 S = TypeVar("S", bound=Select[Any])
