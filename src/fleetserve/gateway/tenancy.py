@@ -21,7 +21,7 @@ import asyncio
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 
 import orjson
 
@@ -402,13 +402,6 @@ class TenantGate:
         metrics = self.metrics
         metrics.answered(metrics.label(ticket.tenant), status, prompt, completion,
                          cost / MICRO_USD)  # fmt: skip
-
-    def forget_key(self, prefix: str) -> None:
-        """A key was revoked or changed: look it up again on its next use."""
-        self.keys.forget(prefix)
-
-    def open_admissions(self) -> Sequence[Admission]:
-        return list(self._leased.values())
 
 
 def _refusal(rejection: Rejection, principal: Principal) -> ApiError:
