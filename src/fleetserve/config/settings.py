@@ -111,6 +111,14 @@ class HoldSettings(BaseModel):
         1.0, ge=0, description="held streams get the 200 SSE head after this long"
     )
     keepalive_s: float = Field(5.0, gt=0, description="SSE comment period while a stream waits")
+    interactive_headroom: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="requests of `interactive` tenants may exceed a replica's max_concurrency "
+        "by this fraction of it (at least one slot when > 0), so that they need not wait for "
+        "batch work that fills every slot to finish; 0: the cap binds every class",
+    )
 
 
 class GatewaySettings(BaseSettings):

@@ -35,7 +35,7 @@ from fleetserve.errors import (
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.replica import Replica
 from fleetserve.gateway.exchange import Exchange
-from fleetserve.gateway.hold import ANONYMOUS, HoldQueue, Share
+from fleetserve.gateway.hold import ANONYMOUS, HoldQueue, Share, burst_cap
 from fleetserve.gateway.keepalive import SSE_HEADERS_BASE, StreamKeepAlive, answer_as_event
 from fleetserve.gateway.shutdown import CONNECTION_CLOSE, Shutdown
 from fleetserve.gateway.upstream import UpstreamClient
@@ -47,9 +47,15 @@ from fleetserve.routing.pickers import make_picker
 from fleetserve.routing.snapshot import ReplicaSnapshot, ReplicaState, RouteRequest
 from fleetserve.telemetry.metrics import GatewayMetrics, observe_zeros
 from fleetserve.telemetry.window import LoadWindow
+from fleetserve.tenancy.fairness import Priority
 
 REPLICA_HEADER = b"x-fleetserve-replica"  # which replica served: for debugging and fault tests
 MIN_ATTEMPT_S = 0.001  # the first attempt always gets a try, however little budget is left
+
+
+def _interactive(exchange: Exchange) -> bool:
+    ticket = exchange.ticket
+    return ticket is not None and ticket.principal.tenant.priority is Priority.INTERACTIVE
 
 
 def _error_kind(err: UpstreamError) -> str:
@@ -106,6 +112,22 @@ class Proxy:
         if picker is None:  # a model declared in the fleet at run time
             picker = self.pickers[info.model] = make_picker(DEFAULT_PICKER)
         return picker.pick(route, ready)
+
+    def _pick_headroom(
+        self, info: RequestInfo, tried: set[str], headroom: float
+    ) -> ReplicaSnapshot | None:
+        """For an interactive request when every replica is at its cap: the least loaded one
+        still under its cap plus the interactive headroom (hold.burst_cap), if any."""
+        best: ReplicaSnapshot | None = None
+        for replica in self.fleet.ready(info.model):
+            cap = replica.max_concurrency
+            if cap is None or replica.id in tried:
+                continue
+            if replica.in_flight < burst_cap(cap, headroom) and (
+                best is None or replica.in_flight < best.in_flight
+            ):
+                best = replica
+        return best
 
     async def _hold(self, info: RequestInfo, send: Send, exchange: Exchange) -> str | None:
         """Hold until a replica can take the request; the id of one reserved for it, or None."""
@@ -213,6 +235,8 @@ class Proxy:
                 break
             replica: ReplicaSnapshot | Replica | None = self._pick(info, tried)
             reserved = False
+            if replica is None and holds is not None and _interactive(exchange):
+                replica = self._pick_headroom(info, tried, holds.settings.interactive_headroom)
             if replica is None:
                 if tried or holds is None or not holds.should_hold(info.model):
                     break
