@@ -29,6 +29,7 @@ KEY = "dash-admin-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TIMEOUT = aiohttp.ClientTimeout(total=15)
 PAGE_LIMIT_BYTES = 200 * 1024
+STOP_AT_ONCE = {"FLEETSERVE_SHUTDOWN_DELAY_S": "0"}  # no load balancer to wait for
 SNAPSHOT_KEYS = {
     "wall", "workers", "shutting_down", "replicas", "models", "history", "autoscaler",
     "tenants", "requests", "trail_for_s",
@@ -55,7 +56,8 @@ async def gateway_process(
     )  # fmt: skip
     process = ManagedProcess(
         argv, log_path=tmp_path / "gateway.log",
-        env=env_without_settings(**FAST_HEALTH_ENV, **env), stop_timeout_s=5.0,
+        env=env_without_settings(**{**FAST_HEALTH_ENV, **STOP_AT_ONCE, **env}),
+        stop_timeout_s=5.0,
     )  # fmt: skip
     with process:
         url = f"http://127.0.0.1:{port}"
@@ -108,7 +110,8 @@ async def test_data_needs_the_admin_key_and_the_page_does_not(
     assert len(page) < PAGE_LIMIT_BYTES
     assert b'data-auth="key"' in page  # it asks for the key before it asks for data
     assert KEY.encode() not in page
-    assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+    assert "default-src 'none'" in csp
+    assert "connect-src 'self'" in csp
     # Self-contained: nothing to fetch (the SVG namespace is a name, not a resource).
     assert re.findall(rb"(?:src|href)=\"(?!data:)", page) == []
     assert set(re.findall(rb"https?://[^\s\"')]+", page)) == {b"http://www.w3.org/2000/svg"}
@@ -125,11 +128,13 @@ async def test_snapshot_shape_and_a_request_in_the_trail(gateway: tuple[str, Fak
         assert first["trail_for_s"] is not None  # ... and kept from then on
         [replica] = first["replicas"]
         assert set(replica) == REPLICA_KEYS
-        assert replica["url"] == engine.url and replica["state"] == "ready"
+        assert replica["url"] == engine.url
+        assert replica["state"] == "ready"
         [model] = first["models"]
         assert set(model) == MODEL_KEYS
         assert (model["name"], model["ready"], model["replicas"]) == (MODEL, 1, 1)
-        assert first["autoscaler"] is None and first["tenants"] is None  # fixed fleet, no auth
+        assert first["autoscaler"] is None
+        assert first["tenants"] is None
         assert first["history"]["span_s"] == 900.0
 
         chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -149,7 +154,8 @@ async def test_snapshot_shape_and_a_request_in_the_trail(gateway: tuple[str, Fak
     assert request["id"] == "req-dash-1"
     assert (request["model"], request["status"], request["error"]) == (MODEL, 200, False)
     assert request["replica"] == replica["id"]
-    assert request["ttft_s"] is not None and request["ttft_s"] <= request["e2e_s"]
+    assert request["ttft_s"] is not None
+    assert request["ttft_s"] <= request["e2e_s"]
     assert snap["replicas"][0]["ttft_p95_s"] is not None
     assert snap["models"][0]["error_rate"] == 0.0
 
@@ -182,7 +188,7 @@ async def test_the_stream_is_sse_and_pushes_a_change_within_a_second(
 
 
 async def test_an_open_stream_ends_with_bye_and_does_not_hold_shutdown_up(tmp_path: Path) -> None:
-    env = {"FLEETSERVE_SHUTDOWN_GRACE_S": "30", "FLEETSERVE_SHUTDOWN_DELAY_S": "0"}
+    env = {"FLEETSERVE_SHUTDOWN_GRACE_S": "30"}
     async with fake_engines(1) as engines, gateway_process(tmp_path, engines[0], **env) as started:
         process, url = started
         async with (

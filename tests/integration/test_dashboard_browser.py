@@ -49,7 +49,7 @@ models:
 
 @pytest.fixture
 async def browser(tmp_path: Path) -> AsyncIterator[Chromium]:
-    if not Path(CHROMIUM).exists():
+    if not os.access(CHROMIUM, os.X_OK):
         if os.environ.get("CI"):  # CI's `make test` installs it: missing there is a failure
             pytest.fail(f"{CHROMIUM} is missing although `make browser` ran")
         pytest.skip("Debian's chromium is not installed (make browser installs it as root)")
@@ -130,6 +130,12 @@ def autoscaled_up(tmp_path: Path) -> Iterator[str]:
     with services() as started:
         up = started.start("up", argv, port, env_without_settings())
         up.wait_ok("/ready", 60.0)
+        # `up` prints the page's address beside the endpoint once the port accepts.
+        deadline = time.monotonic() + 10.0
+        while f"live dashboard: {up.url}/dashboard" not in up.process.log_text():
+            assert time.monotonic() < deadline, up.process.log_text()
+            time.sleep(0.05)
+        assert f"OpenAI-compatible endpoint {up.url}/v1" in up.process.log_text()
         yield up.url
 
 
@@ -156,8 +162,8 @@ async def test_the_page_follows_an_autoscaled_fleet(browser: Chromium, tmp_path:
                 # replicas that start together may become ready a moment apart).
                 while seen < 3:
                     async with asyncio.timeout(deadline - time.monotonic()):
-                        while (ready := await ready_replicas(http, url)) == seen:
-                            await asyncio.sleep(0.05)
+                        while (ready := await ready_replicas(http, url)) == seen:  # noqa: ASYNC110
+                            await asyncio.sleep(0.05)  # (polling another process)
                     changed = time.monotonic()
                     seen = ready
                     await browser.wait_for(f"Number({card('ready')}) >= {ready}", FOLLOW_WITHIN_S)
@@ -168,9 +174,12 @@ async def test_the_page_follows_an_autoscaled_fleet(browser: Chromium, tmp_path:
                 await browser.wait_for(
                     "document.querySelector('[data-decisions] .dir.up') !== null", 2.0
                 )
-                assert await browser.evaluate(
-                    f"document.querySelectorAll('svg[data-chart=\"{MODEL}\"] path').length"
-                ) == 3
+                assert (
+                    await browser.evaluate(
+                        f"document.querySelectorAll('svg[data-chart=\"{MODEL}\"] path').length"
+                    )
+                    == 3
+                )
                 await browser.wait_for("document.querySelectorAll('#requests tr[data-request]')"
                                        ".length >= 10", 2.0)  # fmt: skip
                 keep = os.environ.get("FLEETSERVE_SCREENSHOT_OUT")

@@ -66,7 +66,8 @@ class Chromium:
             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
             "about:blank",
         ]  # fmt: skip
-        process = subprocess.Popen(
+        # A Popen, not asyncio's process: stop_process_group stops it by PID, whatever happens.
+        process = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         try:
@@ -174,7 +175,7 @@ class Chromium:
             width=width, height=height, deviceScaleFactor=1, mobile=False,
         )  # fmt: skip
         shot = await self.call("Page.captureScreenshot", format="png", captureBeyondViewport=False)
-        path.write_bytes(base64.b64decode(shot["data"]))
+        await asyncio.to_thread(path.write_bytes, base64.b64decode(shot["data"]))
 
 
 async def _page_socket(
