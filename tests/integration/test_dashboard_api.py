@@ -32,7 +32,7 @@ PAGE_LIMIT_BYTES = 200 * 1024
 STOP_AT_ONCE = {"FLEETSERVE_SHUTDOWN_DELAY_S": "0"}  # no load balancer to wait for
 SNAPSHOT_KEYS = {
     "wall", "workers", "shutting_down", "replicas", "models", "history", "autoscaler",
-    "tenants", "requests", "trail_for_s",
+    "tenants", "requests", "trail_for_s", "trail_span_s",
 }  # fmt: skip
 REPLICA_KEYS = {
     "id", "name", "model", "url", "state", "reason", "state_for_s", "in_flight", "running",
@@ -46,13 +46,13 @@ MODEL_KEYS = {
 
 @contextlib.asynccontextmanager
 async def gateway_process(
-    tmp_path: Path, engine: FakeEngine, **env: str
+    tmp_path: Path, engine: FakeEngine, *args: str, **env: str
 ) -> AsyncIterator[tuple[ManagedProcess, str]]:
     """`fleetserve gateway` over the engine, with the admin key; stopped by PID at the end."""
     port = free_port()
     argv = fleetserve_argv(
         "gateway", "--port", str(port), "--model", MODEL, "--upstream", engine.url,
-        "--admin-key", KEY,
+        "--admin-key", KEY, *args,
     )  # fmt: skip
     process = ManagedProcess(
         argv, log_path=tmp_path / "gateway.log",
@@ -209,3 +209,41 @@ async def test_an_open_stream_ends_with_bye_and_does_not_hold_shutdown_up(tmp_pa
         assert time.monotonic() - signalled < 5.0  # not the 30 s grace
         assert process.returncode == 0, process.log_text()
         assert "Traceback" not in process.log_text()
+
+
+async def test_tenants_usage_and_the_tenant_of_each_request(tmp_path: Path) -> None:
+    """With auth = keys the snapshot carries each tenant's usage from the ledger (last hour)
+    and the last requests name their tenant and output tokens."""
+    env = {"FLEETSERVE_STATE_DIR": str(tmp_path / "state")}
+    async with (
+        fake_engines(1) as engines,
+        gateway_process(tmp_path, engines[0], "--auth", "keys", **env) as (_, url),
+        aiohttp.ClientSession(timeout=TIMEOUT) as http,
+    ):
+        async with http.post(url + "/admin/tenants", json={"name": "acme"}, headers=AUTH) as r:
+            assert r.status == 201, await r.text()
+        async with http.post(url + "/admin/keys", json={"tenant": "acme"}, headers=AUTH) as r:
+            assert r.status == 201, await r.text()
+            token = (await r.json())["key"]
+        async with http.get(url + "/admin/dashboard", headers=AUTH) as r:
+            assert (await r.json())["tenants"] == {"since_s": 3600.0, "data": [], "error": None}
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        async with http.post(
+            url + "/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {token}"}
+        ) as r:
+            assert r.status == 200, await r.text()
+        async with asyncio.timeout(10):  # the ledger's batch, then the page's 5 s refresh
+            while True:
+                async with http.get(url + "/admin/dashboard", headers=AUTH) as r:
+                    snap = await r.json()
+                if snap["tenants"]["data"]:
+                    break
+                await asyncio.sleep(0.2)
+    [usage] = snap["tenants"]["data"]
+    assert usage["group"] == "acme"
+    assert usage["requests"] == 1
+    assert usage["completion_tokens"] == engines[0].state.chunks
+    [request] = snap["requests"]
+    assert request["tenant"] == "acme"
+    assert request["tokens_out"] == engines[0].state.chunks
+    assert token not in orjson.dumps(snap).decode()  # no key in what the page gets

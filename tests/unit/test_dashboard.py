@@ -40,14 +40,14 @@ def test_the_trail_is_off_until_a_page_opens_and_then_bounded() -> None:
     trail.start(10.0)
     for i in range(5):
         trail.add(f"r{i}", exchange("a"), 200, 0.5, 10.0 + i)
-    assert [e.request_id for e in trail.entries()] == ["r2", "r3", "r4"]
-    entry = trail.entries()[-1].as_json(now=15.0)
-    assert entry["id"] == "r4"
-    assert entry["at_s_ago"] == 1.0
-    assert entry["replica"] == "a"
-    assert entry["error"] is False
-    assert entry["tenant"] is None
-    assert entry["tokens_out"] is None
+    assert [e.request_id for e in trail.newest(10)] == ["r4", "r3", "r2"]
+    entry = trail.newest(1)[0].as_json(now=15.0)
+    assert (entry["id"], entry["at_s_ago"], entry["replica"]) == ("r4", 1.0, "a")
+    assert (entry["error"], entry["tenant"], entry["tokens_out"]) == (False, None, None)
+    # Full, and all three are in the window: the figures cover the span those three do.
+    figures = trail.figures(15.0)
+    assert figures.span_s == pytest.approx(3.0)
+    assert figures.model(M)["requests"] == 3
 
 
 def test_trail_figures_per_replica_and_model() -> None:
@@ -57,13 +57,17 @@ def test_trail_figures_per_replica_and_model() -> None:
     trail.add("5xx", exchange("b", ttft_s=None), 502, 0.1, 1.5)
     trail.add("cut", exchange("a", ttft_s=0.4, failed=True), 200, 2.0, 2.0)
     trail.add("4xx", exchange("b", ttft_s=None), 400, 0.1, 2.5)
-    model = trail.model_figures(M, 3.0)
+    figures = trail.figures(4.0)
+    assert figures.span_s == 4.0  # since the trail started
+    model = figures.model(M)
     assert model["error_rate"] == pytest.approx(0.5)  # a 5xx and a failed stream of four
-    assert model["ttft_p95_s"] == pytest.approx(0.4, rel=0.02)
-    assert trail.replica_figures("a", 3.0)["ttft_p95_s"] == pytest.approx(0.4, rel=0.02)
-    assert trail.replica_figures("b", 3.0)["ttft_p95_s"] is None
+    assert model["ttft_p95_s"] == pytest.approx(0.39)  # 0.2 and 0.4, interpolated
+    assert model["completed_rps"] == pytest.approx(1.0)
+    assert figures.replica("a")["ttft_p95_s"] == pytest.approx(0.39)
+    assert figures.replica("b")["ttft_p95_s"] is None
+    assert figures.replica("gone")["requests"] == 0
     # A minute later the window is empty again.
-    later = trail.model_figures(M, 70.0)
+    later = trail.figures(70.0).model(M)
     assert later["error_rate"] is None
     assert later["ttft_p95_s"] is None
 

@@ -29,7 +29,7 @@ from fleetserve.errors import ServiceUnavailableError
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.replica import Replica
 from fleetserve.gateway.dashboard.history import FleetHistory, FleetSample, TokenRates
-from fleetserve.gateway.dashboard.trail import RequestTrail
+from fleetserve.gateway.dashboard.trail import RequestTrail, TrailFigures
 from fleetserve.gateway.hold import HoldQueue
 from fleetserve.gateway.peers import Peers, WorkerReport, merged_window
 from fleetserve.routing.snapshot import ReplicaState
@@ -131,7 +131,6 @@ class Dashboard:
     def _forget_when_removed(self, replica: Replica) -> None:
         if self.fleet.get(replica.id) is None:
             self.rates.forget(replica.id)
-            self.trail.by_replica.forget(replica.id)
 
     def _autoscaler_view(self) -> Mapping[str, object] | None:
         if self.autoscaler is None:
@@ -168,17 +167,19 @@ class Dashboard:
     def snapshot(self, now: float) -> dict[str, object]:
         reports = self.peers.reports() if self.peers is not None else []
         view = self._autoscaler_view()
+        seen = self.trail.figures(now)
         return {
             "wall": round(self.clock.wall(), 3),
             "workers": 1 + len(reports),
             "shutting_down": self.closing,
-            "replicas": self._replicas(now, reports),
-            "models": self._models(now, reports, view),
+            "replicas": self._replicas(now, reports, seen),
+            "models": self._models(now, reports, view, seen),
             "history": self.history.view(now),
             "autoscaler": _decisions(view),
             "tenants": self._tenants_view(),
-            "requests": [e.as_json(now) for e in reversed(self.trail.entries()[-REQUESTS_SHOWN:])],
+            "requests": [e.as_json(now) for e in self.trail.newest(REQUESTS_SHOWN)],
             "trail_for_s": None if self.trail.since is None else round(now - self.trail.since, 1),
+            "trail_span_s": round(seen.span_s, 1),
         }
 
     def _tenants_view(self) -> dict[str, object] | None:
@@ -188,14 +189,16 @@ class Dashboard:
             return {"since_s": TENANT_USAGE_SINCE_S, "data": [], "error": None}
         return self._tenants
 
-    def _replicas(self, now: float, reports: list[WorkerReport]) -> list[dict[str, object]]:
+    def _replicas(
+        self, now: float, reports: list[WorkerReport], seen: TrailFigures
+    ) -> list[dict[str, object]]:
         others: dict[str, int] = {}
         for report in reports:
             for rid, n in report.in_flight.items():
                 others[rid] = others.get(rid, 0) + n
         rows: list[dict[str, object]] = []
         for r in self.fleet.replicas():
-            seen = self.trail.replica_figures(r.id, now)
+            served = seen.replica(r.id)
             signals = r.signals
             rows.append({
                 "id": r.id, "name": r.name, "model": r.model, "url": r.url,
@@ -204,14 +207,18 @@ class Dashboard:
                 "in_flight": r.in_flight + others.get(r.id, 0),
                 "running": signals.running, "waiting": signals.waiting,
                 "kv_usage_frac": _round(signals.kv_usage_frac),
-                "ttft_p95_s": _round(seen["ttft_p95_s"]),
+                "ttft_p95_s": _round(served["ttft_p95_s"]),
                 "tokens_per_s": _round(self.rates.rate(r.id), 1),
                 "scrape_age_s": None if r.signals_at is None else round(now - r.signals_at, 2),
             })  # fmt: skip
         return rows
 
     def _models(
-        self, now: float, reports: list[WorkerReport], view: Mapping[str, object] | None
+        self,
+        now: float,
+        reports: list[WorkerReport],
+        view: Mapping[str, object] | None,
+        seen: TrailFigures,
     ) -> list[dict[str, object]]:
         window = self.window
         if reports:
@@ -220,7 +227,7 @@ class Dashboard:
         rows: list[dict[str, object]] = []
         for model in self.fleet.models():
             load = window.snapshot(model, now)
-            seen = self.trail.model_figures(model, now)
+            served = seen.model(model)
             counts = self.fleet.count_by_state(model)
             held = self.holds.held(model) + sum(r.held.get(model, 0) for r in reports)
             rows.append({
@@ -231,10 +238,10 @@ class Dashboard:
                 "in_flight": load.in_flight,
                 "held": held, "max_held": self.holds.settings.max_held,
                 "can_hold": self.holds.can_hold(model),
-                "ttft_p95_s": _round(seen["ttft_p95_s"]),
+                "ttft_p95_s": _round(served["ttft_p95_s"]),
                 "window_ttft_p95_s": _round(load.ttft_p95_s),
-                "error_rate": _round(seen["error_rate"]),
-                "completed_rps": _round(seen["completed_rps"], 3),
+                "error_rate": _round(served["error_rate"]),
+                "completed_rps": _round(served["completed_rps"], 3),
             })  # fmt: skip
         return rows
 

@@ -1,11 +1,14 @@
-"""The dashboard's request trail: the last requests with their ids, and per replica and per
-model what clients saw of them (TTFT p95, completions, errors) over the last minute.
+"""The dashboard's request trail: the last requests with their ids, and from them, per
+replica and per model, what clients saw (TTFT p95, completions, errors) in the last minute.
 
-Filled at the accounting step (`GatewayApp`), only once the page has been opened (`on`):
-until then the hot path pays one attribute check and nothing else; after, one append and
-three O(1) window writes per request. The per-replica and per-model figures reuse
-`LoadWindow`'s 1-s buckets and TTFT bins: a window per key kind, keyed by replica id or
-model, in which `finished` counts completions and `observe_ttft` the first tokens.
+Filled at the accounting step (`GatewayApp`), only once a page has been opened (`on`): until
+then the hot path pays one attribute check; after, one tuple appended to a bounded deque
+(benchmarks/dashboard_trail.py). Everything else is computed when a snapshot is built, at
+most twice a second, by one pass over the trail.
+
+The figures cover the requests of the last `window_s` that are still in the trail: at more
+than `length / window_s` requests a second (2000 / 60 s: 33 req/s) that is the newest
+`length` requests, and `figures()` says over how many seconds (`span_s`).
 
 TTFT here is counted as clients see it: from the end of the request body to the first byte
 of the stream, time held at the gateway included (the autoscaler's window leaves a cold-start
@@ -15,18 +18,18 @@ hold out). An error is a 5xx answer or a stream that ended with an error event.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from fleetserve.gateway.exchange import Exchange
-from fleetserve.telemetry.window import LoadWindow
+from fleetserve.telemetry.quantiles import percentile
 
-TRAIL_LENGTH = 200  # requests kept for the page's table
-TRAIL_WINDOW_S = 60.0  # what the per-replica and per-model figures cover
+TRAIL_LENGTH = 2000  # requests kept
+TRAIL_WINDOW_S = 60.0  # what the per-replica and per-model figures cover at most
 
 
-@dataclass(frozen=True, slots=True)
-class TrailEntry:
-    """One finished request as the page lists it."""
+class TrailEntry(NamedTuple):
+    """One finished request (a tuple: the hot path builds it, nothing more)."""
 
     request_id: str
     at: float  # the gateway clock's now() when it finished
@@ -62,16 +65,52 @@ class TrailEntry:
         }
 
 
+@dataclass(slots=True)
+class Figures:
+    """What clients saw of one model or replica over the trail's window."""
+
+    requests: int = 0
+    errors: int = 0
+    ttfts: list[float] = field(default_factory=list)
+
+    def add(self, entry: TrailEntry) -> None:
+        self.requests += 1
+        if entry.error:
+            self.errors += 1
+        if entry.ttft_s is not None:
+            self.ttfts.append(entry.ttft_s)
+
+    def as_json(self, span_s: float) -> dict[str, float | int | None]:
+        ttfts = sorted(self.ttfts)
+        return {
+            "requests": self.requests,
+            "completed_rps": self.requests / span_s if span_s > 0 else None,
+            "error_rate": self.errors / self.requests if self.requests else None,
+            "ttft_p95_s": percentile(ttfts, 95) if ttfts else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TrailFigures:
+    span_s: float  # the seconds the figures cover (the window, or less: see the docstring)
+    models: dict[str, dict[str, float | int | None]]
+    replicas: dict[str, dict[str, float | int | None]]
+
+    def model(self, name: str) -> dict[str, float | int | None]:
+        return self.models.get(name) or Figures().as_json(self.span_s)
+
+    def replica(self, replica_id: str) -> dict[str, float | int | None]:
+        return self.replicas.get(replica_id) or Figures().as_json(self.span_s)
+
+
 class RequestTrail:
     """Off until `start()`; then every request the gateway accounts is added."""
 
     def __init__(self, length: int = TRAIL_LENGTH, window_s: float = TRAIL_WINDOW_S) -> None:
         self.on = False  # read on the hot path: one attribute
         self.since: float | None = None
+        self.window_s = window_s
         self._entries: deque[TrailEntry] = deque(maxlen=length)
-        self.by_replica = LoadWindow(window_s)
-        self.by_model = LoadWindow(window_s)
-        self.errors_by_model = LoadWindow(window_s)  # `finished` only for errors
 
     def start(self, now: float) -> None:
         if not self.on:
@@ -91,34 +130,39 @@ class RequestTrail:
             exchange.ttft_s, e2e_s, exchange.attempts, exchange.hold_s, tenant, tokens,
         )  # fmt: skip
         self._entries.append(entry)
-        model = exchange.model
-        self.by_model.finished(model, now)
-        if entry.error:
-            self.errors_by_model.finished(model, now)
-        if exchange.ttft_s is not None:
-            self.by_model.observe_ttft(model, now, exchange.ttft_s)
-        replica = exchange.replica
-        if replica is not None:
-            self.by_replica.finished(replica, now)
-            if exchange.ttft_s is not None:
-                self.by_replica.observe_ttft(replica, now, exchange.ttft_s)
 
-    def entries(self) -> list[TrailEntry]:
-        return list(self._entries)
+    def newest(self, count: int) -> list[TrailEntry]:
+        """The newest `count` requests, newest first."""
+        entries = self._entries
+        return [entries[-i] for i in range(1, min(count, len(entries)) + 1)]
 
-    def model_figures(self, model: str, now: float) -> dict[str, float | None]:
-        """TTFT p95, completions/s and the error rate of a model over the trail's window."""
-        done = self.by_model.snapshot(model, now)
-        errors = self.errors_by_model.snapshot(model, now)
-        rate = None
-        if done.completed_rps > 0:
-            rate = errors.completed_rps * errors.window_s / (done.completed_rps * done.window_s)
-        return {
-            "ttft_p95_s": done.ttft_p95_s,
-            "completed_rps": done.completed_rps,
-            "error_rate": rate,
-        }
-
-    def replica_figures(self, replica_id: str, now: float) -> dict[str, float | None]:
-        load = self.by_replica.snapshot(replica_id, now)
-        return {"ttft_p95_s": load.ttft_p95_s, "completed_rps": load.completed_rps}
+    def figures(self, now: float) -> TrailFigures:
+        """Per model and per replica, over the requests of the last `window_s` still kept."""
+        oldest = now - self.window_s
+        models: dict[str, Figures] = {}
+        replicas: dict[str, Figures] = {}
+        first = now
+        for entry in reversed(self._entries):
+            if entry.at < oldest:
+                truncated = False  # the trail reaches back past the window
+                break
+            first = entry.at
+            figures = models.get(entry.model)
+            if figures is None:
+                figures = models[entry.model] = Figures()
+            figures.add(entry)
+            if entry.replica is not None:
+                figures = replicas.get(entry.replica)
+                if figures is None:
+                    figures = replicas[entry.replica] = Figures()
+                figures.add(entry)
+        else:  # every request kept is in the window: older ones may have been dropped
+            truncated = len(self._entries) == self._entries.maxlen
+        since = self.since if self.since is not None else now
+        start = first if truncated else max(oldest, since)
+        span_s = max(now - start, 1.0)
+        return TrailFigures(
+            span_s,
+            {m: f.as_json(span_s) for m, f in models.items()},
+            {r: f.as_json(span_s) for r, f in replicas.items()},
+        )
