@@ -31,8 +31,9 @@ engine: $(STAMP)
 	  fi; }
 	@$(PY) -m fleetserve.engines.llamacpp.build
 
-# Debian's chromium, for the test that renders bench's HTML report headless (a no-op when
-# present; installed only when running as root with apt-get, as `engine` does for g++).
+# Debian's chromium, for the tests that render bench's HTML report and the gateway's /dashboard
+# headless (a no-op when present; installed only when running as root with apt-get, as `engine`
+# does for g++).
 browser:
 	@command -v chromium >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
