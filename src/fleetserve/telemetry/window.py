@@ -104,10 +104,6 @@ class LoadWindow:
     def models(self) -> list[str]:
         return list(self._models)
 
-    def forget(self, model: str) -> None:
-        """Drop a key's buckets (a window keyed by something that goes away, as replicas do)."""
-        self._models.pop(model, None)
-
     # -- writes (hot path) ------------------------------------------------------------------
     def arrived(self, model: str, now: float, demand_tokens: int) -> None:
         load = self._load(model, now)
