@@ -301,6 +301,7 @@ def _default_key(settings: GatewaySettings) -> str | None:
 
 def _print_ready(endpoint: str, model: str, keys: bool = False, token: str | None = None) -> None:
     err_console.print(f"\n[bold green]ready[/]: OpenAI-compatible endpoint {endpoint}/v1")
+    err_console.print(f"live dashboard: {endpoint}/dashboard")
     auth = ""
     if keys:
         auth = f"-H 'Authorization: Bearer {token or '$FLEETSERVE_API_KEY'}' "

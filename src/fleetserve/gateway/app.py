@@ -25,6 +25,7 @@ from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.kubernetes_discovery import KubernetesDiscovery
 from fleetserve.fleet.replica import EjectionPolicy, Replica
 from fleetserve.gateway.asgi import GatewayApp
+from fleetserve.gateway.dashboard import Dashboard, RequestTrail
 from fleetserve.gateway.hold import DemandHook, HoldQueue
 from fleetserve.gateway.monitor import FleetMonitor, SignalParser
 from fleetserve.gateway.peers import Peers, WorkerContext, WorkerLink
@@ -172,16 +173,23 @@ def build_gateway(
             await monitor.stop()
             await upstream.close()
 
+    trail = RequestTrail()
+    dashboard = Dashboard(
+        fleet, clock, window, holds, trail, supervisor,
+        autoscaler=(admin_views or {}).get("autoscaler"), peers=peers, tenancy=tenancy,
+    )  # fmt: skip
+    services = [*services, dashboard]
+    shutdown.on_begin(dashboard.close)  # open pages are told and their streams end
     simulated = frozenset(spec.name for spec in fleet_file.models if spec.engine == "sim")
     cold = build_routes_app(
         fleet, metrics, clock, window, holds, shutdown, settings.admin_key_value(), admin_views,
-        simulated, supervisor, peers, tenancy,
+        simulated, supervisor, peers, tenancy, dashboard,
     )  # fmt: skip
     proxy = Proxy(fleet, pickers, upstream, settings, metrics, clock, window, holds, shutdown)
     return GatewayApp(
         proxy, fleet, settings, metrics, clock, cold, window, holds,
         watchdog=watchdog, shutdown=shutdown, lifespan=lifespan,
-        gate=None if tenancy is None else tenancy.gate,
+        gate=None if tenancy is None else tenancy.gate, trail=trail,
     )  # fmt: skip
 
 

@@ -32,6 +32,7 @@ from fleetserve.errors import (
 )
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.gateway.connection import ABORT_EXTENSION, WATCHDOG_STATE
+from fleetserve.gateway.dashboard.trail import RequestTrail
 from fleetserve.gateway.exchange import Exchange
 from fleetserve.gateway.hold import HoldQueue
 from fleetserve.gateway.proxy import Proxy
@@ -87,6 +88,7 @@ class GatewayApp:
         shutdown: Shutdown,
         lifespan: Lifespan,
         gate: TenantGate | None = None,
+        trail: RequestTrail | None = None,
     ) -> None:
         self.proxy = proxy
         self.fleet = fleet
@@ -100,6 +102,7 @@ class GatewayApp:
         self.shutdown = shutdown
         self.lifespan = lifespan
         self.gate = gate
+        self.trail = trail or RequestTrail()  # the live page's: off until a page opens
         self.startup_error: FleetserveError | None = None
         self._ids = itertools.count(1)
         # Unique across processes and restarts: the ledger's idempotent write keys on it.
@@ -243,6 +246,8 @@ class GatewayApp:
             self.window.finished(model, now)
             served = 200 <= status < 300 and not exchange.stream_failed
             self.metrics.finished(model, status, now - t0 if served else None)
+            if self.trail.on:
+                self.trail.add(request_id, exchange, status, now - t0, now)
             if ticket is not None:
                 assert gate is not None
                 await self._account(gate, ticket, exchange, status, now - t0)

@@ -27,6 +27,7 @@ class Exchange:
     hold_started: float | None = None
     hold_s: float = 0.0  # time spent held: not charged to the first-byte budget
     cold_hold_s: float = 0.0  # the part held with no ready replica: left out of the window's TTFT
+    ttft_s: float | None = None  # a stream's first byte, from the end of the body (hold included)
     reading_since: float = 0.0  # > 0 while the request body is being read
     sending_since: float = 0.0  # > 0 while a write to the client waits (flow control)
     ended_by: EndReason | None = None

@@ -352,6 +352,7 @@ class Proxy:
                 raise UpstreamClosedError("replica ended the stream before sending anything")
             # Committed: from here on a failure cannot be retried, only reported in-stream.
             now = clock.now()
+            exchange.ttft_s = now - t0
             self.metrics.observe_ttft(info.model, now - t0)
             ticket = exchange.ticket
             tap = None
