@@ -179,6 +179,7 @@ async def test_a_dead_worker_leaves_no_gauges_behind_and_is_replaced(tmp_path: P
 
             tasks = [asyncio.create_task(stream()) for _ in range(8)]
             await wait_until(lambda: engine.state.active == 8, 10)
+
             # The worker holding the most client connections holds at least four of the
             # eight streams: the readiness probe's kept-alive connection is the only other.
             def clients(w: psutil.Process) -> int:
