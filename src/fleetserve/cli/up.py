@@ -158,6 +158,8 @@ def up_command(
 
       fleetserve up --engine sim --profile a10g --replicas 1:8 --ttft-slo 2   (autoscaled)
 
+      fleetserve up --engine sim --log-format json   (JSON lines, one access line per request)
+
     Gateway settings, highest first: a flag, the environment (FLEETSERVE_<NAME>), the fleet
     file's `gateway:` section, the default.
     """
