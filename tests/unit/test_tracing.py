@@ -144,7 +144,7 @@ def test_header_values_never_show_in_their_repr() -> None:
 def test_a_request_with_a_failover_is_one_server_span_with_two_client_children() -> None:
     exporter = InMemorySpanExporter()
     tracing = Tracing.exporting_to(exporter, Sampling.named("always_on"))
-    request = tracing.begin(None, "chat m", {sc.GEN_AI_REQUEST_MODEL: "m"})
+    request = tracing.begin(None, lambda: ("chat m", {sc.GEN_AI_REQUEST_MODEL: "m"}))
     first = request.begin_attempt("POST /v1/chat/completions", {sc.FLEETSERVE_ATTEMPT: 1})
     request.end_attempt("status_5xx", 500)
     second = request.begin_attempt("POST /v1/chat/completions", {sc.FLEETSERVE_ATTEMPT: 2})
@@ -175,16 +175,18 @@ def test_an_incoming_traceparent_is_the_parent_and_decides_under_parentbased() -
     tracing = Tracing.exporting_to(exporter, Sampling.named("parentbased_traceidratio", 0.0))
     trace_id, span_id = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
     sampled = traceparent(trace_id, span_id, True).encode()
-    request = tracing.begin(sampled, "chat m", {})
+    request = tracing.begin(sampled, lambda: ("chat m", {}))
     assert request.sampled  # ratio 0, but the parent was sampled
     request.end({})
-    unsampled = tracing.begin(traceparent(trace_id, span_id, False).encode(), "chat m", {})
+    unsampled = tracing.begin(
+        traceparent(trace_id, span_id, False).encode(), lambda: ("chat m", {})
+    )
     assert not unsampled.sampled
     header = unsampled.begin_attempt("x", {})
     assert header.startswith(f"00-{trace_id:032x}-")
     assert header.endswith("-00")
-    assert not tracing.begin(None, "chat m", {}).sampled  # a root at ratio 0
-    malformed = tracing.begin(b"00-zz-nonsense", "chat m", {})  # ignored: a root
+    assert not tracing.begin(None, lambda: ("chat m", {})).sampled  # a root at ratio 0
+    malformed = tracing.begin(b"00-zz-nonsense", lambda: ("chat m", {}))  # ignored: a root
     assert malformed.trace_id != trace_id
     tracing.provider.force_flush()
     (server,) = exporter.get_finished_spans()
@@ -198,7 +200,7 @@ def test_an_incoming_traceparent_is_the_parent_and_decides_under_parentbased() -
 def test_an_unsampled_request_makes_no_span_but_propagates_its_trace_id() -> None:
     exporter = InMemorySpanExporter()
     tracing = Tracing.exporting_to(exporter, Sampling.named("always_off"))
-    request = tracing.begin(None, "chat m", {})
+    request = tracing.begin(None, lambda: ("chat m", {}))
     assert not request.sampled
     one, two = request.begin_attempt("x", {}), request.begin_attempt("x", {})
     assert one.split("-")[1] == two.split("-")[1] == request.trace_id_hex

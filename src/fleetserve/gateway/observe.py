@@ -179,9 +179,9 @@ class Observer:
             obs.began = self.clock.now()
             obs.began_wall = time.time()
             trace = obs.trace = tracing.begin(
-                header(scope, b"traceparent"), f"{'chat' if chat else 'text_completion'} "
-                f"{info.model}", self._start_attributes(info, chat, request_id),
-            )  # fmt: skip
+                header(scope, b"traceparent"),
+                lambda: self._describe(info, chat, request_id),
+            )
             sampled = trace.sampled
             obs.addresses = self._addresses
         ticket = exchange.ticket
@@ -197,9 +197,11 @@ class Observer:
             send = CountingSend(send, obs)
         return body, send
 
-    def _start_attributes(self, info: RequestInfo, chat: bool, request_id: str) -> Attributes:
+    def _describe(self, info: RequestInfo, chat: bool, request_id: str) -> tuple[str, Attributes]:
+        """The SERVER span's name and start attributes (a sampled request only)."""
+        operation = sc.OPERATION_CHAT if chat else sc.OPERATION_TEXT_COMPLETION
         attributes: dict[str, str | bool | int] = {
-            sc.GEN_AI_OPERATION_NAME: sc.OPERATION_CHAT if chat else sc.OPERATION_TEXT_COMPLETION,
+            sc.GEN_AI_OPERATION_NAME: operation,
             sc.GEN_AI_PROVIDER_NAME: self.providers.get(info.model, "fleetserve"),
             sc.GEN_AI_REQUEST_MODEL: info.model,
             sc.GEN_AI_REQUEST_STREAM: info.stream,
@@ -208,7 +210,7 @@ class Observer:
         }
         if info.max_tokens is not None:
             attributes[sc.GEN_AI_REQUEST_MAX_TOKENS] = info.max_tokens
-        return attributes
+        return f"{operation} {info.model}", attributes
 
     def finish(self, exchange: Exchange, status: int, now: float) -> None:
         """The request is answered: end its spans, write its access line. Never raises

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from opentelemetry import trace
@@ -46,6 +46,8 @@ _LOW_64 = TraceIdRatioBased.TRACE_ID_LIMIT
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 Attributes = Mapping[str, str | bool | int | float | tuple[str, ...]]
+Describe = Callable[[], tuple[str, Attributes]]
+"""A request's span name and start attributes, asked for only when it is sampled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,10 +152,10 @@ class Tracing:
         return cls(BatchSpanProcessor(exporter), sampling, service_name)
 
     def begin(
-        self, parent: bytes | None, name: str, attributes: Attributes, start_ns: int | None = None
+        self, parent: bytes | None, describe: Describe, start_ns: int | None = None
     ) -> RequestTrace:
         """The trace of one request; `parent` is its `traceparent` header, if any (a malformed
-        one is ignored, as the W3C spec says)."""
+        one is ignored, as the W3C spec says); `describe()` is called when it is sampled."""
         context: Context | None = None
         if parent is None:
             trace_id = random.getrandbits(128) or 1
@@ -164,9 +166,10 @@ class Tracing:
             context = _PROPAGATOR.extract({"traceparent": parent.decode("latin-1")})
             remote = trace.get_current_span(context).get_span_context()
             if not remote.is_valid:
-                return self.begin(None, name, attributes, start_ns)
+                return self.begin(None, describe, start_ns)
             if not self.sampling.samples(remote.trace_id, remote.trace_flags.sampled):
                 return RequestTrace(remote.trace_id)
+        name, attributes = describe()
         span = self.tracer.start_span(
             name, context, SpanKind.SERVER, attributes, start_time=start_ns
         )
