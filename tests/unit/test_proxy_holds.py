@@ -40,7 +40,12 @@ class AnsweringUpstream:
         self.urls: list[str] = []
 
     async def send(
-        self, url: str, body: bytes, request_id: str, timeout_s: float | None = None
+        self,
+        url: str,
+        body: bytes,
+        request_id: str,
+        timeout_s: float | None = None,
+        traceparent: str | None = None,
     ) -> BufferedResponse:
         self.urls.append(url)
         return BufferedResponse(200, "application/json", b'{"ok": true}')

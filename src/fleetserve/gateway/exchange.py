@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from fleetserve.gateway.ticket import Ticket
+
+if TYPE_CHECKING:
+    from fleetserve.gateway.observe import Observation
 
 EndReason = Literal["client_gone", "body_timeout", "write_stall", "shutdown"]
 """Why a request's task was cancelled from outside: set before `task.cancel()`."""
@@ -33,7 +36,8 @@ class Exchange:
     ended_by: EndReason | None = None
     finishing: bool = False  # answered: a disconnect now is the client's normal close
     ticket: Ticket | None = None  # tenancy (auth = keys): the admitted request's accounting
-    extra_headers: Sequence[tuple[bytes, bytes]] = ()  # the tenant's x-ratelimit-* headers
+    extra_headers: Sequence[tuple[bytes, bytes]] = ()  # x-request-id, the tenant's x-ratelimit-*
+    observed: Observation | None = None  # tracing or the access log is on (gateway/observe.py)
 
     def end(self, reason: EndReason) -> bool:
         """Cancel the request's task for `reason`, once; False if it was already ended."""

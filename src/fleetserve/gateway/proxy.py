@@ -256,19 +256,26 @@ class Proxy:
             exchange.replica = replica.id
             url = replica.url + path
             tag = self._tag(replica.id, exchange)
+            obs = exchange.observed
+            traceparent = None if obs is None else obs.attempt(replica.id, replica.url, attempt)
             if not reserved:
                 self.fleet.begin(replica.id)
             try:
                 timeout_s = max(remaining_s, MIN_ATTEMPT_S)
                 if info.stream:
                     await self._stream(
-                        info, url, body, request_id, send, t0, timeout_s, exchange, tag
-                    )
+                        info, url, body, request_id, send, t0, timeout_s, exchange, tag,
+                        traceparent,
+                    )  # fmt: skip
                 else:
-                    response = await self.upstream.send(url, body, request_id, timeout_s)
+                    response = await self.upstream.send(
+                        url, body, request_id, timeout_s, traceparent
+                    )
                     exchange.finishing = True  # the answer is in hand: shutdown lets it out
                     if exchange.ticket is not None and response.status < 300:
                         exchange.ticket.usage = usage_of(response.body)
+                    if obs is not None and response.status < 300:
+                        obs.answer(response.body, usage=exchange.ticket is None)
                     await send_bytes(
                         send, response.status, response.body, response.content_type.encode(), tag
                     )
@@ -280,10 +287,14 @@ class Proxy:
                     return
                 last = err
                 self._failed(info.model, replica.id, err)
+                if obs is not None:
+                    obs.attempt_failed(_error_kind(err), err.status)
                 continue
             except UpstreamError as err:
                 last = err
                 self._failed(info.model, replica.id, err)
+                if obs is not None:
+                    obs.attempt_failed(_error_kind(err))
                 continue
             finally:
                 self.fleet.end(replica.id)
@@ -342,10 +353,11 @@ class Proxy:
         first_byte_s: float,
         exchange: Exchange,
         tag: list[tuple[bytes, bytes]],
+        traceparent: str | None = None,
     ) -> None:
         clock = self.clock
         deadline = clock.now() + first_byte_s
-        async with self.upstream.stream(url, body, request_id, first_byte_s) as stream:
+        async with self.upstream.stream(url, body, request_id, first_byte_s, traceparent) as stream:
             left_s = max(deadline - clock.now(), MIN_ATTEMPT_S)
             first = await stream.next_chunk(timeout_s=left_s)
             if not first:
@@ -363,6 +375,11 @@ class Proxy:
                 holds = self.holds
                 if holds is not None:
                     charge = functools.partial(holds.charge, info.model, ticket.tenant)
+            obs = exchange.observed
+            if obs is not None:
+                obs.ttft_s = now - t0
+                if tap is None:
+                    tap = obs.tap
             # The autoscaler's window leaves a cold-start hold out (more replicas cannot
             # shorten it) but keeps time held at capacity (more replicas would).
             self.window.observe_ttft(info.model, now, now - t0 - exchange.cold_hold_s)
@@ -374,6 +391,8 @@ class Proxy:
                     charge(events)
                 if tap is not None:
                     first = tap.feed(first)
+            elif tap is not None:  # the observer's (gateway/observe.py)
+                first = tap.feed(first)
             # Writes to the client are stamped: the watchdog cuts a client that stops reading.
             exchange.sending_since = now
             if not exchange.head_sent:
