@@ -481,3 +481,55 @@ async def test_a_silent_server_times_out() -> None:
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def _evalsha_calls(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_admissions_made_together_go_as_one_call_and_count_one_by_one(prefix: str) -> None:
+    """Twenty admissions started in one loop iteration against rpm=5, concurrency 3 and a
+    budget of four requests' worst case: one EVALSHA carries them all, and the script takes
+    them in order as if each had come alone: exactly the first three go (concurrency binds
+    first), the rest are refused, and the budget's reservations add up exactly."""
+    limiter = patient(prefix)
+    observer = connect(REDIS_URL)
+    who = principal(rpm=5, concurrent=3, budget_usd=400e-6)  # worst case: 90 tokens, $90e-6
+    asks = [estimate(prompt=10, max_tokens=90, output_per_mtok_usd=1.0) for _ in range(20)]
+    try:
+        await limiter.admit(principal("warm-up", "key00009", rpm=1), estimate())  # loads it
+        before = await _evalsha_calls(observer)
+        results = await asyncio.gather(*(limiter.admit(who, ask) for ask in asks))
+        calls = await _evalsha_calls(observer) - before
+        assert calls == 1
+        went = [admitted(r) for r in results[:3]]
+        assert [r.budget_left_micro_usd for r in went] == [310, 220, 130]
+        assert all(rejected(r).reason.value == "concurrency" for r in results[3:])
+        # Their settlements, together too: one call, and every lease and reservation is back.
+        before = await _evalsha_calls(observer)
+        await asyncio.gather(*(limiter.settle(a, 50, 40) for a in went))
+        assert await _evalsha_calls(observer) - before == 1
+        state = await limiter.state(who)
+        tenant = state["tenant"]
+        assert isinstance(tenant, dict)
+        assert tenant["concurrent"] == {"used": 0, "limit": 3}
+        assert tenant["rpm"] == {"used": 3, "limit": 5}
+        budget = tenant["budget"]
+        assert isinstance(budget, dict)
+        assert budget["spent_micro_usd"] == 120
+        assert budget["reserved_micro_usd"] == 0
+        # A duplicate id inside a batch is refused alone; the others are unaffected.
+        more = [estimate(prompt=10, max_tokens=90) for _ in range(2)]
+        again = await asyncio.gather(
+            limiter.admit(principal(rpm=5), more[0]),
+            limiter.admit(principal(rpm=5), more[0]),
+            limiter.admit(principal(rpm=5), more[1]),
+            return_exceptions=True,
+        )
+        assert isinstance(again[0], Admission)
+        assert isinstance(again[2], Admission)
+        assert isinstance(again[1], ValueError)
+    finally:
+        await limiter.close()
+        await observer.aclose()

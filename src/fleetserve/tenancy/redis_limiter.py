@@ -1,9 +1,12 @@
 """`RedisLimiter`: the `Limiter` contract exact across every worker and gateway replica.
 
-Every admission is one EVALSHA of lua/admit.lua and every settlement one of lua/settle.lua:
-the script checks and records all of a request's limits atomically, on the Redis server's
-clock (`TIME`; Redis 7 replicates scripts by their effects, so reading it is allowed), so no
-replica's clock matters and two replicas cannot both take the last slot. The semantics are
+Admissions go to lua/admit.lua and settlements to lua/settle.lua: the script checks and
+records all of a request's limits atomically, on the Redis server's clock (`TIME`; Redis 7
+replicates scripts by their effects, so reading it is allowed), so no replica's clock matters
+and two replicas cannot both take the last slot. The calls a process makes in one event-loop
+iteration for the same tenant and key go as one EVALSHA (`_Batches`): the script takes them
+one after the other, as if they had come one by one, and the gateway pays one call's CPU for
+all of them (benchmarks/tenancy_overhead.py). A lone request still goes at once. The semantics are
 LocalLimiter's (tenancy/local_limiter.py); tests/integration/test_limiter_contract.py runs
 one suite against both.
 
@@ -26,8 +29,11 @@ Errors from Redis (refused connection, timeout) propagate as `redis.exceptions.R
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -46,10 +52,10 @@ from fleetserve.tenancy.local_limiter import (
     TENANT,
     budget_state,
 )
-from fleetserve.tenancy.model import BudgetPeriod, Limits, Principal, Tenant
+from fleetserve.tenancy.model import ApiKey, BudgetPeriod, Limits, Principal, Tenant
 from fleetserve.tenancy.periods import DAY_S, Period, period_name, period_of
 from fleetserve.tenancy.reservations import prompt_cost, worst_case_micro_usd
-from fleetserve.tenancy.scripts import ScriptRunner, refused, script
+from fleetserve.tenancy.scripts import LuaScript, ScriptRunner, refused, script
 from fleetserve.transport.resp import RespClient
 
 DEFAULT_PREFIX = "fleetserve"
@@ -59,6 +65,7 @@ DEFAULT_MAX_CONNECTIONS = 64
 _US = 1_000_000
 _DUPLICATE = 2  # admit.lua: the request id is already admitted
 _KEY_CACHE = 10_000  # key-name tuples kept; cleared past this
+MAX_BATCH = 64  # requests in one script call (the script blocks Redis while it runs)
 
 
 def connect(
@@ -82,6 +89,72 @@ def connect(
         retry=Retry(NoBackoff(), 0),
     )
     return Redis.from_pool(pool)  # the client owns the pool: closing it closes the pool
+
+
+@dataclass(slots=True)
+class _Batch:
+    keys: list[str]
+    args: list[str | int]  # the shared arguments, then each request's
+    futures: list[asyncio.Future[Any]] = field(default_factory=list)
+
+
+class _Batches:
+    """Script calls for the same KEYS and shared arguments, gathered over one event-loop
+    iteration and sent as one call; each caller's future gets its part of the reply."""
+
+    def __init__(self, runner: ScriptRunner, lua: LuaScript, one_reply_each: bool) -> None:
+        self._runner = runner
+        self._lua = lua
+        self._one_reply_each = one_reply_each  # else every caller gets None
+        self._pending: dict[Hashable, _Batch] = {}
+        self._scheduled = False
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def submit(
+        self, group: Hashable, keys: list[str], shared: Sequence[str | int],
+        own: Sequence[str | int],
+    ) -> asyncio.Future[Any]:  # fmt: skip
+        loop = asyncio.get_running_loop()
+        batch = self._pending.get(group)
+        if batch is None:
+            batch = self._pending[group] = _Batch(keys, list(shared))
+        batch.args.extend(own)
+        future: asyncio.Future[Any] = loop.create_future()
+        batch.futures.append(future)
+        if len(batch.futures) >= MAX_BATCH:
+            del self._pending[group]
+            self._send(batch)
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, {}
+        for batch in pending.values():
+            self._send(batch)
+
+    def _send(self, batch: _Batch) -> None:
+        task = asyncio.get_running_loop().create_task(self._call(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _call(self, batch: _Batch) -> None:
+        futures = batch.futures
+        try:
+            reply = await self._runner.run(self._lua, batch.keys, batch.args)
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else ConnectionError("the limiter stopped")
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for i, future in enumerate(futures):
+            if not future.done():  # its caller may have gone
+                future.set_result(reply[i] if self._one_reply_each else None)
 
 
 def _us(seconds: float) -> int:
@@ -131,8 +204,12 @@ class RedisLimiter:
         self._window_us = _us(window_s)
         self._ttl_us = _us(lease_ttl_s)
         self._keys: dict[tuple[str, str], tuple[str, ...]] = {}
+        # (tenant, key) -> (Tenant, ApiKey, shared arguments, batch group, KEYS) of admit.lua
+        self._admit_cache: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._admit = script("admit.lua")
         self._settle = script("settle.lua")
+        self._admits = _Batches(self._runner, self._admit, one_reply_each=True)
+        self._settles = _Batches(self._runner, self._settle, one_reply_each=False)
         self._renew = script("renew.lua")
         self._state = script("state.lua")
         self._seed = script("seed.lua")
@@ -177,33 +254,17 @@ class RedisLimiter:
             return Admission(
                 estimate.request_id, tenant.name, key.prefix, estimate.tokens, 0, recorded=False
             )
-        tl, kl = tenant.limits, key.limits
-        args: list[str | int] = [
+        shared, group, keys = self._admit_args(tenant, key)
+        own = (
             estimate.request_id,
-            self._now_override(),
-            self._window_us,
-            self._ttl_us,
-            _limit(tl.rpm),
-            _limit(kl.rpm),
-            _limit(tl.tpm),
-            _limit(kl.tpm),
-            _limit(tl.max_concurrent),
-            _limit(kl.max_concurrent),
             estimate.prompt_tokens,
             estimate.max_tokens,
             "1" if estimate.max_tokens_given else "0",
-            "" if spec is None else spec.limit_micro_usd,
-            "" if spec is None else spec.period.value,
             worst,
             repr(prompt_cost(estimate)),  # repr round-trips: Lua reads the very same double
             repr(float(estimate.output_micro_usd_per_token)),
-            _us(CONCURRENCY_RETRY_S),
-            _us(BUDGET_BUSY_RETRY_S),
-            _us(NEVER_RETRY_S),
-        ]
-        reply = await self._runner.run(
-            self._admit, list(self._keys_of(tenant.name, key.prefix)), args
         )
+        reply = await self._admits.submit(group, keys, shared, own)
         if reply[0] == _DUPLICATE:
             raise ValueError(f"request {estimate.request_id!r} is already admitted")
         (ok, reason, scope, retry_us, capped, tokens, cost, left, *quotas) = reply
@@ -233,14 +294,9 @@ class RedisLimiter:
         if not admission.recorded:
             return
         keys = self._keys_of(admission.tenant, admission.key_prefix)
-        args: list[str | int] = [
-            admission.request_id,
-            self._now_override(),
-            self._window_us,
-            max(0, tokens_used),
-            max(0, cost_micro_usd),
-        ]
-        await self._runner.run(self._settle, list(keys[2:]), args)
+        shared = (self._now_override(), self._window_us)
+        own = (admission.request_id, max(0, tokens_used), max(0, cost_micro_usd))
+        await self._settles.submit((keys, shared), list(keys[2:]), shared, own)
 
     async def renew(self, admissions: Sequence[Admission]) -> None:
         groups: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -319,6 +375,41 @@ class RedisLimiter:
                 await self._scripts.aclose()
 
     # -- internals ----------------------------------------------------------------------
+    def _admit_args(
+        self, tenant: Tenant, key: ApiKey
+    ) -> tuple[tuple[str | int, ...], Hashable, list[str]]:
+        """admit.lua's shared arguments, the batch they group by, and the KEYS: the same for
+        every request of a tenant and key (the key cache hands out the same objects, so
+        while they stay the same this is one lookup)."""
+        found = self._admit_cache.get((tenant.name, key.prefix))
+        if found is not None and found[0] is tenant and found[1] is key:
+            return found[2], found[3], found[4]
+        tl, kl, budget = tenant.limits, key.limits, tenant.budget
+        shared: tuple[str | int, ...] = (
+            self._now_override(),
+            self._window_us,
+            self._ttl_us,
+            _limit(tl.rpm),
+            _limit(kl.rpm),
+            _limit(tl.tpm),
+            _limit(kl.tpm),
+            _limit(tl.max_concurrent),
+            _limit(kl.max_concurrent),
+            "" if budget is None else budget.limit_micro_usd,
+            "" if budget is None else budget.period.value,
+            _us(CONCURRENCY_RETRY_S),
+            _us(BUDGET_BUSY_RETRY_S),
+            _us(NEVER_RETRY_S),
+        )
+        names = self._keys_of(tenant.name, key.prefix)
+        group = (names, shared)
+        keys = list(names)
+        if self._test_clock is None:  # a test clock's time changes the shared arguments
+            if len(self._admit_cache) >= _KEY_CACHE:
+                self._admit_cache.clear()
+            self._admit_cache[(tenant.name, key.prefix)] = (tenant, key, shared, group, keys)
+        return shared, group, keys
+
     def _now_override(self) -> str:
         return "" if self._test_clock is None else str(_us(self._test_clock.wall()))
 

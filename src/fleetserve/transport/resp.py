@@ -45,29 +45,11 @@ def _error(reply: ResponseError) -> Exception:
     return reply
 
 
-_FRAGMENTS: dict[str, bytes] = {}  # encoded strings that recur (command names, key names)
-_FRAGMENTS_MAX = 8192
-_FRAGMENT_MAX_LEN = 256
-
-
 def encode(args: tuple[str | int | bytes, ...]) -> bytes:
-    """One command as a RESP array of bulk strings. The limiters send the same key names
-    over and over: their encodings are kept (bounded), which halves the cost of a call."""
-    parts = [b"*%d\r\n" % len(args)]
-    cache = _FRAGMENTS
-    for arg in args:
-        if type(arg) is str:
-            fragment = cache.get(arg)
-            if fragment is None:
-                data = arg.encode()
-                fragment = b"$%d\r\n%s\r\n" % (len(data), data)
-                if len(arg) <= _FRAGMENT_MAX_LEN and len(cache) < _FRAGMENTS_MAX:
-                    cache[arg] = fragment
-        else:
-            data = arg if type(arg) is bytes else str(arg).encode()
-            fragment = b"$%d\r\n%s\r\n" % (len(data), data)
-        parts.append(fragment)
-    return b"".join(parts)
+    """One command as a RESP array of bulk strings (hiredis's C encoder: half the CPU of
+    the cached Python one this replaced, benchmarks/redis_clients.py)."""
+    packed: bytes = hiredis.pack_command(cast(Any, args))  # its stub types one element only
+    return packed
 
 
 class _Connection(asyncio.Protocol):
