@@ -31,6 +31,15 @@ class Decision:
     signals: Mapping[str, int | None]
     """Replicas each signal asked for; None when it was not measured or asked for nothing."""
 
+    @property
+    def signal(self) -> str:
+        """The signal whose recommendation won (the first of the largest, as `decide` picks
+        it); `none` when no signal was measured."""
+        for name, replicas in self.signals.items():
+            if replicas is not None and replicas == self.recommendation:
+                return name
+        return "none"
+
 
 @dataclass(frozen=True, slots=True)
 class TimedRecommendation:

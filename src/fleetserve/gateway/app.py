@@ -99,7 +99,9 @@ def build_gateway(
     parsers: dict[str, SignalParser] = {
         spec.name: adapter_for(spec.engine).parse_signals for spec in fleet_file.models
     }
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics(served=fleet.serves)
+    for spec in fleet_file.models:  # their series start at zero, before the first request
+        metrics.of(spec.name)
     upstream = UpstreamClient(settings.timeouts)
     tenancy = None
     if auth_mode(settings) == "keys":
@@ -201,10 +203,11 @@ def _prices(fleet_file: FleetFile) -> dict[str, Price]:
 
 
 def _desired_from(view: dict[str, object], metrics: GatewayMetrics) -> None:
-    """The parent's autoscaler decided: its target in this worker's /metrics too."""
-    desired, model = view.get("desired"), view.get("model")
+    """The parent's autoscaler decided: its target (and ceiling) in this worker's /metrics."""
+    desired, model, settings = view.get("desired"), view.get("model"), view.get("settings")
     if isinstance(desired, int) and isinstance(model, str):
-        metrics.set_desired_replicas(model, desired)
+        ceiling = settings.get("max_replicas") if isinstance(settings, dict) else None
+        metrics.set_desired_replicas(model, desired, ceiling if isinstance(ceiling, int) else None)
 
 
 def _forget_when_removed(fleet: Fleet, client: Http1Client, replica: Replica) -> None:

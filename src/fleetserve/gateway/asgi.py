@@ -50,7 +50,8 @@ from fleetserve.protocol.asgi import (
 )
 from fleetserve.protocol.inspect import inspect_request
 from fleetserve.protocol.sse import encode_error_event
-from fleetserve.telemetry.metrics import GatewayMetrics
+from fleetserve.telemetry.metrics import STREAM_ERROR, GatewayMetrics
+from fleetserve.telemetry.names import NO_MODEL, OTHER_MODEL
 from fleetserve.telemetry.window import LoadWindow, estimate_demand_tokens
 
 log = logging.getLogger("fleetserve.gateway")
@@ -241,8 +242,11 @@ class GatewayApp:
             gauge.dec()
             now = self.clock.now()
             self.window.finished(model, now)
-            served = 200 <= status < 300 and not exchange.stream_failed
-            self.metrics.finished(model, status, now - t0 if served else None)
+            ok = 200 <= status < 300
+            if ok and exchange.stream_failed:  # a 200 head, then an error event
+                self.metrics.finished(model, STREAM_ERROR)
+            else:
+                self.metrics.finished(model, status, now - t0 if ok else None)
             if ticket is not None:
                 assert gate is not None
                 await self._account(gate, ticket, exchange, status, now - t0)
@@ -265,7 +269,10 @@ class GatewayApp:
         exchange.finishing = True
         exchange.reading_since = 0.0
         await send_error(send, err, CLOSE if self.shutdown.draining else None)
-        model = exchange.model if self.fleet.serves(exchange.model) else "-"
+        if self.fleet.serves(exchange.model):
+            model = exchange.model
+        else:  # bounded labels: a model the fleet does not serve is `other`
+            model = OTHER_MODEL if isinstance(err, ModelNotFoundError) else NO_MODEL
         self.metrics.finished(model, err.status)
 
     async def _ended_early(self, scope: Scope, send: Send, exchange: Exchange) -> int:

@@ -95,6 +95,7 @@ class HoldQueue:
         self.clock = clock
         self.window = window
         self.metrics = metrics
+        metrics.hold_capacity.set(settings.max_held)
         self.autoscaled = set(autoscaled or ())
         self.on_demand = on_demand
         self._retry = {"Retry-After": str(retry_after_s)}
@@ -166,7 +167,7 @@ class HoldQueue:
             priority=share.priority, input_tokens=share.input_tokens,
         )  # fmt: skip
         self.window.hold_started(model, self.clock.now())
-        gauge = self.metrics.held.labels(model)
+        gauge = self.metrics.of(model).held
         gauge.inc()
         if len(queue) == 1 and not ready:
             self._wake(model)

@@ -52,6 +52,15 @@ REPLICA_HEADER = b"x-fleetserve-replica"  # which replica served: for debugging 
 MIN_ATTEMPT_S = 0.001  # the first attempt always gets a try, however little budget is left
 
 
+def _phase(err: UpstreamError) -> str:
+    """Where an attempt failed, for metrics: connect, or first_byte (nothing sent yet)."""
+    if isinstance(err, UpstreamTimeoutError):
+        return "connect" if err.phase == "connect" else "first_byte"
+    if isinstance(err, (UpstreamStatusError, UpstreamClosedError)):
+        return "first_byte"
+    return "connect"
+
+
 def _error_kind(err: UpstreamError) -> str:
     if isinstance(err, UpstreamTimeoutError):
         return f"timeout_{err.phase}"
@@ -189,7 +198,7 @@ class Proxy:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             if exchange.hold_started is not None:  # once per request, all its holds together
-                self.metrics.hold.labels(info.model).observe(exchange.hold_s)
+                self.metrics.of(info.model).hold.observe(exchange.hold_s)
 
     async def _forward(
         self,
@@ -225,7 +234,7 @@ class Proxy:
                 reserved = True  # the hold counted it in flight already
                 remaining_s = budget_s - (self.clock.now() - t0 - exchange.hold_s)
             if attempt:
-                self.metrics.retries.labels(info.model, _error_kind(last) if last else "").inc()
+                self.metrics.retried(info.model, _error_kind(last) if last else "")
             tried.add(replica.id)
             attempt += 1
             exchange.attempts = attempt
@@ -243,8 +252,12 @@ class Proxy:
                 else:
                     response = await self.upstream.send(url, body, request_id, timeout_s)
                     exchange.finishing = True  # the answer is in hand: shutdown lets it out
-                    if exchange.ticket is not None and response.status < 300:
-                        exchange.ticket.usage = usage_of(response.body)
+                    if response.status < 300:
+                        usage = usage_of(response.body)
+                        if usage is not None:
+                            self.metrics.of(info.model).tokens(*usage)
+                        if exchange.ticket is not None:
+                            exchange.ticket.usage = usage
                     await send_bytes(
                         send, response.status, response.body, response.content_type.encode(), tag
                     )
@@ -267,6 +280,8 @@ class Proxy:
                     holds.freed(replica.id, info.model)
             if not exchange.stream_failed:
                 self.fleet.record_success(replica.id, self.clock.now())
+            if attempt > 1:
+                self.metrics.of(info.model).failovers.inc()
             return
         if not tried:
             raise self._no_replica(info.model)
@@ -303,8 +318,10 @@ class Proxy:
         content_type = (err.content_type or "application/json").encode()
         await send_bytes(send, err.status, err.body, content_type, tag)
 
-    def _failed(self, model: str, replica_id: str, err: UpstreamError) -> None:
-        self.metrics.upstream_errors.labels(model, _error_kind(err)).inc()
+    def _failed(
+        self, model: str, replica_id: str, err: UpstreamError, phase: str | None = None
+    ) -> None:
+        self.metrics.upstream_error(model, _error_kind(err), phase or _phase(err))
         self.fleet.record_failure(replica_id, self.clock.now(), str(err))
 
     async def _stream(
@@ -373,7 +390,7 @@ class Proxy:
                 try:
                     chunk = await stream.next_chunk()
                 except UpstreamError as err:
-                    self._failed(info.model, exchange.replica or "", err)
+                    self._failed(info.model, exchange.replica or "", err, "stream")
                     exchange.stream_failed = True
                     gone = UpstreamFailedError(
                         f"the replica serving this stream failed mid-way: {err}",
@@ -412,5 +429,7 @@ class Proxy:
             exchange.sending_since = clock.now()
             if tap is not None and (rest := tap.finish()):
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
+            if tap is not None and (usage := tap.usage) is not None:
+                self.metrics.of(info.model).tokens(*usage)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             exchange.sending_since = 0.0

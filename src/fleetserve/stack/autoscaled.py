@@ -10,6 +10,7 @@ parent's replica set and report their load, which the autoscaler observes merged
 from __future__ import annotations
 
 import asyncio
+import functools
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 
+from fleetserve.autoscale.decision import Decision
 from fleetserve.autoscale.loop import AutoscaleLoop
 from fleetserve.autoscale.observers import FleetObserver, GatewayFigures
 from fleetserve.clock import RealClock
@@ -44,6 +46,7 @@ from fleetserve.gateway.workers import new_run_dir, run_workers
 from fleetserve.routing.snapshot import ReplicaState
 from fleetserve.stack.launcher import AdapterLauncher
 from fleetserve.supervisor import Supervisor
+from fleetserve.telemetry.metrics import GatewayMetrics
 from fleetserve.telemetry.window import LoadWindow
 
 
@@ -204,10 +207,13 @@ def build_autoscaled_gateway(
         supervisor=supervisor,
     )
     # The gateway's metrics exist once it is built; the loop only decides after it starts.
-    loop.on_decision = lambda decision: app.metrics.set_desired_replicas(
-        spec.model, decision.desired
-    )
+    loop.on_decision = functools.partial(_count_decision, app.metrics, spec)
     return app
+
+
+def _count_decision(metrics: GatewayMetrics, spec: AutoscaledStackSpec, decision: Decision) -> None:
+    metrics.set_desired_replicas(spec.model, decision.desired, spec.autoscale.max_replicas)
+    metrics.decided(spec.model, decision.direction.value, decision.signal)
 
 
 def run_autoscaled_stack(

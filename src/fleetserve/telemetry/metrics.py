@@ -1,4 +1,8 @@
-"""The gateway's Prometheus metrics.
+"""The gateway's Prometheus metrics (names, labels and help in telemetry/names.py).
+
+The hot path pays a dict lookup per metric: each model's label children are resolved once
+(`ModelMetrics`) and cached, and a model the fleet does not serve is counted as `other`, so
+the cache, and the series, are bounded by the fleet whatever names requests carry.
 
 With several worker processes, prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR
 set before import) sums every worker's values at scrape time, so /metrics answers for the
@@ -9,136 +13,210 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-# Buckets in seconds. TTFT and ITL follow vLLM's own histograms so the two line up.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
-                1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
-ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2,
-               0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
-E2E_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5,
-               5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0,
-               1920.0, 7680.0)  # fmt: skip
-# Holds last from a request's wait for a warm replica (ms) to a cold start (tens of seconds)
-# up to the hold timeout (120 s by default).
-HOLD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0,
-                90.0, 120.0, 180.0, 300.0, 600.0)  # fmt: skip
+from fleetserve.telemetry import names as n
+from fleetserve.telemetry.names import (
+    E2E_BUCKETS,
+    HOLD_BUCKETS,
+    ITL_BUCKETS,
+    NO_MODEL,
+    OTHER_MODEL,
+    TTFT_BUCKETS,
+    MetricDef,
+)
+
+__all__ = ["E2E_BUCKETS", "HOLD_BUCKETS", "ITL_BUCKETS", "TTFT_BUCKETS"]
 
 StateCounts = Callable[[], Iterable[tuple[str, str, int]]]
 ServiceCounts = Callable[[], Iterable[tuple[str, bool, int]]]
 """(service, running, restarts) of each supervised background service."""
+STREAM_ERROR = "stream_error"  # the status label of a stream that started and then failed
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRow:
+    """One replica's figures for /metrics; None where not measured."""
+
+    model: str
+    replica: str
+    in_flight: int
+    running: float | None
+    waiting: float | None
+    kv_usage_frac: float | None
+    scrape_age_s: float | None  # None: not ready (only ready replicas are scraped)
+
+
+ReplicaRows = Callable[[], Iterable[ReplicaRow]]
 
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
-class GatewayMetrics:
-    """Metric objects of one gateway worker; children are cached per model for the hot path."""
+def _counter(d: MetricDef, reg: CollectorRegistry | None) -> Counter:
+    return Counter(d.name, d.help, d.labels, registry=reg)
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+
+def _gauge(d: MetricDef, reg: CollectorRegistry | None, mode: str) -> Gauge:
+    return Gauge(d.name, d.help, d.labels, registry=reg, multiprocess_mode=mode)  # type: ignore[arg-type]
+
+
+def _histogram(
+    d: MetricDef, reg: CollectorRegistry | None, buckets: tuple[float, ...]
+) -> Histogram:
+    return Histogram(d.name, d.help, d.labels, registry=reg, buckets=buckets)
+
+
+class ModelMetrics:
+    """One model's label children, resolved once: what a request touches."""
+
+    __slots__ = ("_requests", "_requests_metric", "e2e", "failovers", "held", "hold",
+                 "in_flight", "input_tokens", "itl", "model", "output_tokens", "ttft")  # fmt: skip
+
+    def __init__(self, metrics: GatewayMetrics, model: str) -> None:
+        self.model = model
+        self._requests_metric = metrics.requests
+        self._requests: dict[int | str, Counter] = {}
+        self.ttft = metrics.ttft.labels(model)
+        self.itl = metrics.itl.labels(model)
+        self.e2e = metrics.e2e.labels(model)
+        self.hold = metrics.hold.labels(model)
+        self.in_flight = metrics.in_flight.labels(model)
+        self.held = metrics.held.labels(model)
+        self.failovers = metrics.failovers.labels(model)
+        self.input_tokens = metrics.tokens.labels(model, "input")
+        self.output_tokens = metrics.tokens.labels(model, "output")
+
+    def finished(self, status: int | str, e2e_s: float | None = None) -> None:
+        counter = self._requests.get(status)
+        if counter is None:  # statuses are a small set: HTTP codes and STREAM_ERROR
+            counter = self._requests[status] = self._requests_metric.labels(self.model, str(status))
+        counter.inc()
+        if e2e_s is not None:
+            self.e2e.observe(e2e_s)
+
+    def tokens(self, prompt: int, completion: int) -> None:
+        if prompt:
+            self.input_tokens.inc(prompt)
+        if completion:
+            self.output_tokens.inc(completion)
+
+
+class GatewayMetrics:
+    """Metric objects of one gateway worker; children are cached per model for the hot path.
+
+    `served(model)` says whether a model name gets its own label (the fleet serves it); any
+    other name is counted as `other`. Without it every name is taken as given (tests)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        served: Callable[[str], bool] | None = None,
+    ) -> None:
         multiproc = multiprocess_dir() is not None
         reg = None if multiproc else (registry or CollectorRegistry())
         self.registry = reg
-        self.requests = Counter(
-            "fleetserve_requests", "Requests answered, by model and HTTP status.",
-            ["model", "status"], registry=reg,
-        )  # fmt: skip
-        self.ttft = Histogram(
-            "fleetserve_ttft_seconds",
-            "Time to first token of streams at the gateway, from the end of the request body.",
-            ["model"], buckets=TTFT_BUCKETS, registry=reg,
-        )  # fmt: skip
-        self.itl = Histogram(
-            "fleetserve_itl_seconds",
-            "Inter-token latency at the gateway: the gap between stream events that carry "
-            "generated output (content, reasoning, tool calls, text).",
-            ["model"], buckets=ITL_BUCKETS, registry=reg,
-        )  # fmt: skip
-        # Served requests only (2xx from a replica, stream not cut), so its quantiles describe
-        # serving; rejections and failures are counted in fleetserve_requests by status.
-        self.e2e = Histogram(
-            "fleetserve_e2e_seconds",
-            "End of the request body to the last byte of the answer, for served requests.",
-            ["model"], buckets=E2E_BUCKETS, registry=reg,
-        )  # fmt: skip
-        self.in_flight = Gauge(
-            "fleetserve_in_flight", "Requests being proxied now.", ["model"],
-            registry=reg, multiprocess_mode="livesum",
-        )  # fmt: skip
-        self.retries = Counter(
-            "fleetserve_retries", "Attempts retried on another replica, by reason.",
-            ["model", "reason"], registry=reg,
-        )  # fmt: skip
-        self.upstream_errors = Counter(
-            "fleetserve_upstream_errors", "Failed attempts against replicas, by kind.",
-            ["model", "kind"], registry=reg,
-        )  # fmt: skip
-        self.held = Gauge(
-            "fleetserve_held_requests", "Requests held now, waiting for a replica of their model.",
-            ["model"], registry=reg, multiprocess_mode="livesum",
-        )  # fmt: skip
-        self.hold = Histogram(
-            "fleetserve_hold_seconds",
-            "Time a held request waited at the gateway for a replica, all its holds together.",
-            ["model"], buckets=HOLD_BUCKETS, registry=reg,
-        )  # fmt: skip
-        self.client_timeouts = Counter(
-            "fleetserve_client_timeouts",
-            "Clients cut off for being slow: kind header_read and body_read (answered 408), "
-            "write_stall (a stream the client stopped reading).",
-            ["kind"], registry=reg,
-        )  # fmt: skip
+        self.served = served
+        self.requests = _counter(n.REQUESTS, reg)
+        self.ttft = _histogram(n.TTFT, reg, TTFT_BUCKETS)
+        self.itl = _histogram(n.ITL, reg, ITL_BUCKETS)
+        self.e2e = _histogram(n.E2E, reg, E2E_BUCKETS)
+        self.tokens = _counter(n.TOKENS, reg)
+        self.in_flight = _gauge(n.IN_FLIGHT, reg, "livesum")
+        self.retries = _counter(n.RETRIES, reg)
+        self.failovers = _counter(n.FAILOVERS, reg)
+        self.upstream_errors = _counter(n.UPSTREAM_ERRORS, reg)
+        self.held = _gauge(n.HELD, reg, "livesum")
+        self.hold_capacity = _gauge(n.HOLD_CAPACITY, reg, "livesum")
+        self.hold = _histogram(n.HOLD, reg, HOLD_BUCKETS)
+        self.client_timeouts = _counter(n.CLIENT_TIMEOUTS, reg)
         # Set by the autoscaler, which runs in one process: the most recent value wins.
-        self.desired_replicas = Gauge(
-            "fleetserve_desired_replicas", "Replicas the autoscaler wants, by model.",
-            ["model"], registry=reg, multiprocess_mode="mostrecent",
-        )  # fmt: skip
-        self._ttft: dict[str, Histogram] = {}
-        self._itl: dict[str, Histogram] = {}
-        self._e2e: dict[str, Histogram] = {}
-        self._in_flight: dict[str, Gauge] = {}
-        self._requests: dict[tuple[str, int], Counter] = {}
+        self.desired_replicas = _gauge(n.DESIRED_REPLICAS, reg, "mostrecent")
+        self.max_replicas = _gauge(n.MAX_REPLICAS, reg, "mostrecent")
+        self.decisions = _counter(n.DECISIONS, reg)
+        self._models: dict[str, ModelMetrics] = {}
+        self._refused: dict[tuple[str, int | str], Counter] = {}
+        self._errors: dict[tuple[str, str, str], Counter] = {}
+        self._retries: dict[tuple[str, str], Counter] = {}
 
+    def of(self, model: str) -> ModelMetrics:
+        """The children of a served model's label, created at its first request (so its
+        series start at zero). The request path asks only for served models; any other name
+        gets the children of `other`."""
+        children = self._models.get(model)
+        if children is None:
+            served = self.served
+            if served is not None and not served(model):
+                model = OTHER_MODEL
+                children = self._models.get(model)
+            if children is None:
+                children = self._models[model] = ModelMetrics(self, model)
+        return children
+
+    def _unserved(self, model: str, status: int | str) -> Counter:
+        """The request counter of a refused request whose model is not served: `other`,
+        or `-` before a model was named. Nothing else is created for them (no series)."""
+        label = NO_MODEL if model == NO_MODEL else OTHER_MODEL
+        key = (label, status)
+        counter = self._refused.get(key)
+        if counter is None:
+            counter = self._refused[key] = self.requests.labels(label, str(status))
+        return counter
+
+    # -- what the request path calls -----------------------------------------------------
     def observe_ttft(self, model: str, seconds: float) -> None:
-        child = self._ttft.get(model)
-        if child is None:
-            child = self._ttft[model] = self.ttft.labels(model)
-        child.observe(seconds)
+        self.of(model).ttft.observe(seconds)
 
     def itl_child(self, model: str) -> Histogram:
-        child = self._itl.get(model)
-        if child is None:
-            child = self._itl[model] = self.itl.labels(model)
-        return child
-
-    def finished(self, model: str, status: int, e2e_s: float | None = None) -> None:
-        """Count an answered request; `e2e_s` for a served one (None: rejected or failed)."""
-        key = (model, status)
-        counter = self._requests.get(key)
-        if counter is None:
-            counter = self._requests[key] = self.requests.labels(model, str(status))
-        counter.inc()
-        if e2e_s is None:
-            return
-        child = self._e2e.get(model)
-        if child is None:
-            child = self._e2e[model] = self.e2e.labels(model)
-        child.observe(e2e_s)
-
-    def set_desired_replicas(self, model: str, replicas: int) -> None:
-        """The autoscaler's latest target for `model` (the composition root wires this)."""
-        self.desired_replicas.labels(model).set(replicas)
+        return self.of(model).itl
 
     def in_flight_child(self, model: str) -> Gauge:
-        child = self._in_flight.get(model)
+        return self.of(model).in_flight
+
+    def finished(self, model: str, status: int | str, e2e_s: float | None = None) -> None:
+        """Count an answered request; `e2e_s` for a served one (None: rejected or failed)."""
+        children = self._models.get(model)
+        if children is None:
+            served = self.served
+            if model == NO_MODEL or (served is not None and not served(model)):
+                self._unserved(model, status).inc()
+                return
+            children = self.of(model)
+        children.finished(status, e2e_s)
+
+    def upstream_error(self, model: str, kind: str, phase: str) -> None:
+        key = (model, kind, phase)
+        child = self._errors.get(key)
+        if child is None:  # kinds and phases are fixed sets (gateway/proxy.py)
+            label = self.of(model).model
+            child = self._errors[key] = self.upstream_errors.labels(label, kind, phase)
+        child.inc()
+
+    def retried(self, model: str, reason: str) -> None:
+        key = (model, reason)
+        child = self._retries.get(key)
         if child is None:
-            child = self._in_flight[model] = self.in_flight.labels(model)
-        return child
+            child = self._retries[key] = self.retries.labels(self.of(model).model, reason)
+        child.inc()
+
+    # -- the autoscaler ------------------------------------------------------------------
+    def set_desired_replicas(
+        self, model: str, replicas: int, max_replicas: int | None = None
+    ) -> None:
+        """The autoscaler's latest target for `model` (the composition root wires this)."""
+        self.desired_replicas.labels(model).set(replicas)
+        if max_replicas is not None:
+            self.max_replicas.labels(model).set(max_replicas)
+
+    def decided(self, model: str, direction: str, signal: str) -> None:
+        """One autoscaler decision (runs every period: not the hot path)."""
+        self.decisions.labels(model, direction, signal).inc()
 
 
 def observe_zeros(histogram: Histogram, n: int) -> None:
@@ -152,18 +230,41 @@ def observe_zeros(histogram: Histogram, n: int) -> None:
 
 
 class FleetStateCollector(Collector):
-    """`fleetserve_replicas{model,state}` read from the live fleet at scrape time."""
+    """`fleetserve_replicas{model,state}` and, with `rows`, each replica's figures, read from
+    the live fleet at scrape time (so a replica that left the fleet leaves /metrics)."""
 
-    def __init__(self, counts: StateCounts) -> None:
+    def __init__(self, counts: StateCounts, rows: ReplicaRows | None = None) -> None:
         self._counts = counts
+        self._rows = rows
 
     def collect(self) -> Iterable[Metric]:
-        family = GaugeMetricFamily(
-            "fleetserve_replicas", "Replicas by model and state.", labels=["model", "state"]
-        )
-        for model, state, n in self._counts():
-            family.add_metric([model, state], n)
+        family = _gauge_family(n.REPLICAS)
+        for model, state, count in self._counts():
+            family.add_metric([model, state], count)
         yield family
+        if self._rows is None:
+            return
+        families = {
+            d.name: _gauge_family(d)
+            for d in (n.REPLICA_IN_FLIGHT, n.REPLICA_RUNNING, n.REPLICA_WAITING,
+                      n.REPLICA_KV_USAGE, n.REPLICA_SCRAPE_AGE)
+        }  # fmt: skip
+        for row in self._rows():
+            labels = [row.model, row.replica]
+            families[n.REPLICA_IN_FLIGHT.name].add_metric(labels, row.in_flight)
+            for d, value in (
+                (n.REPLICA_RUNNING, row.running),
+                (n.REPLICA_WAITING, row.waiting),
+                (n.REPLICA_KV_USAGE, row.kv_usage_frac),
+                (n.REPLICA_SCRAPE_AGE, row.scrape_age_s),
+            ):
+                if value is not None:
+                    families[d.name].add_metric(labels, value)
+        yield from families.values()
+
+
+def _gauge_family(d: MetricDef) -> GaugeMetricFamily:
+    return GaugeMetricFamily(d.name, d.help, labels=list(d.labels))
 
 
 class ServiceCollector(Collector):
@@ -174,15 +275,9 @@ class ServiceCollector(Collector):
         self._services = services
 
     def collect(self) -> Iterable[Metric]:
-        up = GaugeMetricFamily(
-            "fleetserve_service_up",
-            "Whether a background service (health checks, autoscaler, discovery) is running.",
-            labels=["service"],
-        )
+        up = _gauge_family(n.SERVICE_UP)
         restarts = CounterMetricFamily(
-            "fleetserve_service_restarts",
-            "Restarts of a background service after an unexpected failure.",
-            labels=["service"],
+            n.SERVICE_RESTARTS.name, n.SERVICE_RESTARTS.help, labels=list(n.SERVICE_RESTARTS.labels)
         )
         for service, running, count in self._services():
             up.add_metric([service], 1 if running else 0)
@@ -192,19 +287,22 @@ class ServiceCollector(Collector):
 
 
 def exposition(
-    metrics: GatewayMetrics, fleet_states: StateCounts, services: ServiceCounts | None = None
+    metrics: GatewayMetrics,
+    fleet_states: StateCounts,
+    services: ServiceCounts | None = None,
+    replica_rows: ReplicaRows | None = None,
 ) -> bytes:
-    """The /metrics body: this process's (or all workers') metrics plus the fleet's state and,
-    when given, the state of this process's background services."""
+    """The /metrics body: this process's (or all workers') metrics plus the fleet's state
+    (and, with `replica_rows`, each replica's) and, when given, the state of this process's
+    background services."""
     registry = CollectorRegistry()
     if metrics.registry is None:
         path = multiprocess_dir()
         assert path is not None
         MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
     else:
-        for collector in (metrics.registry,):
-            registry.register(_Forward(collector))
-    registry.register(FleetStateCollector(fleet_states))
+        registry.register(_Forward(metrics.registry))
+    registry.register(FleetStateCollector(fleet_states, replica_rows))
     if services is not None:
         registry.register(ServiceCollector(services))
     return generate_latest(registry)
