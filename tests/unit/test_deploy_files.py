@@ -56,11 +56,8 @@ def metric_families(expr: str) -> set[str]:
     """The metric definitions' names an expression uses (`_bucket`, `_total`... stripped)."""
     found = set()
     for series in METRIC.findall(expr):
-        for suffix in SUFFIXES:
-            if series.endswith(suffix):
-                series = series.removesuffix(suffix)
-                break
-        found.add(series)
+        suffix = next((s for s in SUFFIXES if series.endswith(s)), "")
+        found.add(series.removesuffix(suffix))
     return found
 
 

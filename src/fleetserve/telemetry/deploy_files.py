@@ -52,12 +52,22 @@ def _parser() -> argparse.ArgumentParser:
         epilog="example: python -m fleetserve.telemetry.deploy_files --check",
     )
     parser.add_argument("--root", type=Path, default=Path(), help="repository root (default: .)")
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if a file differs from what would be written")
-    parser.add_argument("--ttft-slo-s", type=float, default=TTFT_SLO_S,
-                        help=f"TTFT p95 objective of the alert, seconds (default {TTFT_SLO_S:g})")
-    parser.add_argument("--runbooks", default=RUNBOOKS,
-                        help=f"where docs/runbooks.md is served, for runbook_url (default {RUNBOOKS})")  # fmt: skip
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if a file differs from what would be written",
+    )
+    parser.add_argument(
+        "--ttft-slo-s",
+        type=float,
+        default=TTFT_SLO_S,
+        help=f"TTFT p95 objective of the alert, seconds (default {TTFT_SLO_S:g})",
+    )
+    parser.add_argument(
+        "--runbooks",
+        default=RUNBOOKS,
+        help=f"docs/runbooks.md as runbook_url gives it (default {RUNBOOKS})",
+    )
     return parser
 
 

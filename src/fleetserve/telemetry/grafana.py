@@ -14,10 +14,10 @@ Panels query through the `datasource` variable and filter on `model`; rates use 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from prometheus_client.utils import floatToGoString
+from prometheus_client import utils
 
 from fleetserve.telemetry import names as n
 from fleetserve.telemetry.alerts import TTFT_SLO_S
@@ -30,6 +30,9 @@ M = 'model=~"$model"'
 RATE = "$__rate_interval"
 PANEL_W, PANEL_H, COLUMNS = 8, 8, 3
 QUANTILES = (0.5, 0.95, 0.99)
+# How prometheus_client writes a bucket's `le` (2.5 -> "2.5", 1 -> "1.0"): the SLO variable's
+# values must be those strings for `le="$ttft_slo"` to match.
+le_label: Callable[[float], str] = utils.floatToGoString
 ALL = {"text": "All", "value": "$__all"}
 
 
@@ -53,13 +56,11 @@ def _q(expr: str, legend: str) -> Query:
 
 
 def _quantiles(metric: n.MetricDef, what: str) -> PanelSpec:
+    rate = f"rate({metric.bucket}{{{M}}}[{RATE}])"
+    p = QUANTILES
     return PanelSpec(
         f"{what} p50 / p95 / p99",
-        [
-            _q(f"histogram_quantile({q:g}, sum by (le) (rate({metric.bucket}{{{M}}}[{RATE}])))",
-               f"p{q * 100:g}")
-            for q in QUANTILES
-        ],  # fmt: skip
+        [_q(f"histogram_quantile({q:g}, sum by (le) ({rate}))", f"p{100 * q:g}") for q in p],
         unit="s",
         description=metric.help,
     )
@@ -110,7 +111,7 @@ def _rows() -> list[tuple[str, bool, list[PanelSpec]]]:
             description=n.TOKENS.help,
         ),
     ]  # fmt: skip
-    slo = '$ttft_slo'
+    slo = "$ttft_slo"
     latency = [
         _quantiles(n.TTFT, "TTFT"),
         _quantiles(n.ITL, "Inter-token latency"),
@@ -242,7 +243,7 @@ def _panel(spec: PanelSpec, panel_id: int, x: int, y: int) -> dict[str, object]:
 
 
 def _variables() -> list[dict[str, object]]:
-    slo = floatToGoString(TTFT_SLO_S)
+    slo = le_label(TTFT_SLO_S)
     return [
         {"type": "datasource", "name": "datasource", "label": "Prometheus",
          "query": "prometheus", "current": {"text": "default", "value": "default"}, "hide": 0},
@@ -251,7 +252,7 @@ def _variables() -> list[dict[str, object]]:
          "definition": f"label_values({n.REQUESTS.series}, model)", "refresh": 2,
          "includeAll": True, "multi": True, "allValue": ".*", "current": ALL, "sort": 1},
         {"type": "custom", "name": "ttft_slo", "label": "TTFT objective (s)",
-         "query": ",".join(floatToGoString(b) for b in n.TTFT_BUCKETS),
+         "query": ",".join(le_label(b) for b in n.TTFT_BUCKETS),
          "current": {"text": slo, "value": slo}, "hide": 0,
          "description": "TTFT bucket edges: attainment reads a bucket exactly."},
         {"type": "query", "name": "gpu", "label": "GPU", "datasource": DS,
