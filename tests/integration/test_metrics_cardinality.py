@@ -20,7 +20,7 @@ import pytest
 from fleetserve.fleet.processes import free_port
 from fleetserve.testing.stack import FAST_HEALTH_ENV, Service, fleetserve_argv, services
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(120)]
 
 MODEL = "sim-card"
 JUNK = 10_000

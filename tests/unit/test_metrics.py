@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
 from fleetserve.autoscale.decision import Decision, Direction
+from fleetserve.errors import (
+    UpstreamClosedError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+)
+from fleetserve.gateway.proxy import _error_kind, _phase
 from fleetserve.telemetry.metrics import (
     ITL_BUCKETS,
     STREAM_ERROR,
@@ -13,7 +22,13 @@ from fleetserve.telemetry.metrics import (
     exposition,
     observe_zeros,
 )
-from fleetserve.telemetry.names import NO_MODEL, NO_TENANT, OTHER_MODEL
+from fleetserve.telemetry.names import (
+    NO_MODEL,
+    NO_TENANT,
+    OTHER_MODEL,
+    RETRY_REASONS,
+    UPSTREAM_ERROR_LABELS,
+)
 from fleetserve.telemetry.tenant_metrics import TenantLabels, TenantMetrics
 
 
@@ -130,3 +145,25 @@ def test_decision_signal_is_the_one_that_won() -> None:
 
     assert decision({"load": 2, "queue": 3, "ttft": 3}, 3).signal == "queue"
     assert decision({"load": None, "queue": None}, 1).signal == "none"
+
+
+@pytest.mark.parametrize(
+    ("error", "phase"),
+    [
+        pytest.param(UpstreamConnectError("refused"), None, id="connect"),
+        pytest.param(UpstreamTimeoutError("connect", 1), None, id="timeout-connect"),
+        pytest.param(UpstreamTimeoutError("first_byte", 1), None, id="timeout-first-byte"),
+        pytest.param(UpstreamStatusError(503, b"", None), None, id="status-5xx"),
+        pytest.param(UpstreamClosedError("gone"), None, id="closed"),
+        pytest.param(UpstreamClosedError("gone"), "stream", id="closed-mid-stream"),
+        pytest.param(UpstreamTimeoutError("idle", 1), "stream", id="idle-mid-stream"),
+    ],
+)
+def test_upstream_error_labels_are_the_ones_started_at_zero(
+    error: UpstreamError, phase: str | None
+) -> None:
+    """The proxy's labels are the pre-created ones (names.py): none appears at 1."""
+    kind = _error_kind(error)
+    assert (kind, phase or _phase(error)) in UPSTREAM_ERROR_LABELS
+    if phase is None:
+        assert kind in RETRY_REASONS

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+NO_SIGNAL = "none"  # what `Decision.signal` says when no signal was measured
+
 
 class Direction(StrEnum):
     UP = "up"
@@ -38,7 +40,7 @@ class Decision:
         for name, replicas in self.signals.items():
             if replicas is not None and replicas == self.recommendation:
                 return name
-        return "none"
+        return NO_SIGNAL
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,9 +22,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from fleetserve.autoscale.decision import Decision
+from fleetserve.autoscale.decision import NO_SIGNAL, Decision, Direction
 from fleetserve.autoscale.loop import AutoscaleLoop
 from fleetserve.autoscale.observers import GatewayObserver
+from fleetserve.autoscale.recommendations import SIGNALS
 from fleetserve.clock import RealClock
 from fleetserve.config import AutoscaleSettings
 from fleetserve.fleet.actuators import Actuator
@@ -74,6 +75,10 @@ def build_remote_autoscaler(
         names.REPLICAS.labels, registry=registry,
     )  # fmt: skip
     registry.register(ServiceCollector(supervisor.counts))
+
+    for direction in Direction:  # at zero, so that the first decision counts in increase()
+        for signal in (*SIGNALS, NO_SIGNAL):
+            decisions.labels(spec.model, direction.value, signal)
 
     def on_decision(decision: Decision) -> None:
         desired.labels(spec.model).set(decision.desired)

@@ -27,7 +27,9 @@ from fleetserve.telemetry.names import (
     ITL_BUCKETS,
     NO_MODEL,
     OTHER_MODEL,
+    RETRY_REASONS,
     TTFT_BUCKETS,
+    UPSTREAM_ERROR_LABELS,
     MetricDef,
 )
 
@@ -157,6 +159,12 @@ class GatewayMetrics:
                 children = self._models.get(model)
             if children is None:
                 children = self._models[model] = ModelMetrics(self, model)
+                for kind, phase in UPSTREAM_ERROR_LABELS:  # at zero (names.py says why)
+                    self._errors[(model, kind, phase)] = self.upstream_errors.labels(
+                        model, kind, phase
+                    )
+                for reason in RETRY_REASONS:
+                    self._retries[(model, reason)] = self.retries.labels(model, reason)
         return children
 
     def _unserved(self, model: str, status: int | str) -> Counter:
@@ -213,6 +221,16 @@ class GatewayMetrics:
         self.desired_replicas.labels(model).set(replicas)
         if max_replicas is not None:
             self.max_replicas.labels(model).set(max_replicas)
+
+    def start_decisions(
+        self, model: str, directions: Iterable[str], signals: Iterable[str]
+    ) -> None:
+        """Every (direction, signal) child of `model` at zero, before the first decision (so
+        that the first of each counts in increase())."""
+        signals = list(signals)
+        for direction in directions:
+            for signal in signals:
+                self.decisions.labels(model, direction, signal)
 
     def decided(self, model: str, direction: str, signal: str) -> None:
         """One autoscaler decision (runs every period: not the hot path)."""

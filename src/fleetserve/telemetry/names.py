@@ -19,6 +19,16 @@ from typing import Literal
 
 Kind = Literal["counter", "gauge", "histogram"]
 
+# The label values of the upstream-error and retry counters (gateway/proxy.py's `_error_kind`
+# and `_phase`; a unit test keeps them in step). Each served model's children start at zero:
+# a counter that appears at 1 loses that first increment in rate() and increase().
+UPSTREAM_ERROR_LABELS = (
+    ("connect", "connect"), ("timeout_connect", "connect"),
+    ("timeout_first_byte", "first_byte"), ("status_5xx", "first_byte"),
+    ("closed", "first_byte"), ("closed", "stream"), ("timeout_idle", "stream"),
+)  # fmt: skip
+RETRY_REASONS = ("connect", "timeout_connect", "timeout_first_byte", "status_5xx", "closed")
+
 OTHER_MODEL = "other"  # a model name the fleet does not serve
 NO_MODEL = "-"  # the request was refused before it named a model (bad body, bad key)
 OTHER_TENANT = "other"
