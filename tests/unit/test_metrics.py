@@ -14,6 +14,7 @@ from fleetserve.errors import (
     UpstreamTimeoutError,
 )
 from fleetserve.gateway.proxy import _error_kind, _phase
+from fleetserve.telemetry.batched import Timings
 from fleetserve.telemetry.metrics import (
     ITL_BUCKETS,
     STREAM_ERROR,
@@ -37,18 +38,42 @@ def samples(registry: CollectorRegistry) -> list[tuple[str, dict[str, str], floa
             if not s.name.endswith("_created")]  # fmt: skip
 
 
-def test_observe_zeros_is_n_observations_of_zero() -> None:
-    """It writes the histogram's own bucket values: a prometheus_client that stores them
-    otherwise fails here, not silently in production."""
+@pytest.mark.parametrize("zeros", [0, 15])
+def test_batched_timings_flush_as_observe_would(zeros: int) -> None:
+    """Timings write the histogram's own bucket values at a flush: a prometheus_client that
+    stores them otherwise fails here, not silently in production. Edges (an observation equal
+    to a bound), zeros, and a value past the last bound included; two flushes add up."""
     fast, slow = CollectorRegistry(), CollectorRegistry()
     one = Histogram("itl", "x", ["model"], buckets=ITL_BUCKETS, registry=fast).labels("m")
     other = Histogram("itl", "x", ["model"], buckets=ITL_BUCKETS, registry=slow).labels("m")
-    for histogram in (one, other):
-        histogram.observe(0.03)
-    observe_zeros(one, 15)
-    for _ in range(15):
+    timings = Timings(one)
+    values = [0.03, 0.0005, 0.05, 0.0, 7.7, 1e6, 0.0004999]
+    for i, value in enumerate(values):
+        timings.observe(value)
+        other.observe(value)
+        if i == 3:
+            timings.flush()
+    observe_zeros(timings, zeros)
+    for _ in range(zeros):
         other.observe(0.0)
+    assert samples(fast) != samples(slow)  # the last observations wait for the flush
+    timings.flush()
     assert samples(fast) == samples(slow)
+
+
+def test_a_registry_read_flushes_first() -> None:
+    metrics = GatewayMetrics(CollectorRegistry())
+    metrics.of("m").finished(200, 0.2)
+    metrics.of("m").in_flight += 3
+    registry = metrics.registry
+    assert registry is not None
+    get = registry.get_sample_value
+    assert get("fleetserve_requests_total", {"model": "m", "status": "200"}) == 1
+    assert get("fleetserve_e2e_seconds_count", {"model": "m"}) == 1
+    assert get("fleetserve_in_flight", {"model": "m"}) == 3
+    metrics.of("m").in_flight -= 3
+    assert get("fleetserve_in_flight", {"model": "m"}) == 0
+    assert get("fleetserve_requests_total", {"model": "m", "status": "200"}) == 1  # no double
 
 
 def _series(registry: CollectorRegistry) -> set[tuple[str, tuple[tuple[str, str], ...]]]:

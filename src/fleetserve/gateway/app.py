@@ -35,8 +35,8 @@ from fleetserve.gateway.upstream import UpstreamClient
 from fleetserve.gateway.watchdog import Watchdog
 from fleetserve.routing.picker import Picker
 from fleetserve.routing.pickers import make_picker
-from fleetserve.supervisor import Supervisor
-from fleetserve.telemetry.metrics import GatewayMetrics
+from fleetserve.supervisor import Supervisor, cancel_all
+from fleetserve.telemetry.metrics import METRICS_FLUSH_S, GatewayMetrics
 from fleetserve.telemetry.tenant_metrics import TenantMetrics
 from fleetserve.telemetry.window import LoadWindow
 from fleetserve.tenancy.model import Price
@@ -108,10 +108,13 @@ def build_gateway(
         # Imported here: the store and its drivers load only in gateways that use them.
         from fleetserve.gateway.tenancy_runtime import TenancyRuntime  # noqa: PLC0415
 
+        tenant_metrics = TenantMetrics(metrics.registry, settings.tenancy.metrics_top_tenants)
+        if metrics.registry is None:  # workers: flushed with the gateway's metrics
+            metrics.also_flush(tenant_metrics.flush)
         tenancy = TenancyRuntime(
             settings, default_state_dir(), _prices(fleet_file),
             {spec.name: spec.engine for spec in fleet_file.models}, clock,
-            TenantMetrics(metrics.registry, settings.tenancy.metrics_top_tenants), fleet,
+            tenant_metrics, fleet,
             upstream, supervisor, workers=worker.workers if worker is not None else 1,
         )  # fmt: skip
         services = [*services, tenancy]
@@ -158,10 +161,18 @@ def build_gateway(
         settings.shutdown_grace_s, watchdog.end_all("shutdown"),
     ))  # fmt: skip
 
+    async def flush_metrics() -> None:  # workers: what other workers' scrapes read
+        while True:
+            await clock.sleep(METRICS_FLUSH_S)
+            metrics.flush()
+
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
         await monitor.start()
         await watchdog.start()
+        flusher = None
+        if metrics.registry is None:
+            flusher = supervisor.spawn("metrics/flush", flush_metrics)
         try:
             async with contextlib.AsyncExitStack() as running:
                 for service in services:
@@ -170,6 +181,8 @@ def build_gateway(
                 yield
         finally:
             shutdown.cancel()
+            await cancel_all([flusher])
+            metrics.flush()
             await watchdog.stop()
             await monitor.stop()
             await upstream.close()

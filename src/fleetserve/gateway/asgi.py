@@ -218,8 +218,8 @@ class GatewayApp:
         else:
             request_id = rid.decode("latin-1") if rid else f"{self._id_prefix}{next(self._ids)}"
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, exchange))
-        gauge = self.metrics.in_flight_child(model)
-        gauge.inc()
+        counted = self.metrics.of(model)
+        counted.in_flight += 1
         self.window.arrived(model, t0, estimate_demand_tokens(len(body), info.max_tokens))
         status = 500
         try:
@@ -239,14 +239,14 @@ class GatewayApp:
             status = await self._ended_early(scope, send, exchange)
         finally:
             watcher.cancel()
-            gauge.dec()
+            counted.in_flight -= 1
             now = self.clock.now()
             self.window.finished(model, now)
             ok = 200 <= status < 300
             if ok and exchange.stream_failed:  # a 200 head, then an error event
-                self.metrics.finished(model, STREAM_ERROR)
+                counted.finished(STREAM_ERROR)
             else:
-                self.metrics.finished(model, status, now - t0 if ok else None)
+                counted.finished(status, now - t0 if ok else None)
             if ticket is not None:
                 assert gate is not None
                 await self._account(gate, ticket, exchange, status, now - t0)

@@ -167,8 +167,8 @@ class HoldQueue:
             priority=share.priority, input_tokens=share.input_tokens,
         )  # fmt: skip
         self.window.hold_started(model, self.clock.now())
-        gauge = self.metrics.of(model).held
-        gauge.inc()
+        counted = self.metrics.of(model)
+        counted.held += 1
         if len(queue) == 1 and not ready:
             self._wake(model)
         try:
@@ -181,7 +181,7 @@ class HoldQueue:
                 waiter.cancel()
             queue.remove(waiter)
             self.window.hold_ended(model, self.clock.now())
-            gauge.dec()
+            counted.held -= 1
         return waiter.result()
 
     async def _wait(

@@ -281,7 +281,7 @@ class Proxy:
             if not exchange.stream_failed:
                 self.fleet.record_success(replica.id, self.clock.now())
             if attempt > 1:
-                self.metrics.of(info.model).failovers.inc()
+                self.metrics.of(info.model).failovers += 1
             return
         if not tried:
             raise self._no_replica(info.model)

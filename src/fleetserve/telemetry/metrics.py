@@ -21,6 +21,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from fleetserve.telemetry import names as n
+from fleetserve.telemetry.batched import FlushFirst, Timings
 from fleetserve.telemetry.names import (
     E2E_BUCKETS,
     HOLD_BUCKETS,
@@ -38,6 +39,7 @@ __all__ = ["E2E_BUCKETS", "HOLD_BUCKETS", "ITL_BUCKETS", "TTFT_BUCKETS"]
 StateCounts = Callable[[], Iterable[tuple[str, str, int]]]
 ServiceCounts = Callable[[], Iterable[tuple[str, bool, int]]]
 """(service, running, restarts) of each supervised background service."""
+METRICS_FLUSH_S = 1.0  # with workers: how stale another worker's figures in /metrics may be
 STREAM_ERROR = "stream_error"  # the status label of a stream that started and then failed
 
 
@@ -76,42 +78,67 @@ def _histogram(
 
 
 class ModelMetrics:
-    """One model's label children, resolved once: what a request touches."""
+    """One model's figures since the last flush, as plain numbers (telemetry/batched.py says
+    why), and its label children, resolved once. The request path adds to the attributes."""
 
-    __slots__ = ("_requests", "_requests_metric", "e2e", "failovers", "held", "hold",
-                 "in_flight", "input_tokens", "itl", "model", "output_tokens", "ttft")  # fmt: skip
+    __slots__ = ("_children", "_metrics", "e2e", "failovers", "held", "hold", "in_flight",
+                 "input_tokens", "itl", "model", "output_tokens", "requests", "ttft")  # fmt: skip
 
     def __init__(self, metrics: GatewayMetrics, model: str) -> None:
         self.model = model
-        self._requests_metric = metrics.requests
-        self._requests: dict[int | str, Counter] = {}
-        self.ttft = metrics.ttft.labels(model)
-        self.itl = metrics.itl.labels(model)
-        self.e2e = metrics.e2e.labels(model)
-        self.hold = metrics.hold.labels(model)
-        self.in_flight = metrics.in_flight.labels(model)
-        self.held = metrics.held.labels(model)
-        self.failovers = metrics.failovers.labels(model)
-        self.input_tokens = metrics.tokens.labels(model, "input")
-        self.output_tokens = metrics.tokens.labels(model, "output")
+        self._metrics = metrics
+        self.requests: dict[int | str, int] = {}  # by status: HTTP codes and STREAM_ERROR
+        self.ttft = Timings(metrics.ttft.labels(model))
+        self.itl = Timings(metrics.itl.labels(model))
+        self.e2e = Timings(metrics.e2e.labels(model))
+        self.hold = Timings(metrics.hold.labels(model))
+        self.in_flight = 0  # a level, not a count: flushed as the gauge's value
+        self.held = 0
+        self.failovers = 0
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self._children = (
+            metrics.in_flight.labels(model), metrics.held.labels(model),
+            metrics.failovers.labels(model), metrics.tokens.labels(model, "input"),
+            metrics.tokens.labels(model, "output"),
+        )  # fmt: skip
 
     def finished(self, status: int | str, e2e_s: float | None = None) -> None:
-        counter = self._requests.get(status)
-        if counter is None:  # statuses are a small set: HTTP codes and STREAM_ERROR
-            counter = self._requests[status] = self._requests_metric.labels(self.model, str(status))
-        counter.inc()
+        requests = self.requests
+        requests[status] = requests.get(status, 0) + 1
         if e2e_s is not None:
             self.e2e.observe(e2e_s)
 
     def tokens(self, prompt: int, completion: int) -> None:
-        if prompt:
-            self.input_tokens.inc(prompt)
-        if completion:
-            self.output_tokens.inc(completion)
+        self.input_tokens += prompt
+        self.output_tokens += completion
+
+    def flush(self) -> None:
+        in_flight, held, failovers, input_tokens, output_tokens = self._children
+        in_flight.set(self.in_flight)
+        held.set(self.held)
+        if self.failovers:
+            failovers.inc(self.failovers)
+            self.failovers = 0
+        if self.input_tokens:
+            input_tokens.inc(self.input_tokens)
+            self.input_tokens = 0
+        if self.output_tokens:
+            output_tokens.inc(self.output_tokens)
+            self.output_tokens = 0
+        requests = self.requests
+        for status, count in requests.items():
+            if count:
+                self._metrics.requests.labels(self.model, str(status)).inc(count)
+                requests[status] = 0
+        for timings in (self.ttft, self.itl, self.e2e, self.hold):
+            timings.flush()
 
 
 class GatewayMetrics:
-    """Metric objects of one gateway worker; children are cached per model for the hot path.
+    """Metric objects of one gateway worker; each model's figures are kept per model
+    (`ModelMetrics`) and handed to prometheus_client by `flush()`, which a read of the
+    registry and `exposition` call first (and, with workers, a timer every second).
 
     `served(model)` says whether a model name gets its own label (the fleet serves it); any
     other name is counted as `other`. Without it every name is taken as given (tests)."""
@@ -125,6 +152,9 @@ class GatewayMetrics:
         reg = None if multiproc else (registry or CollectorRegistry())
         self.registry = reg
         self.served = served
+        self._flushes: list[Callable[[], None]] = []
+        if reg is not None:
+            reg.register(FlushFirst(self.flush))
         self.requests = _counter(n.REQUESTS, reg)
         self.ttft = _histogram(n.TTFT, reg, TTFT_BUCKETS)
         self.itl = _histogram(n.ITL, reg, ITL_BUCKETS)
@@ -146,6 +176,17 @@ class GatewayMetrics:
         self._refused: dict[tuple[str, int | str], Counter] = {}
         self._errors: dict[tuple[str, str, str], Counter] = {}
         self._retries: dict[tuple[str, str], Counter] = {}
+
+    def also_flush(self, flush: Callable[[], None]) -> None:
+        """Run `flush` with this one's (the tenant metrics', sharing the registry)."""
+        self._flushes.append(flush)
+
+    def flush(self) -> None:
+        """Hand every figure counted so far to prometheus_client."""
+        for children in self._models.values():
+            children.flush()
+        for flush in self._flushes:
+            flush()
 
     def of(self, model: str) -> ModelMetrics:
         """The children of a served model's label, created at its first request (so its
@@ -181,11 +222,8 @@ class GatewayMetrics:
     def observe_ttft(self, model: str, seconds: float) -> None:
         self.of(model).ttft.observe(seconds)
 
-    def itl_child(self, model: str) -> Histogram:
+    def itl_child(self, model: str) -> Timings:
         return self.of(model).itl
-
-    def in_flight_child(self, model: str) -> Gauge:
-        return self.of(model).in_flight
 
     def finished(self, model: str, status: int | str, e2e_s: float | None = None) -> None:
         """Count an answered request; `e2e_s` for a served one (None: rejected or failed)."""
@@ -237,14 +275,11 @@ class GatewayMetrics:
         self.decisions.labels(model, direction, signal).inc()
 
 
-def observe_zeros(histogram: Histogram, n: int) -> None:
-    """`histogram.observe(0.0)` n times for the cost of one: the lowest bucket counts them (a
-    sum of zeros adds nothing). Stream events that arrive in one read are 0 s apart; a fast
-    engine sends a whole answer in one read, and n observations there cost the gateway a
-    fifth of its streaming throughput (benchmarks/gateway_overhead.py). It uses the child's
-    bucket values, `_buckets`, as they have been since prometheus_client 0.1; a unit test
-    checks the samples equal n observations."""
-    histogram._buckets[0].inc(n)
+def observe_zeros(timings: Timings, n: int) -> None:
+    """`observe(0.0)` n times for the cost of one: the lowest bucket counts them (a sum of
+    zeros adds nothing). Stream events that arrive in one read are 0 s apart; a fast engine
+    sends a whole answer in one read (benchmarks/gateway_overhead.py)."""
+    timings.observe_zeros(n)
 
 
 class FleetStateCollector(Collector):
@@ -315,6 +350,7 @@ def exposition(
     background services."""
     registry = CollectorRegistry()
     if metrics.registry is None:
+        metrics.flush()  # this worker's; the others flush every METRICS_FLUSH_S
         path = multiprocess_dir()
         assert path is not None
         MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]

@@ -10,9 +10,12 @@ series start at zero and the hot path pays a dict lookup.
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from fleetserve.telemetry import names as n
+from fleetserve.telemetry.batched import FlushFirst
 from fleetserve.telemetry.names import NO_TENANT, OTHER_TENANT, MetricDef
 
 OTHER = OTHER_TENANT
@@ -42,20 +45,44 @@ def _gauge(d: MetricDef, reg: CollectorRegistry | None, mode: str) -> Gauge:
 
 
 class _TenantChildren:
-    __slots__ = ("cost", "input_tokens", "output_tokens", "requests", "tenant")
+    """One tenant label's figures since the last flush (telemetry/batched.py says why)."""
+
+    __slots__ = ("_children", "_requests", "cost", "input_tokens", "output_tokens", "requests")
 
     def __init__(self, metrics: TenantMetrics, tenant: str) -> None:
-        self.tenant = tenant
-        self.requests: dict[int, Counter] = {}
-        self.input_tokens = metrics.tokens.labels(tenant, "input")
-        self.output_tokens = metrics.tokens.labels(tenant, "output")
-        self.cost = metrics.cost.labels(tenant)
+        self.requests: dict[int, int] = {}
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.cost = 0.0
+        self._requests = functools.partial(metrics.requests.labels, tenant)
+        self._children = (
+            metrics.tokens.labels(tenant, "input"), metrics.tokens.labels(tenant, "output"),
+            metrics.cost.labels(tenant),
+        )  # fmt: skip
+
+    def flush(self) -> None:
+        input_tokens, output_tokens, cost = self._children
+        if self.input_tokens:
+            input_tokens.inc(self.input_tokens)
+            self.input_tokens = 0
+        if self.output_tokens:
+            output_tokens.inc(self.output_tokens)
+            self.output_tokens = 0
+        if self.cost:
+            cost.inc(self.cost)
+            self.cost = 0.0
+        for status, count in self.requests.items():
+            if count:
+                self._requests(str(status)).inc(count)
+                self.requests[status] = 0
 
 
 class TenantMetrics:
     def __init__(self, registry: CollectorRegistry | None, top_n: int) -> None:
         reg = registry
         self.label = TenantLabels(top_n)
+        if reg is not None:  # with workers, GatewayMetrics.also_flush(self.flush) instead
+            reg.register(FlushFirst(self.flush))
         self.requests = _counter(n.TENANT_REQUESTS, reg)
         self.tokens = _counter(n.TENANT_TOKENS, reg)
         self.cost = _counter(n.TENANT_COST, reg)
@@ -77,13 +104,14 @@ class TenantMetrics:
             children = self._tenants[tenant] = _TenantChildren(self, tenant)
         return children
 
+    def flush(self) -> None:
+        for children in self._tenants.values():
+            children.flush()
+
     def counted(self, tenant: str, status: int) -> None:
         """A request of `tenant` (a label) answered with `status`."""
         requests = self._of(tenant).requests
-        child = requests.get(status)
-        if child is None:
-            child = requests[status] = self.requests.labels(tenant, str(status))
-        child.inc()
+        requests[status] = requests.get(status, 0) + 1
 
     def rejected(self, tenant: str, reason: str) -> None:
         """A refusal at admission (`tenant` is a label, or UNKNOWN for a bad key)."""
@@ -96,13 +124,11 @@ class TenantMetrics:
     def answered(self, tenant: str, status: int, prompt: int, completion: int, usd: float) -> None:
         """One admitted request's accounting (`tenant` is its label)."""
         children = self._of(tenant)
-        self.counted(tenant, status)
-        if prompt:
-            children.input_tokens.inc(prompt)
-        if completion:
-            children.output_tokens.inc(completion)
-        if usd:
-            children.cost.inc(usd)
+        requests = children.requests
+        requests[status] = requests.get(status, 0) + 1
+        children.input_tokens += prompt
+        children.output_tokens += completion
+        children.cost += usd
 
     def budget(
         self, tenant: str, left_usd: float, spent_frac: float | None = None,
