@@ -194,6 +194,7 @@ async def test_a_dead_worker_leaves_no_gauges_behind_and_is_replaced(tmp_path: P
             async with asyncio.timeout(10):  # both workers' gauges are in (flushed each second)
                 while await in_flight_metric() != 8:  # noqa: ASYNC110
                     await asyncio.sleep(0.1)
+
             # The worker holding the most client connections holds at least four of the
             # eight streams: the readiness probe's kept-alive connection is the only other.
             def clients(w: psutil.Process) -> int:
