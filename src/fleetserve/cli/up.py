@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -11,13 +12,15 @@ from pydantic import ValidationError
 
 from fleetserve.cli.admin_client import ensure_default_key
 from fleetserve.cli.common import (
+    access_log_option,
     admin_key_file_option,
     admin_key_option,
     auth_option,
     clear_errors,
     ensure_port_free,
-    err_console,
+    log_format_option,
     settings_from,
+    teller,
     with_auth,
 )
 from fleetserve.config import (
@@ -57,7 +60,8 @@ MAX_REPLICAS = 64
 # full and requests wait inside the engine, where a new replica cannot take them).
 SIM_TOKENS_PER_REQUEST = 800
 # The options that are GatewaySettings fields: given ones outrank FLEETSERVE_* and the fleet file.
-SETTINGS_OPTIONS = ("port", "host", "workers", "fleet_file", "admin_key", "admin_key_file")
+SETTINGS_OPTIONS = ("port", "host", "workers", "fleet_file", "admin_key", "admin_key_file",
+                    "log_format", "access_log")  # fmt: skip
 
 
 def _engine_setup(
@@ -144,6 +148,8 @@ def up_command(
     admin_key: str | None = admin_key_option("that the gateway's /admin/* requires"),
     admin_key_file: Path | None = admin_key_file_option(),
     auth: str | None = auth_option(),
+    log_format: str = log_format_option(),
+    access_log: bool | None = access_log_option(),
 ) -> None:
     """Start engine replicas and the gateway on this machine; Ctrl-C stops everything.
 
@@ -152,6 +158,8 @@ def up_command(
       fleetserve up --replicas 2 --port 8000      (llama.cpp serving SmolLM2 on the CPU)
 
       fleetserve up --engine sim --profile a10g --replicas 1:8 --ttft-slo 2   (autoscaled)
+
+      fleetserve up --engine sim --log-format json   (JSON lines, one access line per request)
 
     Gateway settings, highest first: a flag, the environment (FLEETSERVE_<NAME>), the fleet
     file's `gateway:` section, the default.
@@ -176,21 +184,21 @@ def up_command(
         note += f"; at most {cap} in flight per replica" if cap else "; no in-flight cap"
     ensure_port_free(settings.host, settings.port, "the gateway")
 
+    tell = teller(settings.log_format)
+
     def say(line: str) -> None:
-        err_console.print(f"[dim]fleetserve[/] {line}")
+        tell(f"[dim]fleetserve[/] {line}")
 
     endpoint = f"http://{settings.host}:{settings.port}"
     keys = auth_mode(settings) == "keys"
     token = _default_key(settings) if keys else None
 
     def announce() -> None:
-        _print_ready(endpoint, served, keys, token)
+        _print_ready(tell, endpoint, served, keys, token)
 
     try:
         if autoscale is None:
-            err_console.print(
-                f"[bold]fleetserve up[/]: {low} replica(s) of [cyan]{served}[/]: {note}"
-            )
+            tell(f"[bold]fleetserve up[/]: {low} replica(s) of [cyan]{served}[/]: {note}")
             say(admin)
             spec = LocalStackSpec(
                 adapter=adapter_for(engine_name),
@@ -202,7 +210,7 @@ def up_command(
             )
             run_local_stack(spec, settings, say, on_ready=announce)
         else:
-            err_console.print(
+            tell(
                 f"[bold]fleetserve up[/]: {low} to {high} replicas of [cyan]{served}[/], "
                 f"autoscaled: {note}"
             )
@@ -220,8 +228,8 @@ def up_command(
             )
             run_autoscaled_stack(scaled, settings, on_ready=announce)
     except KeyboardInterrupt:
-        err_console.print("stopping")
-    err_console.print("all replicas stopped")
+        tell("stopping")
+    tell("all replicas stopped")
 
 
 def _replica_range(text: str) -> tuple[int, int]:
@@ -309,21 +317,26 @@ def _default_key(settings: GatewaySettings) -> str | None:
     return asyncio.run(ensure_default_key(url, pepper))
 
 
-def _print_ready(endpoint: str, model: str, keys: bool = False, token: str | None = None) -> None:
-    err_console.print(f"\n[bold green]ready[/]: OpenAI-compatible endpoint {endpoint}/v1")
+def _print_ready(
+    tell: Callable[[str], None],
+    endpoint: str,
+    model: str,
+    keys: bool = False,
+    token: str | None = None,
+) -> None:
+    tell(f"\n[bold green]ready[/]: OpenAI-compatible endpoint {endpoint}/v1")
+    tell(f"live dashboard: {endpoint}/dashboard")
     auth = ""
     if keys:
         auth = f"-H 'Authorization: Bearer {token or '$FLEETSERVE_API_KEY'}' "
         if token:
-            err_console.print(
-                f"tenant [cyan]default[/] and its key (shown once, store it): {token}"
-            )
+            tell(f"tenant [cyan]default[/] and its key (shown once, store it): {token}")
         else:
-            err_console.print(
+            tell(
                 "auth: keys (tenant `default` exists; make a key with "
                 "`fleetserve keys create --tenant default`)"
             )
-    err_console.print(
+    tell(
         f"try:\n  curl {endpoint}/v1/chat/completions -H 'Content-Type: application/json' "
         f"{auth}\\\n"
         f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", '

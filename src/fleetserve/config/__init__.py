@@ -36,6 +36,7 @@ from fleetserve.config.settings import (
     HealthSettings,
     HoldSettings,
     KubernetesDiscoverySpec,
+    LogFormat,
     ModelSpec,
     PickerName,
     TimeoutSettings,
@@ -44,6 +45,7 @@ from fleetserve.config.settings import (
     load_fleet_file,
 )
 from fleetserve.config.tenancy import AuthMode, PriceSpec, RedisFailure, TenancySettings
+from fleetserve.config.tracing import TracingSettings, TracingSpec, tracing_settings
 
 __all__ = [
     "ADMIN_KEY_FIELDS",
@@ -64,6 +66,7 @@ __all__ = [
     "HealthSettings",
     "HoldSettings",
     "KubernetesDiscoverySpec",
+    "LogFormat",
     "ModelSpec",
     "PickerName",
     "PriceSpec",
@@ -74,6 +77,8 @@ __all__ = [
     "SelectPolicy",
     "TenancySettings",
     "TimeoutSettings",
+    "TracingSettings",
+    "TracingSpec",
     "admin_api_line",
     "default_state_dir",
     "describe_errors",
@@ -81,4 +86,5 @@ __all__ = [
     "is_loopback",
     "load_fleet_file",
     "read_admin_key_file",
+    "tracing_settings",
 ]

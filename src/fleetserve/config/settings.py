@@ -28,6 +28,7 @@ from fleetserve.config.autoscale import (
     AutoscaleSettings,
 )
 from fleetserve.config.tenancy import PriceSpec, TenancySettings
+from fleetserve.config.tracing import TracingSpec
 from fleetserve.errors import ConfigError
 
 
@@ -44,6 +45,7 @@ def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
 
 PickerName = Literal["round_robin", "least_outstanding", "p2c", "prefix_affinity"]
 EngineName = Literal["vllm", "sim", "llamacpp"]
+LogFormat = Literal["console", "json"]
 # Chosen by benchmarks/routing_compare.py (README there): with shared system prompts at 85% load,
 # prefix affinity's TTFT p95 was 768 ms against 2,149 (least outstanding), 2,801 (p2c) and
 # 4,647 (round robin), because it keeps ~79% of prompt tokens in the engines' prefix caches.
@@ -111,6 +113,14 @@ class HoldSettings(BaseModel):
         1.0, ge=0, description="held streams get the 200 SSE head after this long"
     )
     keepalive_s: float = Field(5.0, gt=0, description="SSE comment period while a stream waits")
+    interactive_headroom: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="requests of `interactive` tenants may exceed a replica's max_concurrency "
+        "by this fraction of it (at least one slot when > 0), so that they need not wait for "
+        "batch work that fills every slot to finish; 0: the cap binds every class",
+    )
 
 
 class GatewaySettings(BaseSettings):
@@ -167,6 +177,14 @@ class GatewaySettings(BaseSettings):
         "~/.kube/config)",
     )
     log_level: str = "warning"
+    log_format: LogFormat = Field(
+        "console", description="console: readable lines; json: one JSON object per line"
+    )
+    access_log: bool | None = Field(
+        None,
+        description="one line per /v1 request (request id, trace id, tenant, model, replica, "
+        "status, tokens, TTFT, e2e, bytes); None: on with the json format, off with console",
+    )
 
     @field_validator("admin_key")
     @classmethod
@@ -322,6 +340,9 @@ class FleetFile(BaseModel):
         None,
         description="GatewaySettings fields, nested as in `timeouts: {first_byte_s: 120}`; "
         "the environment and flags override them",
+    )
+    tracing: TracingSpec | None = Field(
+        None, description="OpenTelemetry traces (OTLP/HTTP); the OTEL_* variables override it"
     )
 
     @field_validator("models")

@@ -17,6 +17,7 @@ from fleetserve.config import (
     default_state_dir,
     is_loopback,
     load_fleet_file,
+    tracing_settings,
 )
 from fleetserve.engines.registry import adapter_for
 from fleetserve.errors import ConfigError
@@ -25,8 +26,10 @@ from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.kubernetes_discovery import KubernetesDiscovery
 from fleetserve.fleet.replica import EjectionPolicy, Replica
 from fleetserve.gateway.asgi import GatewayApp
+from fleetserve.gateway.dashboard import Dashboard, RequestTrail
 from fleetserve.gateway.hold import DemandHook, HoldQueue
 from fleetserve.gateway.monitor import FleetMonitor, SignalParser
+from fleetserve.gateway.observe import Observer
 from fleetserve.gateway.peers import Peers, WorkerContext, WorkerLink
 from fleetserve.gateway.proxy import Proxy
 from fleetserve.gateway.routes import AdminView, build_routes_app
@@ -36,6 +39,7 @@ from fleetserve.gateway.watchdog import Watchdog
 from fleetserve.routing.picker import Picker
 from fleetserve.routing.pickers import make_picker
 from fleetserve.supervisor import Supervisor, cancel_all
+from fleetserve.telemetry.logs import AccessLog
 from fleetserve.telemetry.metrics import METRICS_FLUSH_S, GatewayMetrics
 from fleetserve.telemetry.tenant_metrics import TenantMetrics
 from fleetserve.telemetry.window import LoadWindow
@@ -153,6 +157,7 @@ def build_gateway(
 
             admin_views = {**(admin_views or {}), "autoscaler": parent_view}
 
+    observer = build_observer(settings, fleet_file, clock)
     watchdog = Watchdog(clock, settings.timeouts, metrics, supervisor)
     shutdown = Shutdown(clock, settings.shutdown_grace_s)
     shutdown.on_begin(lambda: holds.close(shutting_down_error(settings.retry_after_s)))
@@ -186,17 +191,51 @@ def build_gateway(
             await watchdog.stop()
             await monitor.stop()
             await upstream.close()
+            if observer is not None:
+                await observer.close()
 
+    trail = RequestTrail()
+    dashboard = Dashboard(
+        fleet, clock, window, holds, trail, supervisor,
+        autoscaler=(admin_views or {}).get("autoscaler"), peers=peers, tenancy=tenancy,
+    )  # fmt: skip
+    services = [*services, dashboard]
+    shutdown.on_begin(dashboard.close)  # open pages are told and their streams end
     simulated = frozenset(spec.name for spec in fleet_file.models if spec.engine == "sim")
     cold = build_routes_app(
         fleet, metrics, clock, window, holds, shutdown, settings.admin_key_value(), admin_views,
-        simulated, supervisor, peers, tenancy,
+        simulated, supervisor, peers, tenancy, dashboard,
     )  # fmt: skip
     proxy = Proxy(fleet, pickers, upstream, settings, metrics, clock, window, holds, shutdown)
     return GatewayApp(
         proxy, fleet, settings, metrics, clock, cold, window, holds,
         watchdog=watchdog, shutdown=shutdown, lifespan=lifespan,
-        gate=None if tenancy is None else tenancy.gate,
+        gate=None if tenancy is None else tenancy.gate, trail=trail, observer=observer,
+    )  # fmt: skip
+
+
+def build_observer(
+    settings: GatewaySettings, fleet_file: FleetFile, clock: Clock
+) -> Observer | None:
+    """Traces and access lines, or None when both are off (the hot path then pays nothing).
+    The OpenTelemetry SDK is imported only when tracing is configured."""
+    traced = tracing_settings(fleet_file.tracing)
+    access = settings.access_log
+    if access is None:
+        access = settings.log_format == "json"
+    if traced is None and not access:
+        return None
+    tracing = None
+    if traced is not None:
+        from fleetserve.telemetry.tracing import Sampling, Tracing  # noqa: PLC0415
+
+        tracing = Tracing.otlp(
+            traced.traces_url, traced.header_values(),
+            Sampling.named(traced.sampler, traced.ratio), traced.service_name, traced.timeout_s,
+        )  # fmt: skip
+    return Observer(
+        tracing, AccessLog(settings.log_format) if access else None, _prices(fleet_file),
+        {spec.name: spec.engine for spec in fleet_file.models}, clock,
     )  # fmt: skip
 
 

@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp
 
@@ -32,6 +33,7 @@ from fleetserve.errors import (
 )
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.gateway.connection import ABORT_EXTENSION, WATCHDOG_STATE
+from fleetserve.gateway.dashboard.trail import RequestTrail
 from fleetserve.gateway.exchange import Exchange
 from fleetserve.gateway.hold import HoldQueue
 from fleetserve.gateway.proxy import Proxy
@@ -54,10 +56,14 @@ from fleetserve.telemetry.metrics import STREAM_ERROR, GatewayMetrics
 from fleetserve.telemetry.names import NO_MODEL, OTHER_MODEL
 from fleetserve.telemetry.window import LoadWindow, estimate_demand_tokens
 
+if TYPE_CHECKING:
+    from fleetserve.gateway.observe import Observer
+
 log = logging.getLogger("fleetserve.gateway")
 
 # path -> is it a chat request
 OPENAI_PATHS = {"/v1/chat/completions": True, "/v1/completions": False}
+REQUEST_ID_HEADER = b"x-request-id"
 CLIENT_CLOSED = 499  # nginx's code for "client closed request", for metrics only
 CLOSE = [CONNECTION_CLOSE]
 
@@ -88,6 +94,8 @@ class GatewayApp:
         shutdown: Shutdown,
         lifespan: Lifespan,
         gate: TenantGate | None = None,
+        trail: RequestTrail | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.proxy = proxy
         self.fleet = fleet
@@ -101,6 +109,8 @@ class GatewayApp:
         self.shutdown = shutdown
         self.lifespan = lifespan
         self.gate = gate
+        self.trail = trail or RequestTrail()  # the live page's: off until a page opens
+        self.observer = observer  # traces and access lines (None: both off)
         self.startup_error: FleetserveError | None = None
         self._ids = itertools.count(1)
         # Unique across processes and restarts: the ledger's idempotent write keys on it.
@@ -157,6 +167,8 @@ class GatewayApp:
             await self._serve(scope, receive, send, chat, exchange, task)
         finally:
             watched.discard(exchange)
+            if self.observer is not None and exchange.observed is None:  # never admitted
+                self.observer.refused(scope, exchange, exchange.status or CLIENT_CLOSED)
 
     async def _serve(
         self,
@@ -180,7 +192,8 @@ class GatewayApp:
             if exchange.ended_by is None:
                 raise
             task.uncancel()
-            self.metrics.finished("-", await self._ended_early(scope, send, exchange))
+            exchange.status = await self._ended_early(scope, send, exchange)
+            self.metrics.finished("-", exchange.status)
             return
         exchange.reading_since = 0.0
         t0 = self.clock.now()  # the budget, TTFT and e2e count from the end of the body
@@ -217,6 +230,10 @@ class GatewayApp:
             exchange.extra_headers = gate.headers(ticket)
         else:
             request_id = rid.decode("latin-1") if rid else f"{self._id_prefix}{next(self._ids)}"
+            exchange.extra_headers = ((REQUEST_ID_HEADER, request_id.encode("latin-1")),)
+        observer = self.observer
+        if observer is not None:
+            body, send = observer.begin(scope, info, chat, request_id, body, send, exchange, t0)
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, exchange))
         counted = self.metrics.of(model)
         counted.in_flight += 1
@@ -247,6 +264,10 @@ class GatewayApp:
                 counted.finished(STREAM_ERROR)
             else:
                 counted.finished(status, now - t0 if ok else None)
+            if self.trail.on:
+                self.trail.add(request_id, exchange, status, now - t0, now)
+            if observer is not None:
+                observer.finish(exchange, status, now)
             if ticket is not None:
                 assert gate is not None
                 await self._account(gate, ticket, exchange, status, now - t0)
@@ -268,6 +289,7 @@ class GatewayApp:
         """A request refused before it reached a replica: counted, not timed."""
         exchange.finishing = True
         exchange.reading_since = 0.0
+        exchange.status = err.status
         await send_error(send, err, CLOSE if self.shutdown.draining else None)
         if self.fleet.serves(exchange.model):
             model = exchange.model

@@ -77,6 +77,14 @@ def at_capacity(replica: Replica) -> bool:
     return cap is not None and replica.in_flight >= cap
 
 
+def burst_cap(cap: int, headroom: float) -> int:
+    """The in-flight bound of a replica capped at `cap` for an interactive request: `cap`
+    plus `headroom` of it, rounded, and at least one slot more when headroom is on."""
+    if headroom <= 0:
+        return cap
+    return cap + max(1, round(cap * headroom))
+
+
 class HoldQueue:
     def __init__(
         self,
@@ -280,7 +288,13 @@ class HoldQueue:
             self.release(replica.model)
             return
         now = self.clock.now()
-        while queue and not at_capacity(replica):
+        cap = replica.max_concurrency
+        interactive = burst_cap(cap, self.settings.interactive_headroom)
+        while queue:
+            # An interactive request at the head of the queue may take a headroom slot.
+            bound = interactive if queue.next_priority(now) is Priority.INTERACTIVE else cap
+            if replica.in_flight >= bound:
+                break
             waiter = queue.release(now)
             if waiter is not None and not waiter.done():
                 self.fleet.begin(replica.id)

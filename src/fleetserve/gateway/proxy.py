@@ -35,7 +35,7 @@ from fleetserve.errors import (
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.replica import Replica
 from fleetserve.gateway.exchange import Exchange
-from fleetserve.gateway.hold import ANONYMOUS, HoldQueue, Share
+from fleetserve.gateway.hold import ANONYMOUS, HoldQueue, Share, burst_cap
 from fleetserve.gateway.keepalive import SSE_HEADERS_BASE, StreamKeepAlive, answer_as_event
 from fleetserve.gateway.shutdown import CONNECTION_CLOSE, Shutdown
 from fleetserve.gateway.upstream import UpstreamClient
@@ -47,6 +47,7 @@ from fleetserve.routing.pickers import make_picker
 from fleetserve.routing.snapshot import ReplicaSnapshot, ReplicaState, RouteRequest
 from fleetserve.telemetry.metrics import GatewayMetrics, observe_zeros
 from fleetserve.telemetry.window import LoadWindow
+from fleetserve.tenancy.fairness import Priority
 
 REPLICA_HEADER = b"x-fleetserve-replica"  # which replica served: for debugging and fault tests
 MIN_ATTEMPT_S = 0.001  # the first attempt always gets a try, however little budget is left
@@ -59,6 +60,11 @@ def _phase(err: UpstreamError) -> str:
     if isinstance(err, (UpstreamStatusError, UpstreamClosedError)):
         return "first_byte"
     return "connect"
+
+
+def _interactive(exchange: Exchange) -> bool:
+    ticket = exchange.ticket
+    return ticket is not None and ticket.principal.tenant.priority is Priority.INTERACTIVE
 
 
 def _error_kind(err: UpstreamError) -> str:
@@ -115,6 +121,22 @@ class Proxy:
         if picker is None:  # a model declared in the fleet at run time
             picker = self.pickers[info.model] = make_picker(DEFAULT_PICKER)
         return picker.pick(route, ready)
+
+    def _pick_headroom(
+        self, info: RequestInfo, tried: set[str], headroom: float
+    ) -> ReplicaSnapshot | None:
+        """For an interactive request when every replica is at its cap: the least loaded one
+        still under its cap plus the interactive headroom (hold.burst_cap), if any."""
+        best: ReplicaSnapshot | None = None
+        for replica in self.fleet.ready(info.model):
+            cap = replica.max_concurrency
+            if cap is None or replica.id in tried:
+                continue
+            if replica.in_flight < burst_cap(cap, headroom) and (
+                best is None or replica.in_flight < best.in_flight
+            ):
+                best = replica
+        return best
 
     async def _hold(self, info: RequestInfo, send: Send, exchange: Exchange) -> str | None:
         """Hold until a replica can take the request; the id of one reserved for it, or None."""
@@ -222,6 +244,8 @@ class Proxy:
                 break
             replica: ReplicaSnapshot | Replica | None = self._pick(info, tried)
             reserved = False
+            if replica is None and holds is not None and _interactive(exchange):
+                replica = self._pick_headroom(info, tried, holds.settings.interactive_headroom)
             if replica is None:
                 if tried or holds is None or not holds.should_hold(info.model):
                     break
@@ -241,23 +265,32 @@ class Proxy:
             exchange.replica = replica.id
             url = replica.url + path
             tag = self._tag(replica.id, exchange)
+            obs = exchange.observed
+            traceparent = None if obs is None else obs.attempt(replica.id, replica.url, attempt)
             if not reserved:
                 self.fleet.begin(replica.id)
             try:
                 timeout_s = max(remaining_s, MIN_ATTEMPT_S)
                 if info.stream:
                     await self._stream(
-                        info, url, body, request_id, send, t0, timeout_s, exchange, tag
-                    )
+                        info, url, body, request_id, send, t0, timeout_s, exchange, tag,
+                        traceparent,
+                    )  # fmt: skip
                 else:
-                    response = await self.upstream.send(url, body, request_id, timeout_s)
+                    response = await self.upstream.send(
+                        url, body, request_id, timeout_s, traceparent
+                    )
                     exchange.finishing = True  # the answer is in hand: shutdown lets it out
                     if response.status < 300:
-                        usage = usage_of(response.body)
+                        usage = usage_of(response.body)  # read once: metrics, ledger, trace
                         if usage is not None:
                             self.metrics.of(info.model).tokens(*usage)
                         if exchange.ticket is not None:
                             exchange.ticket.usage = usage
+                        if obs is not None:
+                            if exchange.ticket is None:
+                                obs.usage = usage
+                            obs.answer(response.body, usage=False)
                     await send_bytes(
                         send, response.status, response.body, response.content_type.encode(), tag
                     )
@@ -269,10 +302,14 @@ class Proxy:
                     return
                 last = err
                 self._failed(info.model, replica.id, err)
+                if obs is not None:
+                    obs.attempt_failed(_error_kind(err), err.status)
                 continue
             except UpstreamError as err:
                 last = err
                 self._failed(info.model, replica.id, err)
+                if obs is not None:
+                    obs.attempt_failed(_error_kind(err))
                 continue
             finally:
                 self.fleet.end(replica.id)
@@ -335,16 +372,18 @@ class Proxy:
         first_byte_s: float,
         exchange: Exchange,
         tag: list[tuple[bytes, bytes]],
+        traceparent: str | None = None,
     ) -> None:
         clock = self.clock
         deadline = clock.now() + first_byte_s
-        async with self.upstream.stream(url, body, request_id, first_byte_s) as stream:
+        async with self.upstream.stream(url, body, request_id, first_byte_s, traceparent) as stream:
             left_s = max(deadline - clock.now(), MIN_ATTEMPT_S)
             first = await stream.next_chunk(timeout_s=left_s)
             if not first:
                 raise UpstreamClosedError("replica ended the stream before sending anything")
             # Committed: from here on a failure cannot be retried, only reported in-stream.
             now = clock.now()
+            exchange.ttft_s = now - t0
             self.metrics.observe_ttft(info.model, now - t0)
             ticket = exchange.ticket
             tap = None
@@ -355,6 +394,11 @@ class Proxy:
                 holds = self.holds
                 if holds is not None:
                     charge = functools.partial(holds.charge, info.model, ticket.tenant)
+            obs = exchange.observed
+            if obs is not None:
+                obs.ttft_s = now - t0
+                if tap is None:
+                    tap = obs.tap
             # The autoscaler's window leaves a cold-start hold out (more replicas cannot
             # shorten it) but keeps time held at capacity (more replicas would).
             self.window.observe_ttft(info.model, now, now - t0 - exchange.cold_hold_s)
@@ -366,6 +410,8 @@ class Proxy:
                     charge(events)
                 if tap is not None:
                     first = tap.feed(first)
+            elif tap is not None:  # the observer's (gateway/observe.py)
+                first = tap.feed(first)
             # Writes to the client are stamped: the watchdog cuts a client that stops reading.
             exchange.sending_since = now
             if not exchange.head_sent:

@@ -1,7 +1,8 @@
 """The gateway's cold routes: liveness, readiness, models, metrics and the admin views.
 
 Admin views (`/admin/fleet`, `/admin/load` and any the composition root adds, such as the
-autoscaler's `/admin/autoscaler`) answer JSON behind the same admin key.
+autoscaler's `/admin/autoscaler`) answer JSON behind the same admin key; so do the live
+page's data endpoints (gateway/dashboard/routes.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from starlette.routing import Route
 from fleetserve.clock import Clock
 from fleetserve.errors import AuthenticationError, MethodNotAllowedError, NotFoundError
 from fleetserve.fleet.fleet import Fleet
+from fleetserve.gateway.dashboard import Dashboard, dashboard_routes
 from fleetserve.gateway.hold import HoldQueue
 from fleetserve.gateway.peers import Peers, merged_window
 from fleetserve.gateway.responses import error_response, json_response
@@ -31,7 +33,7 @@ from fleetserve.telemetry.window import LoadWindow
 
 AdminView = Callable[[], object]
 """Returns what `/admin/<name>` answers, as JSON-serialisable data (orjson: dataclasses too)."""
-BUILT_IN_VIEWS = frozenset({"fleet", "load", "replicas", "tenants", "keys", "usage"})
+BUILT_IN_VIEWS = frozenset({"fleet", "load", "replicas", "tenants", "keys", "usage", "dashboard"})
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -49,6 +51,7 @@ def build_routes_app(
     supervisor: Supervisor | None = None,
     peers: Peers | None = None,
     tenancy: TenancyApi | None = None,
+    dashboard: Dashboard | None = None,
 ) -> Starlette:
     """The cold routes. With `peers` (one of several worker processes) the admin views add
     the other workers' reports in, so they answer for the whole gateway. With `tenancy`
@@ -58,6 +61,7 @@ def build_routes_app(
         raise ValueError(f"admin views {sorted(clash)} would hide built-in admin routes")
     started = int(clock.wall())
     expected_auth = f"Bearer {admin_key}" if admin_key else None
+    needs_key = expected_auth is not None
 
     def admin_denied(request: Request) -> Response | None:
         if expected_auth is None:
@@ -215,6 +219,7 @@ def build_routes_app(
             *(admin_view(name, view) for name, view in views.items()),
             Route("/admin/replicas/{replica_id:path}/drain", admin_drain, methods=["POST"]),
             *(tenancy_routes(tenancy, admin_denied) if tenancy is not None else ()),
+            *(dashboard_routes(dashboard, admin_denied, needs_key) if dashboard else ()),
         ],
         exception_handlers={HTTPException: not_found},
     )

@@ -17,6 +17,7 @@ from fleetserve.gateway.app import build_gateway
 from fleetserve.gateway.asgi import GatewayApp
 from fleetserve.gateway.connection import GatewayHttpProtocol
 from fleetserve.gateway.workers import run_workers
+from fleetserve.telemetry.logs import configure_logging
 
 log = logging.getLogger("fleetserve.gateway")
 
@@ -112,6 +113,7 @@ class GatewayServer(uvicorn.Server):
 
 def run_gateway(settings: GatewaySettings, fleet_file: FleetFile) -> None:
     """Serve until SIGINT/SIGTERM, then raise KeyboardInterrupt. Blocks."""
+    configure_logging(settings.log_format, settings.log_level)
     with terminate_as_interrupt():
         _run(settings, fleet_file)
 
@@ -130,6 +132,7 @@ def make_server(app: GatewayApp, settings: GatewaySettings) -> GatewayServer:
 
     Set `server.should_exit = True` to stop it; the app's lifespan then stops its services.
     """
+    configure_logging(settings.log_format, settings.log_level)
     config = uvicorn.Config(app, **_common(settings))  # type: ignore[arg-type]
     # uvicorn configured its loggers just now; the start-up failure is the app's to tell.
     logging.getLogger("uvicorn.error").addFilter(_StartupFailedFilter(app))
@@ -167,6 +170,8 @@ def _common(settings: GatewaySettings) -> dict[str, object]:
         "timeout_graceful_shutdown": settings.shutdown_grace_s + UVICORN_GRACE_MARGIN_S,
         "proxy_headers": False,  # no X-Forwarded-* rewriting: one middleware less per request
         **UVICORN_FAST,
+        # json: the process's logging is configured already (telemetry/logs.py), uvicorn's too
+        **({"log_config": None} if settings.log_format == "json" else {}),
     }
 
 

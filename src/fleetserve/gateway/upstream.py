@@ -115,17 +115,19 @@ class _StreamContext:
         body: bytes,
         request_id: str,
         first_byte_s: float | None,
+        traceparent: str | None = None,
     ) -> None:
         self._client = client
         self._url = url
         self._body = body
         self._request_id = request_id
         self._first_byte_s = first_byte_s
+        self._traceparent = traceparent
         self._stream: UpstreamStream | None = None
 
     async def __aenter__(self) -> UpstreamStream:
         self._stream = await self._client.open_stream(
-            self._url, self._body, self._request_id, self._first_byte_s
+            self._url, self._body, self._request_id, self._first_byte_s, self._traceparent
         )
         return self._stream
 
@@ -169,14 +171,22 @@ class UpstreamClient:
         await self.http1.close()
 
     async def send(
-        self, url: str, body: bytes, request_id: str, timeout_s: float | None = None
+        self,
+        url: str,
+        body: bytes,
+        request_id: str,
+        timeout_s: float | None = None,
+        traceparent: str | None = None,
     ) -> BufferedResponse:
         """POST and read the whole answer within `timeout_s` (default: the first-byte
-        timeout); non-2xx answers raise UpstreamStatusError."""
+        timeout); non-2xx answers raise UpstreamStatusError. `traceparent` (W3C) goes with
+        the request when given."""
         timeout_s = self.timeouts.first_byte_s if timeout_s is None else timeout_s
         if url.startswith("https://"):
-            return await self._send_tls(url, body, request_id, timeout_s)
-        response = await self.http1.request(url, body, request_id, timeout_s, stream=False)
+            return await self._send_tls(url, body, request_id, timeout_s, traceparent)
+        response = await self.http1.request(
+            url, body, request_id, timeout_s, stream=False, traceparent=traceparent
+        )
         data = response.body()
         response.finish()
         content_type = response.content_type or JSON
@@ -185,23 +195,35 @@ class UpstreamClient:
         return BufferedResponse(response.status, content_type, data)
 
     def stream(
-        self, url: str, body: bytes, request_id: str, first_byte_s: float | None = None
+        self,
+        url: str,
+        body: bytes,
+        request_id: str,
+        first_byte_s: float | None = None,
+        traceparent: str | None = None,
     ) -> _StreamContext:
         """`async with client.stream(...) as s:` opens a stream; non-2xx raise on entry.
 
         The response head must come within `first_byte_s` (default: the first-byte timeout).
         """
-        return _StreamContext(self, url, body, request_id, first_byte_s)
+        return _StreamContext(self, url, body, request_id, first_byte_s, traceparent)
 
     async def open_stream(
-        self, url: str, body: bytes, request_id: str, first_byte_s: float | None = None
+        self,
+        url: str,
+        body: bytes,
+        request_id: str,
+        first_byte_s: float | None = None,
+        traceparent: str | None = None,
     ) -> UpstreamStream:
         """The stream behind `stream()`; whoever calls this must `finish()` or `close()` it."""
         timeouts = self.timeouts
         first_byte_s = timeouts.first_byte_s if first_byte_s is None else first_byte_s
         if url.startswith("https://"):
-            return await self._open_tls_stream(url, body, request_id, first_byte_s)
-        response = await self.http1.request(url, body, request_id, first_byte_s, stream=True)
+            return await self._open_tls_stream(url, body, request_id, first_byte_s, traceparent)
+        response = await self.http1.request(
+            url, body, request_id, first_byte_s, stream=True, traceparent=traceparent
+        )
         if response.status >= 400:
             try:
                 data = await response.read(timeouts.idle_s, MAX_ERROR_BODY_BYTES)
@@ -217,15 +239,16 @@ class UpstreamClient:
     # https:// through aiohttp
 
     async def _post_tls(
-        self, url: str, body: bytes, request_id: str, first_byte_s: float
+        self, url: str, body: bytes, request_id: str, first_byte_s: float, traceparent: str | None
     ) -> aiohttp.ClientResponse:
         """POST; the response head is read. Connect and first-byte failures are mapped."""
         timeouts = self.timeouts
+        headers = {"Content-Type": JSON, "X-Request-Id": request_id}
+        if traceparent is not None:
+            headers["traceparent"] = traceparent
         try:
             async with asyncio.timeout(first_byte_s):
-                return await self.session.post(
-                    url, data=body, headers={"Content-Type": JSON, "X-Request-Id": request_id}
-                )
+                return await self.session.post(url, data=body, headers=headers)
         except TimeoutError as exc:
             raise UpstreamTimeoutError("first_byte", first_byte_s) from exc
         except aiohttp.ServerTimeoutError as exc:  # sock_connect
@@ -243,11 +266,11 @@ class UpstreamClient:
             response.release()
 
     async def _send_tls(
-        self, url: str, body: bytes, request_id: str, timeout_s: float
+        self, url: str, body: bytes, request_id: str, timeout_s: float, traceparent: str | None
     ) -> BufferedResponse:
         """The whole answer within `timeout_s`, head and body together."""
         deadline = asyncio.get_running_loop().time() + timeout_s
-        response = await self._post_tls(url, body, request_id, timeout_s)
+        response = await self._post_tls(url, body, request_id, timeout_s, traceparent)
         left_s = max(deadline - asyncio.get_running_loop().time(), 0.001)
         try:
             data = await self._read_tls(response, left_s)
@@ -261,9 +284,9 @@ class UpstreamClient:
         return BufferedResponse(response.status, content_type, data)
 
     async def _open_tls_stream(
-        self, url: str, body: bytes, request_id: str, first_byte_s: float
+        self, url: str, body: bytes, request_id: str, first_byte_s: float, traceparent: str | None
     ) -> UpstreamStream:
-        response = await self._post_tls(url, body, request_id, first_byte_s)
+        response = await self._post_tls(url, body, request_id, first_byte_s, traceparent)
         if response.status >= 400:
             try:
                 data = await self._read_tls(response, self.timeouts.idle_s)

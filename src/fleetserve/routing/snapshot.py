@@ -24,6 +24,9 @@ class EngineSignals:
     running: float | None = None
     waiting: float | None = None
     kv_usage_frac: float | None = None
+    # Cumulative output tokens the engine generated (a counter): the dashboard's tokens/s is
+    # its rate between two scrapes. Pickers and policies do not read it.
+    generation_tokens: float | None = None
 
 
 NO_SIGNALS = EngineSignals()

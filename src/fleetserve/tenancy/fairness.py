@@ -140,6 +140,10 @@ class FairQueue(Generic[T]):
         self.charge(tenant_name, waiting.input_tokens)
         return waiting.item
 
+    def next_priority(self, now: float) -> Priority | None:
+        """The class `release(now)` would take from, or None if nothing waits."""
+        return self._next_class(now)
+
     def charge(self, tenant: str, tokens: int) -> None:
         """Count `tokens` of service to `tenant` (output tokens as they stream)."""
         state = self._tenants.get(tenant)

@@ -120,6 +120,6 @@ def _text(data: object) -> str | None:
 async def _quietly_close(pubsub: PubSub) -> None:
     """Close a subscription whose connection may already be broken."""
     try:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # untyped before redis-py 7
     except _ERRORS:
         log.debug("revocations: closing a broken subscription failed", exc_info=True)

@@ -247,14 +247,17 @@ def _text(value: str) -> str:
 _USAGE_TEXT = ("request_id", "tenant", "key_prefix", "model", "replica")
 
 
-def usage_values(row: UsageRow) -> dict[str, Any]:
-    values = {name: getattr(row, name) for name in USAGE_FIELDS}
-    for name in _USAGE_TEXT:
-        if values[name] is not None:
-            values[name] = _text(values[name])
-    values["finish_reason"] = FinishReason(row.finish_reason).value
-    values["usage_estimated"] = bool(row.usage_estimated)
-    return values
+def usage_tuple(row: UsageRow) -> tuple[Any, ...]:
+    """A row's values in USAGE_FIELDS order (text made storable), for the ledger's insert."""
+    replica = row.replica
+    return (
+        _text(row.request_id), _text(row.tenant),
+        None if row.key_prefix is None else _text(row.key_prefix), _text(row.model),
+        None if replica is None else _text(replica), row.status, row.prompt_tokens,
+        row.completion_tokens, row.cost_micro_usd, row.queue_s, row.ttft_s, row.e2e_s,
+        row.started_at, row.ended_at, FinishReason(row.finish_reason).value,
+        bool(row.usage_estimated),
+    )  # fmt: skip
 
 
 def usage_from(row: RowMapping) -> UsageRow:

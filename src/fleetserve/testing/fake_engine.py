@@ -29,26 +29,39 @@ class FakeEngineState:
     pad_bytes: int = 0  # extra characters in each chunk's text (big streams)
     chatter: bool = False  # a role-only chunk first and a comment line before every chunk
     fail_after_chunks: int = 2
+    stream_usage: bool = False  # a usage chunk when the request asks (stream_options), as vLLM
+    finish_reason: str | None = None  # on a stream's last chunk (None: none)
     received: list[bytes] = field(default_factory=list)
+    traceparents: list[str | None] = field(default_factory=list)  # each request's header
     cancelled: int = 0
     completed: int = 0
     active: int = 0
     healthy: bool = True
 
 
-def _chunk(i: int, model: str, chat: bool, pad_bytes: int = 0) -> bytes:
+def _chunk(
+    i: int, model: str, chat: bool, pad_bytes: int = 0, finish_reason: str | None = None
+) -> bytes:
     text = f"t{i} " + "x" * pad_bytes
     if chat:
         payload: dict[str, object] = {
             "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0,
             "model": model, "choices": [{"index": 0, "delta": {"content": text},
-                                         "finish_reason": None}],
+                                         "finish_reason": finish_reason}],
         }  # fmt: skip
     else:
         payload = {
             "id": "cmpl-fake", "object": "text_completion", "created": 0, "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": None}],
+            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason}],
         }  # fmt: skip
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _usage_chunk(model: str, completion_tokens: int) -> bytes:
+    usage = {"prompt_tokens": 3, "completion_tokens": completion_tokens,
+             "total_tokens": 3 + completion_tokens}  # fmt: skip
+    payload = {"id": "fake", "object": "chat.completion.chunk", "created": 0, "model": model,
+               "choices": [], "usage": usage}  # fmt: skip
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
@@ -114,6 +127,7 @@ class FakeEngine:
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         self.state.received.append(raw)
+        self.state.traceparents.append(request.headers.get("traceparent"))
         body = orjson.loads(raw)
         chat = request.path.endswith("chat/completions")
         state = self.state
@@ -128,7 +142,9 @@ class FakeEngine:
             if state.fault == "hang":
                 await asyncio.sleep(3600)
             if body.get("stream"):
-                return await self._stream(request, body.get("model", ""), chat)
+                return await self._stream(
+                    request, body.get("model", ""), chat, body.get("stream_options")
+                )
             await asyncio.sleep(state.chunk_delay_s * state.chunks)
             text = "".join(f"t{i} " for i in range(state.chunks))
             message = {"role": "assistant", "content": text}
@@ -151,7 +167,9 @@ class FakeEngine:
         finally:
             state.active -= 1
 
-    async def _stream(self, request: web.Request, model: str, chat: bool) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, model: str, chat: bool, options: object = None
+    ) -> web.StreamResponse:
         state = self.state
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -169,7 +187,11 @@ class FakeEngine:
             if i == state.fail_after_chunks and state.fault == "stall_mid_stream":
                 await asyncio.sleep(3600)
             await asyncio.sleep(state.chunk_delay_s)
-            await response.write(_chunk(i, model, chat, state.pad_bytes))
+            last = i == state.chunks - 1
+            reason = state.finish_reason if last else None
+            await response.write(_chunk(i, model, chat, state.pad_bytes, reason))
+        if state.stream_usage and isinstance(options, dict) and options.get("include_usage"):
+            await response.write(_usage_chunk(model, state.chunks))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         state.completed += 1

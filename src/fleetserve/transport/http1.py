@@ -172,15 +172,24 @@ class Http1Client:
                 conn.poolable = False
 
     async def request(
-        self, url: str, body: bytes, request_id: str, first_byte_s: float, *, stream: bool
+        self,
+        url: str,
+        body: bytes,
+        request_id: str,
+        first_byte_s: float,
+        *,
+        stream: bool,
+        traceparent: str | None = None,
     ) -> Response:
         """POST `body`; return once the head (stream) or the whole answer (not) is in.
 
-        `first_byte_s` counts from the request being sent.
+        `first_byte_s` counts from the request being sent; `traceparent` (W3C) is sent as
+        that header when given.
         """
         origin, head = self._target(url)
+        trace = b"" if traceparent is None else b"\r\ntraceparent: " + traceparent.encode()
         request = b"".join(
-            (head, request_id.encode("latin-1"), b"\r\nContent-Length: ",
+            (head, request_id.encode("latin-1"), trace, b"\r\nContent-Length: ",
              str(len(body)).encode(), b"\r\n\r\n", body)
         )  # fmt: skip
         limit = 0 if stream else self.max_body_bytes

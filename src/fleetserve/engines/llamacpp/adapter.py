@@ -1,8 +1,9 @@
 """EngineAdapter for llama.cpp's `llama-server` (continuous batching over `-np` slots).
 
 Its /metrics (with `--metrics`) map to the common signals: `llamacpp:requests_processing` is
-running, `llamacpp:requests_deferred` is waiting. It exports no KV-cache use in this version,
-so that signal stays None and pickers and policies treat it as missing.
+running, `llamacpp:requests_deferred` is waiting, `llamacpp:tokens_predicted_total` the
+generated tokens. It exports no KV-cache use in this version, so that signal stays None and
+pickers and policies treat it as missing.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ class LlamaCppAdapter:
     def parse_signals(self, metrics_text: str) -> EngineSignals:
         running = sample_values(metrics_text, "llamacpp:requests_processing")
         waiting = sample_values(metrics_text, "llamacpp:requests_deferred")
+        generated = sample_values(metrics_text, "llamacpp:tokens_predicted_total")
         return EngineSignals(
             running=sum(running) if running else None,
             waiting=sum(waiting) if waiting else None,
             kv_usage_frac=None,
+            generation_tokens=sum(generated) if generated else None,
         )
