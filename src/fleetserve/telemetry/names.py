@@ -110,8 +110,8 @@ E2E = _m(
 TOKENS = _m(
     "fleetserve_tokens", "counter",
     "Tokens in the engines' usage of answers the gateway read it from, by model and kind "
-    "(input, output): every non-stream answer, and streams while tenancy is on (the gateway "
-    "asks for their usage). Streams with auth none are not counted here.",
+    "(input, output): every non-stream answer, and streams while tenancy, traces or the "
+    "access log are on (the gateway then asks for their usage); other streams are not counted.",
     "model", "kind",
 )  # fmt: skip
 IN_FLIGHT = _m("fleetserve_in_flight", "gauge", "Requests being proxied now.", "model")
