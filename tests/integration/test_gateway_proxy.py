@@ -270,12 +270,13 @@ async def test_latency_histograms_hold_served_requests_only(http: aiohttp.Client
         assert registry is not None
         assert registry.get_sample_value("fleetserve_e2e_seconds_count", {"model": MODEL}) == 1
         rejected = {
-            code: registry.get_sample_value(
-                "fleetserve_requests_total", {"model": "-", "status": code}
+            (model, code): registry.get_sample_value(
+                "fleetserve_requests_total", {"model": model, "status": code}
             )
-            for code in ("400", "404", "413")
+            for model, code in (("-", "400"), ("other", "404"), ("-", "413"))
         }
-        assert rejected == {"400": 1, "404": 1, "413": 1}
+        # An unknown model is `other` (bounded labels); `-`: refused before naming a model.
+        assert rejected == {("-", "400"): 1, ("other", "404"): 1, ("-", "413"): 1}
 
 
 async def test_wrong_method_and_unknown_path(http: aiohttp.ClientSession) -> None:

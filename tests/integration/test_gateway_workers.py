@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from fleetserve.fleet.processes import free_port
+from fleetserve.telemetry.metrics import METRICS_FLUSH_S
 from fleetserve.testing.fake_engine import fake_engines
 from fleetserve.testing.gateway import wait_until
 
@@ -56,15 +57,22 @@ async def test_two_workers_share_a_port_and_metrics_add_up(tmp_path: Path) -> No
             assert [r.status for r in results] == [200] * 40
             for r in results:
                 r.release()
-            totals = set()
-            for _ in range(6):  # scrapes land on either worker; each must see all 40
-                async with http.get(url + "/metrics") as r:
-                    text = await r.text()
-                match = re.search(
-                    r'fleetserve_requests_total\{model="m",status="200"\} (\S+)', text
-                )
-                assert match, text[:2000]
-                totals.add(float(match.group(1)))
+            # Scrapes land on either worker; each must see all 40 once the other worker has
+            # flushed its figures (every METRICS_FLUSH_S: telemetry/batched.py).
+            deadline = asyncio.get_running_loop().time() + 3 * METRICS_FLUSH_S + 2
+            while True:
+                totals = set()
+                for _ in range(6):
+                    async with http.get(url + "/metrics") as r:
+                        text = await r.text()
+                    match = re.search(
+                        r'fleetserve_requests_total\{model="m",status="200"\} (\S+)', text
+                    )
+                    assert match, text[:2000]
+                    totals.add(float(match.group(1)))
+                if totals == {40.0} or asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.1)
             assert totals == {40.0}
             served = {e.name: e.state.completed for e in engines}
             assert sum(served.values()) == 40
@@ -154,8 +162,12 @@ async def test_a_dead_worker_leaves_no_gauges_behind_and_is_replaced(tmp_path: P
         url = f"http://127.0.0.1:{port}"
 
         def workers() -> list[psutil.Process]:
-            children = psutil.Process(proc.pid).children()
-            return [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+            found = []
+            for child in psutil.Process(proc.pid).children():
+                with contextlib.suppress(psutil.ZombieProcess):  # killed, not yet reaped
+                    if "spawn_main" in " ".join(child.cmdline()):
+                        found.append(child)
+            return found
 
         async def in_flight_metric() -> float:
             async with http.get(url + "/metrics") as r:
@@ -179,6 +191,9 @@ async def test_a_dead_worker_leaves_no_gauges_behind_and_is_replaced(tmp_path: P
 
             tasks = [asyncio.create_task(stream()) for _ in range(8)]
             await wait_until(lambda: engine.state.active == 8, 10)
+            async with asyncio.timeout(10):  # both workers' gauges are in (flushed each second)
+                while await in_flight_metric() != 8:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
 
             # The worker holding the most client connections holds at least four of the
             # eight streams: the readiness probe's kept-alive connection is the only other.

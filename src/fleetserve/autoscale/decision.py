@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+NO_SIGNAL = "none"  # what `Decision.signal` says when no signal was measured
+
 
 class Direction(StrEnum):
     UP = "up"
@@ -30,6 +32,15 @@ class Decision:
     """Why, for people: the deciding signal, then every guard that changed the number."""
     signals: Mapping[str, int | None]
     """Replicas each signal asked for; None when it was not measured or asked for nothing."""
+
+    @property
+    def signal(self) -> str:
+        """The signal whose recommendation won (the first of the largest, as `decide` picks
+        it); `none` when no signal was measured."""
+        for name, replicas in self.signals.items():
+            if replicas is not None and replicas == self.recommendation:
+                return name
+        return NO_SIGNAL
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from fleetserve.config import (
     GatewaySettings,
     ModelSpec,
     PickerName,
+    PriceSpec,
     admin_api_line,
     describe_errors,
     load_fleet_file,
@@ -223,6 +224,7 @@ def up_command(
                 autoscale=autoscale,
                 drain_grace_s=drain_grace_s,
                 max_concurrency=cap,
+                pricing=_pricing(fleet_file),
             )
             run_autoscaled_stack(scaled, settings, on_ready=announce)
     except KeyboardInterrupt:
@@ -265,6 +267,14 @@ def _autoscale(
         return AutoscaleSettings.model_validate(base)
     except ValidationError as exc:
         raise ConfigError(f"autoscale settings are invalid: {describe_errors(exc)}") from exc
+
+
+def _pricing(fleet_file: Path | None) -> PriceSpec | None:
+    """The `pricing:` of the fleet file's autoscaled model (`_autoscale` checked there is
+    one), so that tenants' costs and budgets apply under `up` as under `gateway`."""
+    if fleet_file is None:
+        return None
+    return next(m.pricing for m in load_fleet_file(fleet_file).models if m.autoscale is not None)
 
 
 def _max_concurrency(

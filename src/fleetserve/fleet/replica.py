@@ -52,6 +52,7 @@ class Replica:
     signals: EngineSignals = NO_SIGNALS
     last_seen: float | None = None
     signals_at: float | None = None
+    scraped_at: float | None = None  # the last good scrape (signals_at is cleared when stale)
     max_concurrency: int | None = None
     consecutive_failures: int = 0
     ejections: int = 0
@@ -94,6 +95,7 @@ class Replica:
     def set_signals(self, signals: EngineSignals, now: float) -> None:
         self.signals = signals
         self.signals_at = now
+        self.scraped_at = now
         self.last_seen = now
         self._snapshot = None
 

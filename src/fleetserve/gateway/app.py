@@ -38,9 +38,9 @@ from fleetserve.gateway.upstream import UpstreamClient
 from fleetserve.gateway.watchdog import Watchdog
 from fleetserve.routing.picker import Picker
 from fleetserve.routing.pickers import make_picker
-from fleetserve.supervisor import Supervisor
+from fleetserve.supervisor import Supervisor, cancel_all
 from fleetserve.telemetry.logs import AccessLog
-from fleetserve.telemetry.metrics import GatewayMetrics
+from fleetserve.telemetry.metrics import METRICS_FLUSH_S, GatewayMetrics
 from fleetserve.telemetry.tenant_metrics import TenantMetrics
 from fleetserve.telemetry.window import LoadWindow
 from fleetserve.tenancy.model import Price
@@ -103,17 +103,22 @@ def build_gateway(
     parsers: dict[str, SignalParser] = {
         spec.name: adapter_for(spec.engine).parse_signals for spec in fleet_file.models
     }
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics(served=fleet.serves)
+    for spec in fleet_file.models:  # their series start at zero, before the first request
+        metrics.of(spec.name)
     upstream = UpstreamClient(settings.timeouts)
     tenancy = None
     if auth_mode(settings) == "keys":
         # Imported here: the store and its drivers load only in gateways that use them.
         from fleetserve.gateway.tenancy_runtime import TenancyRuntime  # noqa: PLC0415
 
+        tenant_metrics = TenantMetrics(metrics.registry, settings.tenancy.metrics_top_tenants)
+        if metrics.registry is None:  # workers: flushed with the gateway's metrics
+            metrics.also_flush(tenant_metrics.flush)
         tenancy = TenancyRuntime(
             settings, default_state_dir(), _prices(fleet_file),
             {spec.name: spec.engine for spec in fleet_file.models}, clock,
-            TenantMetrics(metrics.registry, settings.tenancy.metrics_top_tenants), fleet,
+            tenant_metrics, fleet,
             upstream, supervisor, workers=worker.workers if worker is not None else 1,
         )  # fmt: skip
         services = [*services, tenancy]
@@ -161,10 +166,18 @@ def build_gateway(
         settings.shutdown_grace_s, watchdog.end_all("shutdown"),
     ))  # fmt: skip
 
+    async def flush_metrics() -> None:  # workers: what other workers' scrapes read
+        while True:
+            await clock.sleep(METRICS_FLUSH_S)
+            metrics.flush()
+
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
         await monitor.start()
         await watchdog.start()
+        flusher = None
+        if metrics.registry is None:
+            flusher = supervisor.spawn("metrics/flush", flush_metrics)
         try:
             async with contextlib.AsyncExitStack() as running:
                 for service in services:
@@ -173,6 +186,8 @@ def build_gateway(
                 yield
         finally:
             shutdown.cancel()
+            await cancel_all([flusher])
+            metrics.flush()
             await watchdog.stop()
             await monitor.stop()
             await upstream.close()
@@ -240,10 +255,11 @@ def _prices(fleet_file: FleetFile) -> dict[str, Price]:
 
 
 def _desired_from(view: dict[str, object], metrics: GatewayMetrics) -> None:
-    """The parent's autoscaler decided: its target in this worker's /metrics too."""
-    desired, model = view.get("desired"), view.get("model")
+    """The parent's autoscaler decided: its target (and ceiling) in this worker's /metrics."""
+    desired, model, settings = view.get("desired"), view.get("model"), view.get("settings")
     if isinstance(desired, int) and isinstance(model, str):
-        metrics.set_desired_replicas(model, desired)
+        ceiling = settings.get("max_replicas") if isinstance(settings, dict) else None
+        metrics.set_desired_replicas(model, desired, ceiling if isinstance(ceiling, int) else None)
 
 
 def _forget_when_removed(fleet: Fleet, client: Http1Client, replica: Replica) -> None:

@@ -52,7 +52,8 @@ from fleetserve.protocol.asgi import (
 )
 from fleetserve.protocol.inspect import inspect_request
 from fleetserve.protocol.sse import encode_error_event
-from fleetserve.telemetry.metrics import GatewayMetrics
+from fleetserve.telemetry.metrics import STREAM_ERROR, GatewayMetrics
+from fleetserve.telemetry.names import NO_MODEL, OTHER_MODEL
 from fleetserve.telemetry.window import LoadWindow, estimate_demand_tokens
 
 if TYPE_CHECKING:
@@ -234,8 +235,8 @@ class GatewayApp:
         if observer is not None:
             body, send = observer.begin(scope, info, chat, request_id, body, send, exchange, t0)
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, exchange))
-        gauge = self.metrics.in_flight_child(model)
-        gauge.inc()
+        counted = self.metrics.of(model)
+        counted.in_flight += 1
         self.window.arrived(model, t0, estimate_demand_tokens(len(body), info.max_tokens))
         status = 500
         try:
@@ -255,11 +256,14 @@ class GatewayApp:
             status = await self._ended_early(scope, send, exchange)
         finally:
             watcher.cancel()
-            gauge.dec()
+            counted.in_flight -= 1
             now = self.clock.now()
             self.window.finished(model, now)
-            served = 200 <= status < 300 and not exchange.stream_failed
-            self.metrics.finished(model, status, now - t0 if served else None)
+            ok = 200 <= status < 300
+            if ok and exchange.stream_failed:  # a 200 head, then an error event
+                counted.finished(STREAM_ERROR)
+            else:
+                counted.finished(status, now - t0 if ok else None)
             if self.trail.on:
                 self.trail.add(request_id, exchange, status, now - t0, now)
             if observer is not None:
@@ -287,7 +291,10 @@ class GatewayApp:
         exchange.reading_since = 0.0
         exchange.status = err.status
         await send_error(send, err, CLOSE if self.shutdown.draining else None)
-        model = exchange.model if self.fleet.serves(exchange.model) else "-"
+        if self.fleet.serves(exchange.model):
+            model = exchange.model
+        else:  # bounded labels: a model the fleet does not serve is `other`
+            model = OTHER_MODEL if isinstance(err, ModelNotFoundError) else NO_MODEL
         self.metrics.finished(model, err.status)
 
     async def _ended_early(self, scope: Scope, send: Send, exchange: Exchange) -> int:

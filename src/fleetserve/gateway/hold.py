@@ -103,6 +103,7 @@ class HoldQueue:
         self.clock = clock
         self.window = window
         self.metrics = metrics
+        metrics.hold_capacity.set(settings.max_held)
         self.autoscaled = set(autoscaled or ())
         self.on_demand = on_demand
         self._retry = {"Retry-After": str(retry_after_s)}
@@ -174,8 +175,8 @@ class HoldQueue:
             priority=share.priority, input_tokens=share.input_tokens,
         )  # fmt: skip
         self.window.hold_started(model, self.clock.now())
-        gauge = self.metrics.held.labels(model)
-        gauge.inc()
+        counted = self.metrics.of(model)
+        counted.held += 1
         if len(queue) == 1 and not ready:
             self._wake(model)
         try:
@@ -188,7 +189,7 @@ class HoldQueue:
                 waiter.cancel()
             queue.remove(waiter)
             self.window.hold_ended(model, self.clock.now())
-            gauge.dec()
+            counted.held -= 1
         return waiter.result()
 
     async def _wait(

@@ -53,6 +53,15 @@ REPLICA_HEADER = b"x-fleetserve-replica"  # which replica served: for debugging 
 MIN_ATTEMPT_S = 0.001  # the first attempt always gets a try, however little budget is left
 
 
+def _phase(err: UpstreamError) -> str:
+    """Where an attempt failed, for metrics: connect, or first_byte (nothing sent yet)."""
+    if isinstance(err, UpstreamTimeoutError):
+        return "connect" if err.phase == "connect" else "first_byte"
+    if isinstance(err, (UpstreamStatusError, UpstreamClosedError)):
+        return "first_byte"
+    return "connect"
+
+
 def _interactive(exchange: Exchange) -> bool:
     ticket = exchange.ticket
     return ticket is not None and ticket.principal.tenant.priority is Priority.INTERACTIVE
@@ -211,7 +220,7 @@ class Proxy:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             if exchange.hold_started is not None:  # once per request, all its holds together
-                self.metrics.hold.labels(info.model).observe(exchange.hold_s)
+                self.metrics.of(info.model).hold.observe(exchange.hold_s)
 
     async def _forward(
         self,
@@ -249,7 +258,7 @@ class Proxy:
                 reserved = True  # the hold counted it in flight already
                 remaining_s = budget_s - (self.clock.now() - t0 - exchange.hold_s)
             if attempt:
-                self.metrics.retries.labels(info.model, _error_kind(last) if last else "").inc()
+                self.metrics.retried(info.model, _error_kind(last) if last else "")
             tried.add(replica.id)
             attempt += 1
             exchange.attempts = attempt
@@ -272,10 +281,16 @@ class Proxy:
                         url, body, request_id, timeout_s, traceparent
                     )
                     exchange.finishing = True  # the answer is in hand: shutdown lets it out
-                    if exchange.ticket is not None and response.status < 300:
-                        exchange.ticket.usage = usage_of(response.body)
-                    if obs is not None and response.status < 300:
-                        obs.answer(response.body, usage=exchange.ticket is None)
+                    if response.status < 300:
+                        usage = usage_of(response.body)  # read once: metrics, ledger, trace
+                        if usage is not None:
+                            self.metrics.of(info.model).tokens(*usage)
+                        if exchange.ticket is not None:
+                            exchange.ticket.usage = usage
+                        if obs is not None:
+                            if exchange.ticket is None:
+                                obs.usage = usage
+                            obs.answer(response.body, usage=False)
                     await send_bytes(
                         send, response.status, response.body, response.content_type.encode(), tag
                     )
@@ -302,6 +317,8 @@ class Proxy:
                     holds.freed(replica.id, info.model)
             if not exchange.stream_failed:
                 self.fleet.record_success(replica.id, self.clock.now())
+            if attempt > 1:
+                self.metrics.of(info.model).failovers += 1
             return
         if not tried:
             raise self._no_replica(info.model)
@@ -338,8 +355,10 @@ class Proxy:
         content_type = (err.content_type or "application/json").encode()
         await send_bytes(send, err.status, err.body, content_type, tag)
 
-    def _failed(self, model: str, replica_id: str, err: UpstreamError) -> None:
-        self.metrics.upstream_errors.labels(model, _error_kind(err)).inc()
+    def _failed(
+        self, model: str, replica_id: str, err: UpstreamError, phase: str | None = None
+    ) -> None:
+        self.metrics.upstream_error(model, _error_kind(err), phase or _phase(err))
         self.fleet.record_failure(replica_id, self.clock.now(), str(err))
 
     async def _stream(
@@ -417,7 +436,7 @@ class Proxy:
                 try:
                     chunk = await stream.next_chunk()
                 except UpstreamError as err:
-                    self._failed(info.model, exchange.replica or "", err)
+                    self._failed(info.model, exchange.replica or "", err, "stream")
                     exchange.stream_failed = True
                     gone = UpstreamFailedError(
                         f"the replica serving this stream failed mid-way: {err}",
@@ -456,5 +475,7 @@ class Proxy:
             exchange.sending_since = clock.now()
             if tap is not None and (rest := tap.finish()):
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
+            if tap is not None and (usage := tap.usage) is not None:
+                self.metrics.of(info.model).tokens(*usage)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             exchange.sending_since = 0.0

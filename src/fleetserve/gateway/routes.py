@@ -28,7 +28,7 @@ from fleetserve.gateway.shutdown import Shutdown
 from fleetserve.gateway.tenancy_admin import TenancyApi, tenancy_routes
 from fleetserve.routing.snapshot import ReplicaState
 from fleetserve.supervisor import Supervisor
-from fleetserve.telemetry.metrics import GatewayMetrics, exposition
+from fleetserve.telemetry.metrics import GatewayMetrics, ReplicaRow, exposition
 from fleetserve.telemetry.window import LoadWindow
 
 AdminView = Callable[[], object]
@@ -111,9 +111,22 @@ def build_routes_app(
             for state, n in fleet.count_by_state(model).items()
         ]
 
+    def replica_rows() -> list[ReplicaRow]:
+        now = clock.now()
+        rows = []
+        for r in fleet.replicas():
+            age = None
+            if r.state is ReplicaState.READY:
+                age = now - max(r.state_since, r.scraped_at or r.state_since)
+            signals = r.signals
+            rows.append(ReplicaRow(r.model, r.id, r.in_flight, signals.running, signals.waiting,
+                                   signals.kv_usage_frac, age))  # fmt: skip
+        return rows
+
     async def metrics_page(_: Request) -> Response:
         services = None if supervisor is None else supervisor.counts
-        return Response(exposition(metrics, state_counts, services), media_type=PROMETHEUS_TEXT)
+        body = exposition(metrics, state_counts, services, replica_rows)
+        return Response(body, media_type=PROMETHEUS_TEXT)
 
     async def admin_fleet(request: Request) -> Response:
         if denied := admin_denied(request):

@@ -279,9 +279,8 @@ class TenantGate:
 
     # -- auth and admission ----------------------------------------------------------------
     def rejected_key(self) -> None:
-        """A request refused at auth (401): counted under tenant `-`."""
-        self.metrics.rejections.labels(UNKNOWN, "invalid_key").inc()
-        self.metrics.requests.labels(UNKNOWN, "401").inc()
+        """A request refused at auth (401): a rejection of tenant `-` (no tenant's request)."""
+        self.metrics.rejected(UNKNOWN, "invalid_key")
 
     async def admit(
         self, principal: Principal, info: RequestInfo, body: bytes, request_id: str
@@ -291,8 +290,8 @@ class TenantGate:
         tenant = principal.tenant
         label = self.metrics.label(tenant.name)
         if not tenant.may_use(info.model):
-            self.metrics.rejections.labels(label, "model_not_allowed").inc()
-            self.metrics.requests.labels(label, "403").inc()
+            self.metrics.rejected(label, "model_not_allowed")
+            self.metrics.counted(label, 403)
             raise PermissionDeniedError(
                 f"tenant {tenant.name!r} may not use model {info.model!r}", param="model"
             )
@@ -310,9 +309,9 @@ class TenantGate:
             await self.seed(tenant)
         verdict = await self.limiter.admit(principal, estimate)
         if isinstance(verdict, Rejection):
-            self.metrics.rejections.labels(label, verdict.reason.value).inc()
+            self.metrics.rejected(label, verdict.reason.value)
             refusal = _refusal(verdict, principal)
-            self.metrics.requests.labels(label, str(refusal.status)).inc()
+            self.metrics.counted(label, refusal.status)
             raise refusal
         self._budget_seen(principal, verdict, label)
         add_usage = info.stream and not info.include_usage
@@ -338,9 +337,9 @@ class TenantGate:
         left = admission.budget_left_micro_usd
         if budget is None or left is None:
             return
-        self.metrics.budget(label, left / MICRO_USD)
         name = principal.tenant.name
         spent_frac = 1 - left / budget.limit_micro_usd if budget.limit_micro_usd else 1.0
+        self.metrics.budget(label, left / MICRO_USD, spent_frac, budget.soft_alert_frac)
         if spent_frac >= budget.soft_alert_frac and name not in self._alerted:
             self._alerted.add(name)
             log.warning(

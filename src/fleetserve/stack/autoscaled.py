@@ -10,6 +10,7 @@ parent's replica set and report their load, which the autoscaler observes merged
 from __future__ import annotations
 
 import asyncio
+import functools
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,8 +19,10 @@ from pathlib import Path
 
 import aiohttp
 
+from fleetserve.autoscale.decision import NO_SIGNAL, Decision, Direction
 from fleetserve.autoscale.loop import AutoscaleLoop
 from fleetserve.autoscale.observers import FleetObserver, GatewayFigures
+from fleetserve.autoscale.recommendations import SIGNALS
 from fleetserve.clock import RealClock
 from fleetserve.config import (
     DRAIN_GRACE_S,
@@ -30,6 +33,7 @@ from fleetserve.config import (
     GatewaySettings,
     ModelSpec,
     PickerName,
+    PriceSpec,
 )
 from fleetserve.engines.adapter import EngineAdapter
 from fleetserve.errors import EngineError
@@ -44,6 +48,7 @@ from fleetserve.gateway.workers import new_run_dir, run_workers
 from fleetserve.routing.snapshot import ReplicaState
 from fleetserve.stack.launcher import AdapterLauncher
 from fleetserve.supervisor import Supervisor
+from fleetserve.telemetry.metrics import GatewayMetrics
 from fleetserve.telemetry.window import LoadWindow
 
 
@@ -59,6 +64,7 @@ class AutoscaledStackSpec:
     drain_grace_s: float = DRAIN_GRACE_S
     # In flight per replica; the gateway queues the rest, so new replicas take the backlog.
     max_concurrency: int | None = None
+    pricing: PriceSpec | None = None  # the fleet file's, for tenants' costs and budgets
 
 
 class _StartFleet:
@@ -187,6 +193,7 @@ def build_autoscaled_gateway(
         picker=spec.picker,
         autoscale=spec.autoscale,
         max_concurrency=spec.max_concurrency,
+        pricing=spec.pricing,
     )
     app = build_gateway(
         settings,
@@ -204,10 +211,16 @@ def build_autoscaled_gateway(
         supervisor=supervisor,
     )
     # The gateway's metrics exist once it is built; the loop only decides after it starts.
-    loop.on_decision = lambda decision: app.metrics.set_desired_replicas(
-        spec.model, decision.desired
-    )
+    loop.on_decision = functools.partial(_count_decision, app.metrics, spec)
+    app.metrics.start_decisions(spec.model, [d.value for d in Direction], [*SIGNALS, NO_SIGNAL])
+    app.metrics.set_desired_replicas(spec.model, spec.autoscale.min_replicas,
+                                     spec.autoscale.max_replicas)  # fmt: skip
     return app
+
+
+def _count_decision(metrics: GatewayMetrics, spec: AutoscaledStackSpec, decision: Decision) -> None:
+    metrics.set_desired_replicas(spec.model, decision.desired, spec.autoscale.max_replicas)
+    metrics.decided(spec.model, decision.direction.value, decision.signal)
 
 
 def run_autoscaled_stack(
@@ -285,6 +298,7 @@ def run_autoscaled_workers(
         picker=spec.picker,
         autoscale=spec.autoscale,
         max_concurrency=spec.max_concurrency,
+        pricing=spec.pricing,
     )
     url = f"http://{settings.host}:{settings.port}"
     run_workers(

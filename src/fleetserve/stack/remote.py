@@ -10,15 +10,22 @@ from pathlib import Path
 
 import orjson
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from fleetserve.autoscale.decision import Decision
+from fleetserve.autoscale.decision import NO_SIGNAL, Decision, Direction
 from fleetserve.autoscale.loop import AutoscaleLoop
 from fleetserve.autoscale.observers import GatewayObserver
+from fleetserve.autoscale.recommendations import SIGNALS
 from fleetserve.clock import RealClock
 from fleetserve.config import AutoscaleSettings
 from fleetserve.fleet.actuators import Actuator
@@ -26,7 +33,9 @@ from fleetserve.fleet.kubernetes import KubernetesActuator, KubernetesTarget
 from fleetserve.fleet.processes import LOOPBACK
 from fleetserve.gateway.serve import terminate_as_interrupt
 from fleetserve.supervisor import Supervisor
+from fleetserve.telemetry import names
 from fleetserve.telemetry.metrics import ServiceCollector
+from fleetserve.telemetry.names import MetricDef
 
 JSON = "application/json"
 
@@ -56,18 +65,25 @@ def build_remote_autoscaler(
             spec.target, kubeconfig=spec.kubeconfig, context=spec.context
         )
     registry = CollectorRegistry()
-    desired = Gauge(
-        "fleetserve_desired_replicas", "Replicas the autoscaler wants, by model.", ["model"],
-        registry=registry,
-    )  # fmt: skip
+    desired = _gauge(names.DESIRED_REPLICAS, registry)
+    ceiling = _gauge(names.MAX_REPLICAS, registry)
+    decisions = Counter(
+        names.DECISIONS.name, names.DECISIONS.help, names.DECISIONS.labels, registry=registry
+    )
     replicas = Gauge(
-        "fleetserve_replicas", "Replicas by state, as the autoscaler last observed them.",
-        ["model", "state"], registry=registry,
+        names.REPLICAS.name, "Replicas by state, as the autoscaler last observed them.",
+        names.REPLICAS.labels, registry=registry,
     )  # fmt: skip
     registry.register(ServiceCollector(supervisor.counts))
 
+    for direction in Direction:  # at zero, so that the first decision counts in increase()
+        for signal in (*SIGNALS, NO_SIGNAL):
+            decisions.labels(spec.model, direction.value, signal)
+
     def on_decision(decision: Decision) -> None:
         desired.labels(spec.model).set(decision.desired)
+        ceiling.labels(spec.model).set(spec.autoscale.max_replicas)
+        decisions.labels(spec.model, decision.direction.value, decision.signal).inc()
         latest = loop.timeline.latest
         if latest is not None:
             for state in ("ready", "starting", "draining"):
@@ -114,6 +130,10 @@ def build_remote_autoscaler(
         lifespan=lifespan,
     )
     return loop, app
+
+
+def _gauge(d: MetricDef, registry: CollectorRegistry) -> Gauge:
+    return Gauge(d.name, d.help, d.labels, registry=registry)
 
 
 def run_remote_autoscaler(spec: RemoteAutoscalerSpec) -> None:
