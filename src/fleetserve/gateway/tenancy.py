@@ -210,16 +210,23 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
+_RATELIMIT_NAMES = {
+    what: tuple(f"x-ratelimit-{part}-{what}".encode() for part in ("limit", "remaining", "reset"))
+    for what in ("requests", "tokens")
+}
+
+
 def ratelimit_headers(requests: Quota | None, tokens: Quota | None) -> list[tuple[bytes, bytes]]:
     """OpenAI's `x-ratelimit-*` headers for the limits that apply."""
     out: list[tuple[bytes, bytes]] = []
-    for name, quota in (("requests", requests), ("tokens", tokens)):
+    for what, quota in (("requests", requests), ("tokens", tokens)):
         if quota is None:
             continue
+        limit, remaining, reset = _RATELIMIT_NAMES[what]
         out += [
-            (f"x-ratelimit-limit-{name}".encode(), str(quota.limit).encode()),
-            (f"x-ratelimit-remaining-{name}".encode(), str(max(0, quota.remaining)).encode()),
-            (f"x-ratelimit-reset-{name}".encode(), _duration(quota.reset_s).encode()),
+            (limit, b"%d" % quota.limit),
+            (remaining, b"%d" % max(0, quota.remaining)),
+            (reset, _duration(quota.reset_s).encode()),
         ]
     return out
 

@@ -96,6 +96,7 @@ class TenantMetrics:
         self.ledger_db_up = _gauge(n.LEDGER_DB_UP, reg, "min")
         self._tenants: dict[str, _TenantChildren] = {}
         self._rejections: dict[tuple[str, str], Counter] = {}
+        self._budgets: dict[str, tuple[float, float | None, float | None]] = {}
 
     def _of(self, tenant: str) -> _TenantChildren:
         """`tenant` is a label (from `self.label`), so this cache is bounded by top_n + 1."""
@@ -107,6 +108,13 @@ class TenantMetrics:
     def flush(self) -> None:
         for children in self._tenants.values():
             children.flush()
+        budgets, self._budgets = self._budgets, {}
+        for tenant, (left_usd, spent_frac, soft_frac) in budgets.items():
+            self.budget_left.labels(tenant).set(left_usd)
+            if spent_frac is not None:
+                self.budget_spent.labels(tenant).set(spent_frac)
+            if soft_frac is not None:
+                self.budget_soft.labels(tenant).set(soft_frac)
 
     def counted(self, tenant: str, status: int) -> None:
         """A request of `tenant` (a label) answered with `status`."""
@@ -134,9 +142,7 @@ class TenantMetrics:
         self, tenant: str, left_usd: float, spent_frac: float | None = None,
         soft_frac: float | None = None,
     ) -> None:  # fmt: skip
-        """The tenant's budget as of its latest admission (not the hot path of auth none)."""
-        self.budget_left.labels(tenant).set(left_usd)
-        if spent_frac is not None:
-            self.budget_spent.labels(tenant).set(spent_frac)
-        if soft_frac is not None:
-            self.budget_soft.labels(tenant).set(soft_frac)
+        """The tenant's budget as of its latest admission (`tenant` is a label): kept here and
+        set on the gauges at the next flush, as the counters are (one dict write per
+        admission of a tenant with a budget)."""
+        self._budgets[tenant] = (left_usd, spent_frac, soft_frac)
