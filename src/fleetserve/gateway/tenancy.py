@@ -62,7 +62,9 @@ FindKey = Callable[[str], Awaitable[tuple[ApiKey, Tenant] | None]]
 CountPrompt = Callable[[str, bytes], Awaitable[int | None]]
 """(replica id, request body) -> the prompt's tokens as that replica counts them, or None."""
 RecordUsage = Callable[[UsageRow], None]
-SeedBudget = Callable[[Tenant], Awaitable[None]]
+SeedBudget = Callable[[Tenant], Awaitable[None] | None]
+"""Seeds a tenant's budget counter when its period is new to this process: an awaitable to
+wait for, or None when there is nothing to do (the hot path: no coroutine is made)."""
 """Before a budgeted tenant's first admission in a period: its spend so far into the limiter."""
 
 REQUEST_ID_HEADER = b"x-request-id"  # the ledger row's id, for a client to match its answers
@@ -313,7 +315,9 @@ class TenantGate:
             output_micro_usd_per_token=price.output_per_mtok_usd if price else 0.0,
         )
         if tenant.budget is not None and self.seed is not None:
-            await self.seed(tenant)
+            seeding = self.seed(tenant)
+            if seeding is not None:
+                await seeding
         verdict = await self.limiter.admit(principal, estimate)
         if isinstance(verdict, Rejection):
             self.metrics.rejected(label, verdict.reason.value)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +23,15 @@ from fleetserve.tenancy.keys import load_pepper
 from fleetserve.tenancy.ledger import LedgerState, UsageLedger
 from fleetserve.tenancy.limiter import Admission, Estimate, Limiter, Rejection
 from fleetserve.tenancy.local_limiter import LocalLimiter
-from fleetserve.tenancy.model import ApiKey, Price, Principal, Tenant, UsageRow
+from fleetserve.tenancy.model import (
+    ApiKey,
+    BudgetPeriod,
+    BudgetSpec,
+    Price,
+    Principal,
+    Tenant,
+    UsageRow,
+)
 from fleetserve.tenancy.periods import period_of
 from fleetserve.tenancy.redis_limiter import RedisLimiter
 from fleetserve.tenancy.revocations import Revocations
@@ -152,7 +160,7 @@ class TenancyRuntime:
             PromptCounter(fleet, upstream, engines), seed=self._seed_budget,
         )  # fmt: skip
         # (tenant, period kind) -> when the seeded period ends: until then, nothing to do
-        self._seeded: dict[tuple[str, str], float] = {}
+        self._seeded: dict[tuple[str, BudgetPeriod], float] = {}
         self._supervisor = supervisor
         url = tenancy.redis_url
         self.revocations = None if url is None else Revocations.from_url(url.get_secret_value())
@@ -226,15 +234,24 @@ class TenancyRuntime:
             return None
         return await store.find_key(prefix)
 
-    async def _seed_budget(self, tenant: Tenant) -> None:
+    def _seed_budget(self, tenant: Tenant) -> Awaitable[None] | None:
         """Once per period: the tenant's spend so far, from the ledger, into the limiter's
-        counter (which keeps it if it already has one: Redis outlives gateways)."""
-        budget, store = tenant.budget, self.store
-        if budget is None or store is None:
-            return
-        key = (tenant.name, budget.period.value)
+        counter (which keeps it if it already has one: Redis outlives gateways). None when
+        this period is seeded already: the hot path, one lookup per admission."""
+        budget = tenant.budget
+        if budget is None or self.store is None:
+            return None
+        key = (tenant.name, budget.period)
         now = self.clock.wall()
-        if now < self._seeded.get(key, -math.inf):  # the hot path: one lookup per admission
+        if now < self._seeded.get(key, -math.inf):
+            return None
+        return self._seed(tenant, budget, key, now)
+
+    async def _seed(
+        self, tenant: Tenant, budget: BudgetSpec, key: tuple[str, BudgetPeriod], now: float
+    ) -> None:
+        store = self.store
+        if store is None:
             return
         period = period_of(budget.period, now)
         await self.ledger.flush()
