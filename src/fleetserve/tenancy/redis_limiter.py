@@ -152,6 +152,12 @@ class _Batches:
             if not isinstance(exc, Exception):
                 raise
             return
+        if self._one_reply_each and (not isinstance(reply, list) or len(reply) != len(futures)):
+            wrong = ResponseError(f"{self._lua.name}: {len(futures)} calls, reply {reply!r:.80}")
+            for future in futures:
+                if not future.done():
+                    future.set_exception(wrong)
+            return
         for i, future in enumerate(futures):
             if not future.done():  # its caller may have gone
                 future.set_result(reply[i] if self._one_reply_each else None)
