@@ -176,14 +176,15 @@ class Observer:
         tracing = self.tracing
         sampled = False
         if tracing is not None:
-            obs.began = self.clock.now()
-            obs.began_wall = time.time()
             trace = obs.trace = tracing.begin(
                 header(scope, b"traceparent"),
                 lambda: self._describe(info, chat, request_id),
             )
             sampled = trace.sampled
-            obs.addresses = self._addresses
+            if sampled:  # for completion_start_time: the wall clock at t0 + TTFT
+                obs.began = self.clock.now()
+                obs.began_wall = time.time()
+                obs.addresses = self._addresses
         ticket = exchange.ticket
         if info.stream:
             if ticket is None:

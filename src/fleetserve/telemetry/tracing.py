@@ -86,6 +86,10 @@ def traceparent(trace_id: int, span_id: int, sampled: bool) -> str:
     return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
 
 
+def _traceparent(trace_hex: str, span_id: int, flags: str) -> str:
+    return f"00-{trace_hex}-{span_id:016x}-{flags}"
+
+
 class Tracing:
     """One gateway worker's tracer: the span processor (the SDK's batch processor, in
     production) and the sampling rule. `shutdown()` exports what is queued."""
@@ -200,16 +204,21 @@ class _Recording:
 class RequestTrace:
     """One request's trace: its id, and (when sampled) its spans while they are open."""
 
-    __slots__ = ("_recording", "sampled", "trace_id")
+    __slots__ = ("_hex", "_recording", "sampled", "trace_id")
 
     def __init__(self, trace_id: int, recording: _Recording | None = None) -> None:
         self.trace_id = trace_id
         self._recording = recording
         self.sampled = recording is not None
+        self._hex = ""
 
     @property
     def trace_id_hex(self) -> str:
-        return f"{self.trace_id:032x}"
+        """The trace id as in `traceparent` (formatted once: each attempt and the access
+        line want it)."""
+        if not self._hex:
+            self._hex = f"{self.trace_id:032x}"
+        return self._hex
 
     def begin_attempt(self, name: str, attributes: Attributes) -> str:
         """Start the CLIENT span of an upstream attempt (the previous one ends first);
@@ -217,12 +226,12 @@ class RequestTrace:
         span_id = random.getrandbits(64) or 1
         recording = self._recording
         if recording is None:
-            return traceparent(self.trace_id, span_id, False)
+            return _traceparent(self.trace_id_hex, span_id, "00")
         self.end_attempt()
         state = recording.context.trace_state
         context = SpanContext(self.trace_id, span_id, False, _SAMPLED, state)
         recording.attempt = (context, name, attributes, time.time_ns())
-        return traceparent(self.trace_id, span_id, True)
+        return _traceparent(self.trace_id_hex, span_id, "01")
 
     def end_attempt(self, error_type: str | None = None, status: int | None = None) -> None:
         recording = self._recording
