@@ -74,8 +74,6 @@ class OtlpSpanExporter(OTLPSpanExporter):
 
 def encode_spans(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
     """The ExportTraceServiceRequest of `spans`, equal to the SDK encoder's (tested)."""
-    if any(s.events or s.links for s in spans):
-        return sdk_encode(spans)
     try:
         return _encode(spans)
     except (TypeError, ValueError):  # a kind it does not know, an int over 64 bits: the
@@ -90,6 +88,8 @@ def _encode(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
     groups: dict[Resource, dict[SdkScope | None, list[ReadableSpan]]] = {}
     spans_of: dict[tuple[int, int], list[ReadableSpan]] = {}
     for span in spans:
+        if span.events or span.links:  # fleetserve's spans have neither
+            return sdk_encode(spans)
         resource, scope = span.resource, span.instrumentation_scope or None
         members = spans_of.get((id(resource), id(scope)))
         if members is None:
