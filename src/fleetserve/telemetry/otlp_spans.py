@@ -4,10 +4,10 @@ generated `opentelemetry-proto` classes.
 
 The SDK's encoder makes a `KeyValue` and an `AnyValue` per attribute, then copies each list
 into its span, each span into its scope, each scope into its resource (upb copies a message
-passed to a constructor), and hashes the resource (a `json.dumps`) once per span: about
-60 us per span of ours here. Adding each message in place where it belongs
-(`repeated.add(...)`, set fields on the child) makes the same message in about 9 us
-(benchmarks/README.md, "Observability"); protobuf serializes it as before. Spans with
+passed to a constructor), and hashes the resource (a `json.dumps`) once per span: 37 us per
+span of ours in benchmarks/tracing_cost.py's run. Adding each message in place where it
+belongs (`repeated.add(...)`, set fields on the child) makes the same message in 11 us
+(benchmarks/README.md, "--observability"); protobuf serializes it as before. Spans with
 events or links (fleetserve makes none), or an attribute of a kind outside the SDK's own,
 go through the SDK's encoder unchanged.
 """

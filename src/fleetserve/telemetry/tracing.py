@@ -11,9 +11,10 @@ the SDK. What a request costs when tracing is on:
   (`ReadableSpan`, what its processors and exporters take) with its start time, all its
   attributes in one dict and its status, and handed to the span processor. A live SDK span
   (`Tracer.start_span`, `set_attribute`, `end`) runs the sampler, the id generator, a lock and
-  the attribute checks on every call: ~60 us for a request's two spans against ~9 us made at
-  the end (benchmarks/README.md, "Observability"). The spans are the same to an exporter:
-  ids, parent, kind, times, attributes, status, resource and scope.
+  the attribute checks on every call: 33 us for a request's two spans against 5 us made at
+  the end (benchmarks/tracing_cost.py; benchmarks/README.md, "--observability"). The
+  spans are the same to an exporter: ids, parent, kind, times, attributes, status,
+  resource and scope.
 - **exported** by `OtlpSpanExporter` (telemetry/otlp_spans.py): the SDK's OTLP/HTTP
   exporter with a faster encoder of the same message.
 
