@@ -150,7 +150,11 @@ async def test_spans_reach_an_otlp_receiver_with_the_genai_and_langfuse_attribut
     assert ttft > 0
     assert str(a[sc.LANGFUSE_COMPLETION_START_TIME]).endswith("Z")
 
-    (failover,) = [by_request[r] for r in ("f0", "f1") if len(by_request[r]) == 3]
+    # At least one of the two starts at the 500; both can, depending on where round robin
+    # stands (this failed 3 runs in 6 at 4d3ad01 when exactly one was required).
+    failovers = [by_request[r] for r in ("f0", "f1") if len(by_request[r]) == 3]
+    assert failovers, [len(by_request[r]) for r in ("f0", "f1")]
+    failover = failovers[0]
     failed_over, (first, second) = _tree(failover)
     assert first.attributes[sc.SERVER_PORT] == fakes[0].port
     assert first.attributes[sc.ERROR_TYPE] == "status_5xx"
