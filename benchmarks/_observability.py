@@ -109,7 +109,7 @@ def _body(stream: bool, max_tokens: int) -> bytes:
 
 
 def _start(
-    procs: Processes, gateway_core: int, load_core: int
+    procs: Processes, gateway_core: int, load_core: int, gateway_src: Path | None
 ) -> tuple[dict[str, str], list[ManagedProcess], ManagedProcess]:
     python = sys.executable
     engines = []
@@ -132,10 +132,10 @@ def _start(
                 "--engine", "sim"]  # fmt: skip
         for _, url in engines:
             argv += ["--upstream", url]
-        env: dict[str, str] = {}
+        env = {"PYTHONPATH": str(gateway_src)} if gateway_src is not None else {}
         if path == "on":
             argv += ["--log-format", "json"]
-            env = {
+            env |= {
                 "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{LOCALHOST}:{sink_port}",
                 "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
                 "OTEL_TRACES_SAMPLER_ARG": str(RATIO),
@@ -152,12 +152,18 @@ def _start(
 
 
 def run_once(
-    plan: Plan, workdir: Path, gateway_core: int, load_core: int, say: Callable[[str], None]
+    plan: Plan,
+    workdir: Path,
+    gateway_core: int,
+    load_core: int,
+    say: Callable[[str], None],
+    gateway_src: Path | None = None,
 ) -> Report:
+    """One run; both gateways from `gateway_src` when given (another checkout's src/)."""
     report = Report(rps={p: [] for p in PATHS}, cpu_us={p: [] for p in PATHS},
                     errors=dict.fromkeys(PATHS, 0))  # fmt: skip
     with Processes(workdir) as procs:
-        urls, watched, on_proc = _start(procs, gateway_core, load_core)
+        urls, watched, on_proc = _start(procs, gateway_core, load_core, gateway_src)
         script = wrk_post_script(workdir / "post.lua", _body(False, plan.max_tokens))
         for i in range(plan.rounds):
             for path in PATHS[:: 1 if i % 2 == 0 else -1]:

@@ -558,7 +558,12 @@ def _observability_main(args: argparse.Namespace) -> int:
     plan = obs.QUICK if args.quick else obs.FULL
     print("gateway_overhead --observability: tracing 0.1 + JSON access logs vs both off")
     print(time.strftime("date    : %Y-%m-%d %H:%M:%S %Z"))
-    print(f"commit  : {first_line(['git', 'rev-parse', '--short', 'HEAD'])}; {cpu_model()}")
+    src = args.gateway_src.resolve() if args.gateway_src else None
+    commit = first_line(["git", "rev-parse", "--short", "HEAD"])
+    if src is not None:
+        commit = first_line(["git", "-C", str(src.parent), "rev-parse", "--short", "HEAD"])
+        commit += f", gateways from {src}"
+    print(f"commit  : {commit}; {cpu_model()}; load average {os.getloadavg()[0]:.2f} at start")
     reports = []
     with sigterm_as_exit():
         for i in range(args.repeat):
@@ -566,7 +571,7 @@ def _observability_main(args: argparse.Namespace) -> int:
             with tempfile.TemporaryDirectory(prefix="gateway-observability-") as tmp:
                 reports.append(
                     obs.run_once(plan, Path(tmp), args.gateway_core, args.load_core,
-                                 lambda text: print(text, file=sys.stderr, flush=True))
+                                 lambda text: print(text, file=sys.stderr, flush=True), src)
                 )  # fmt: skip
     text, ok = obs.render(reports)
     print(text)

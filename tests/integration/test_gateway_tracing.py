@@ -41,7 +41,7 @@ class Traced:
         assert self.gw.app.observer is not None
         tracing = self.gw.app.observer.tracing
         assert tracing is not None
-        tracing.provider.force_flush()
+        tracing.force_flush()
         return list(self.exporter.get_finished_spans())
 
     def lines(self) -> list[dict[str, object]]:

@@ -150,11 +150,10 @@ async def test_spans_reach_an_otlp_receiver_with_the_genai_and_langfuse_attribut
     assert ttft > 0
     assert str(a[sc.LANGFUSE_COMPLETION_START_TIME]).endswith("Z")
 
-    # Round robin over [500, ok] sends at least one of the two to the 500 first (both, when
-    # the picker's turn came back to it): each such request is one server and two attempts.
+    # At least one of the two starts at the 500; both can, depending on where round robin
+    # stands (this failed 3 runs in 6 at 4d3ad01 when exactly one was required).
     failovers = [by_request[r] for r in ("f0", "f1") if len(by_request[r]) == 3]
-    assert failovers
-    assert all(len(by_request[r]) in (2, 3) for r in ("f0", "f1"))
+    assert failovers, [len(by_request[r]) for r in ("f0", "f1")]
     failover = failovers[0]
     failed_over, (first, second) = _tree(failover)
     assert first.attributes[sc.SERVER_PORT] == fakes[0].port
@@ -199,7 +198,7 @@ async def _drive(url: str) -> dict[str, str]:
             assert r.status == 200
             assert b'"usage":{' not in body  # the client did not ask for it
             ids["stream"] = r.headers["x-request-id"]
-        for i in range(2):  # round robin over [500, ok]: one or both start at the 500
+        for i in range(2):  # round robin over [500, ok]: one of the two starts at the 500
             async with http.post(
                 chat, json={"model": "flaky-model", **CHAT}, headers={"X-Request-ID": f"f{i}"}
             ) as r:

@@ -11,7 +11,14 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 
 from fleetserve.config import TracingSpec, tracing_settings
@@ -21,13 +28,21 @@ from fleetserve.telemetry import semconv as sc
 from fleetserve.telemetry.tracing import Sampling, Tracing, traceparent
 
 
-def sdk_decides(sampling: Sampling, trace_id: int, parent: bool | None) -> bool:
+def sdk_sampler(name: str, ratio: float) -> Sampler:
+    """The SDK's sampler of an OTEL_TRACES_SAMPLER name and argument (the reference)."""
+    root_name = name.removeprefix("parentbased_")
+    roots: dict[str, Sampler] = {"always_on": ALWAYS_ON, "always_off": ALWAYS_OFF}
+    root = roots[root_name] if root_name in roots else TraceIdRatioBased(ratio)
+    return ParentBased(root) if name.startswith("parentbased_") else root
+
+
+def sdk_decides(sampler: Sampler, trace_id: int, parent: bool | None) -> bool:
     context = None
     if parent is not None:
         flags = TraceFlags(TraceFlags.SAMPLED if parent else TraceFlags.DEFAULT)
         remote = SpanContext(trace_id, 0x1234, is_remote=True, trace_flags=flags)
         context = trace.set_span_in_context(NonRecordingSpan(remote))
-    result = sampling.sdk_sampler().should_sample(context, trace_id, "x")
+    result = sampler.should_sample(context, trace_id, "x")
     return result.decision in (Decision.RECORD_AND_SAMPLE, Decision.RECORD_ONLY)
 
 
@@ -39,13 +54,14 @@ def attrs(span: ReadableSpan) -> Mapping[str, object]:
 @pytest.mark.parametrize("ratio", [0.0, 0.1, 0.5, 1.0])
 def test_sampling_decides_as_the_sdk_sampler_does(name: str, ratio: float) -> None:
     sampling = Sampling.named(name, ratio)
+    reference = sdk_sampler(name, ratio)
     rng = random.Random(7)
     sampled = 0
     for _ in range(2000):
         trace_id = rng.getrandbits(128) or 1
         for parent in (None, True, False):
             ours = sampling.samples(trace_id, parent)
-            assert ours == sdk_decides(sampling, trace_id, parent), (trace_id, parent)
+            assert ours == sdk_decides(reference, trace_id, parent), (trace_id, parent)
         sampled += sampling.samples(trace_id)
     if name.endswith("traceidratio"):
         assert abs(sampled / 2000 - ratio) < 0.05  # the ratio holds
@@ -149,7 +165,7 @@ def test_a_request_with_a_failover_is_one_server_span_with_two_client_children()
     request.end_attempt("status_5xx", 500)
     second = request.begin_attempt("POST /v1/chat/completions", {sc.FLEETSERVE_ATTEMPT: 2})
     request.end({sc.GEN_AI_USAGE_OUTPUT_TOKENS: 4})
-    tracing.provider.force_flush()
+    tracing.force_flush()
     spans = {
         (s.kind, attrs(s).get(sc.FLEETSERVE_ATTEMPT)): s for s in exporter.get_finished_spans()
     }
@@ -188,7 +204,7 @@ def test_an_incoming_traceparent_is_the_parent_and_decides_under_parentbased() -
     assert not tracing.begin(None, lambda: ("chat m", {})).sampled  # a root at ratio 0
     malformed = tracing.begin(b"00-zz-nonsense", lambda: ("chat m", {}))  # ignored: a root
     assert malformed.trace_id != trace_id
-    tracing.provider.force_flush()
+    tracing.force_flush()
     (server,) = exporter.get_finished_spans()
     assert server.context.trace_id == trace_id
     assert server.parent is not None
@@ -206,6 +222,6 @@ def test_an_unsampled_request_makes_no_span_but_propagates_its_trace_id() -> Non
     assert one.split("-")[1] == two.split("-")[1] == request.trace_id_hex
     assert one.split("-")[2] != two.split("-")[2]  # a span id per attempt
     request.end({})
-    tracing.provider.force_flush()
+    tracing.force_flush()
     assert exporter.get_finished_spans() == ()
     tracing.shutdown()

@@ -64,6 +64,29 @@ def test_usage_of_a_whole_answer() -> None:
     assert usage_of(b"not json") is None
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 9}},
+                     id="usage-last"),
+        pytest.param({"usage": {"prompt_tokens": 5, "completion_tokens": 9}, "choices": [],
+                      "kv_transfer_params": None}, id="usage-first"),
+        pytest.param({"usage": {"prompt_tokens": 5, "completion_tokens": 9},
+                      "choices": [{"message": {"content": '"usage": {"prompt_tokens": 1}'}}]},
+                     id="usage-in-the-text-after"),
+        pytest.param({"usage": {"prompt_tokens": 5, "completion_tokens": 9},
+                      "extra": {"usage": {"prompt_tokens": 1, "completion_tokens": 1}}},
+                     id="a-nested-usage-after"),
+        pytest.param({"usage": {"prompt_tokens": 5, "completion_tokens": 9,
+                                "prompt_tokens_details": {"cached_tokens": 2}},
+                      "object": "usage"}, id="usage-as-a-value-after"),
+    ],
+)  # fmt: skip
+def test_usage_of_finds_the_answers_own_usage_wherever_it_is(answer: dict[str, object]) -> None:
+    assert usage_of(orjson.dumps(answer)) == (5, 9)
+    assert usage_of(orjson.dumps(answer, option=orjson.OPT_INDENT_2)) == (5, 9)
+
+
 def test_rewrite_adds_usage_by_splicing_and_keeps_the_rest() -> None:
     raw = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}'
     info = inspect_request(raw, chat=True)

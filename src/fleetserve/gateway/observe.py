@@ -20,7 +20,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -82,7 +82,7 @@ class Observation:
     trace: RequestTrace | None = None
     tap: UsageTap | None = None  # None: tenancy's tap reads the stream, or not a stream
     usage: tuple[int, int] | None = None  # a whole answer's (prompt, completion) tokens
-    reasons: list[str] = field(default_factory=list)  # a whole answer's finish reasons
+    reasons: list[str] | None = None  # a whole answer's finish reasons (sampled only)
     ttft_s: float | None = None
     bytes_out: int = 0
     began: float = 0.0  # the gateway's clock when the SERVER span started
@@ -176,14 +176,15 @@ class Observer:
         tracing = self.tracing
         sampled = False
         if tracing is not None:
-            obs.began = self.clock.now()
-            obs.began_wall = time.time()
             trace = obs.trace = tracing.begin(
                 header(scope, b"traceparent"),
                 lambda: self._describe(info, chat, request_id),
             )
             sampled = trace.sampled
-            obs.addresses = self._addresses
+            if sampled:  # for completion_start_time: the wall clock at t0 + TTFT
+                obs.began = self.clock.now()
+                obs.began_wall = time.time()
+                obs.addresses = self._addresses
         ticket = exchange.ticket
         if info.stream:
             if ticket is None:

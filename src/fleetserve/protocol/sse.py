@@ -220,13 +220,22 @@ class UsageTap:
 
 
 def usage_of(body: bytes) -> tuple[int, int] | None:
-    """(prompt, completion) tokens of a whole (non-stream) answer's `usage`, if it has one."""
-    if b'"usage"' not in body:
+    """(prompt, completion) tokens of a whole (non-stream) answer's `usage`, if it has one.
+
+    Engines put `usage` after `choices`, so the answer from its key on, reopened with `{`, is
+    most often a JSON object of its own, and parsing it skips the completion's text. Only
+    the answer's own key can parse so: inside a string the quotes would be escaped, and from
+    a key of a nested object on the braces do not balance. Otherwise: the whole answer."""
+    key = body.rfind(b'"usage"')
+    if key < 0:
         return None
     try:
-        answer = orjson.loads(body)
+        answer = orjson.loads(b"{" + body[key:])
     except orjson.JSONDecodeError:
-        return None
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
     usage = answer.get("usage") if type(answer) is dict else None
     if type(usage) is not dict:
         return None
