@@ -20,7 +20,7 @@ import socket
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -537,3 +537,22 @@ def cpu_model() -> str:
     except OSError:
         pass
     return "?"
+
+
+@dataclass(frozen=True, slots=True)
+class Spread:
+    """One figure over repeated runs: min, median (None when no run has it) and the values."""
+
+    low: float | None
+    median: float | None
+    values: list[float]
+
+
+def spreads(figures: Sequence[Mapping[str, float | None]]) -> dict[str, Spread]:
+    """Each figure's spread over runs, in the first run's order."""
+    out: dict[str, Spread] = {}
+    for name in figures[0]:
+        values = [v for f in figures if (v := f[name]) is not None]
+        low = min(values) if values else None
+        out[name] = Spread(low, statistics.median(values) if values else None, values)
+    return out

@@ -33,6 +33,7 @@ from benchmarks._harness import (
     merge_results,
     run_open_loop,
     run_wrk,
+    spreads,
     wrk_post_script,
 )
 from fleetserve.fleet.processes import free_port
@@ -203,18 +204,13 @@ def _f(value: float | None, spec: str = ".3f") -> str:
 
 
 def render(reports: Sequence[Report]) -> tuple[str, bool]:
-    figures = [r.figures() for r in reports]
-    names = list(figures[0])
+    table = spreads([r.figures() for r in reports])
     lines = [f"  {'figure':<42} {'min':>10} {'median':>10}  runs"]
-    summary: dict[str, float | None] = {}
-    for name in names:
-        values = [v for f in figures if (v := f[name]) is not None]
-        summary[name] = statistics.median(values) if values else None
-        runs = " ".join(_f(v) for v in values)
-        lines.append(
-            f"  {name:<42} {_f(min(values) if values else None):>10} "
-            f"{_f(summary[name]):>10}  {runs}"
-        )
+    lines += [
+        f"  {name:<42} {_f(s.low):>10} {_f(s.median):>10}  {' '.join(_f(v) for v in s.values)}"
+        for name, s in table.items()
+    ]
+    summary = {name: s.median for name, s in table.items()}
     errors = sum(sum(r.errors.values()) for r in reports)
     errors += sum(sum(p.errors.values()) for r in reports for p in r.points.values())
     last = reports[-1]

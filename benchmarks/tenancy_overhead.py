@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -42,6 +41,7 @@ from benchmarks._harness import (
     run_open_loop,
     run_wrk,
     sigterm_as_exit,
+    spreads,
     wrk_post_script,
 )
 from fleetserve.fleet.processes import free_port
@@ -213,16 +213,10 @@ def _f(value: float | None, spec: str = ".2f") -> str:
 
 
 def render(reports: Sequence[Report]) -> tuple[str, bool]:
-    figures = [r.figures() for r in reports]
-    names = list(figures[0])
+    table = spreads([r.figures() for r in reports])
     lines = [f"{'figure':<40} {'min':>10} {'median':>10}"]
-    summary: dict[str, float | None] = {}
-    for name in names:
-        values = [v for f in figures if (v := f[name]) is not None]
-        low = min(values) if values else None
-        mid = statistics.median(values) if values else None
-        summary[name] = mid
-        lines.append(f"{name:<40} {_f(low):>10} {_f(mid):>10}")
+    lines += [f"{name:<40} {_f(s.low):>10} {_f(s.median):>10}" for name, s in table.items()]
+    summary = {name: s.median for name, s in table.items()}
     errors = sum(sum(r.errors.values()) for r in reports)
     errors += sum(sum(p.errors.values()) for r in reports for p in r.points.values())
     lines.append(f"errors: {errors}; ledger rows written (last run): {reports[-1].ledger_rows:,}")
