@@ -42,6 +42,34 @@ def test_usage_the_client_asked_for_passes_on() -> None:
     assert tap.usage == (7, 3)
 
 
+def _nulled(text: str, spaced: bool = False) -> bytes:
+    event = {"choices": [{"index": 0, "delta": {"content": text}}], "usage": None}
+    if spaced:  # as json.dumps writes it
+        return b"data: " + orjson.dumps(event).replace(b'"usage":null', b'"usage": null') + b"\n\n"
+    return encode_event(event)
+
+
+NULLED = _nulled("a") + _nulled("b", spaced=True) + _nulled('"usage":{"x"}') + USAGE + DONE
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, len(NULLED)])
+def test_usage_null_on_every_event_as_openai_streams_it(size: int) -> None:
+    tap = UsageTap(strip=True)
+    reads = [NULLED[i : i + size] for i in range(0, len(NULLED), size)]
+    assert _through(tap, reads) == NULLED.replace(USAGE, b"")
+    assert tap.usage == (7, 3)
+    kept = UsageTap(strip=False)
+    assert _through(kept, [NULLED]) == NULLED
+    assert kept.usage == (7, 3)
+
+
+def test_events_with_usage_null_pass_untouched() -> None:
+    tap = UsageTap(strip=True)
+    read = _nulled("a") + _nulled("b")
+    assert tap.feed(read) is read  # not parsed: the same bytes object
+    assert tap.usage is None
+
+
 def test_whole_events_without_usage_pass_untouched_and_at_once() -> None:
     tap = UsageTap(strip=True)
     first = _content("hello")
