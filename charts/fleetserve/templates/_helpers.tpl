@@ -103,10 +103,52 @@ seccompProfile:
 {{/* The models the fleetserve autoscaler scales (a list of model dicts). */}}
 {{- define "fleetserve.autoscaledModels" -}}
 {{- $out := list -}}
-{{- range .Values.models -}}
+{{- range include "fleetserve.models" . | fromJsonArray -}}
 {{- if include "fleetserve.autoscaled" (dict "root" $ "model" .) -}}
 {{- $out = append $out .name -}}
 {{- end -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* Egress every fleetserve pod needs: DNS (kube-dns / CoreDNS in any namespace). */}}
+{{- define "fleetserve.egressDNS" -}}
+- to:
+    - namespaceSelector: {}
+      podSelector:
+        matchLabels:
+          k8s-app: kube-dns
+  ports:
+    - {protocol: UDP, port: 53}
+    - {protocol: TCP, port: 53}
+{{- end -}}
+
+{{- define "fleetserve.egressAPIServer" -}}
+- to:
+    {{- range .Values.networkPolicy.apiServerCIDRs }}
+    - ipBlock: {cidr: {{ . }}}
+    {{- end }}
+  ports:
+    - {protocol: TCP, port: 443}
+    - {protocol: TCP, port: 6443}
+{{- end -}}
+
+{{/* The models, each with modelDefaults filled in (JSON; read with fromJsonArray). A key the
+model gives replaces the default (false and 0 included); `cache` is merged key by key. */}}
+{{- define "fleetserve.models" -}}
+{{- $out := list -}}
+{{- range .Values.models -}}
+{{- $m := deepCopy $.Values.modelDefaults -}}
+{{- range $k, $v := . -}}
+{{- if eq $k "cache" -}}
+{{- $cache := deepCopy (get $m "cache" | default dict) -}}
+{{- range $k2, $v2 := $v }}{{- $_ := set $cache $k2 $v2 -}}{{- end -}}
+{{- $_ := set $m "cache" $cache -}}
+{{- else -}}
+{{- $_ := set $m $k $v -}}
+{{- end -}}
+{{- end -}}
+{{- $out = append $out $m -}}
 {{- end -}}
 {{- toJson $out -}}
 {{- end -}}
