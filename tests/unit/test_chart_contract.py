@@ -51,7 +51,7 @@ def test_every_fleetserve_container_passes_arguments_the_cli_accepts(name: str) 
             assert ctx.params
 
 
-@pytest.mark.parametrize("name", ["cpu-llamacpp", "open-no-autoscaler"])
+@pytest.mark.parametrize("name", ["cpu-llamacpp", "open-no-autoscaler", "bundled-stores"])
 def test_the_gateway_pod_builds_the_settings_the_chart_meant(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

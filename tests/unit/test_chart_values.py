@@ -118,11 +118,48 @@ def test_secrets_are_generated_when_absent_and_taken_when_given() -> None:
         _secret(rendered("defaults", *URLS, "nameOverride=fleetserve").objects),
     )
     assert len(first["admin-key"]) == 40
-    assert len(first["key-pepper"]) == 48
+    assert len(first["key-pepper"]) == 40
     assert first["admin-key"] != second["admin-key"]  # random each time nothing is stored
     assert first["database-url"] == "postgresql+asyncpg://u:p@db:5432/f"
     given = _secret(rendered("defaults", *URLS, "secrets.adminKey=s3cret-admin").objects)
     assert given["admin-key"] == "s3cret-admin"
+
+
+def test_bundled_stores_and_the_gateway_read_one_password() -> None:
+    objects = rendered("bundled-stores").objects
+    data = _secret(objects)
+    pg_password, redis_password = data["postgresql-password"], data["redis-password"]
+    assert data["database-url"] == (
+        f"postgresql+asyncpg://fleetserve:{pg_password}@{FULL}-postgresql.llm.svc:5432/fleetserve"
+    )
+    assert data["redis-url"] == f"redis://:{redis_password}@{FULL}-redis.llm.svc:6379/0"
+    services = {o["metadata"]["name"] for o in objects if o["kind"] == "Service"}
+    assert {f"{FULL}-postgresql", f"{FULL}-redis"} <= services
+    for store, key in (("postgresql", "postgresql-password"), ("redis", "redis-password")):
+        (sts,) = [
+            o for o in objects if o["kind"] == "StatefulSet" and store in o["metadata"]["name"]
+        ]
+        env = sts["spec"]["template"]["spec"]["containers"][0]["env"]
+        refs = [e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e]
+        assert {"name": f"{FULL}-gateway", "key": key} in refs
+        (claim,) = sts["spec"]["volumeClaimTemplates"]  # one pod, its own claim
+        assert sts["spec"]["replicas"] == 1
+        assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+        (policy,) = [
+            o
+            for o in objects
+            if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == f"{FULL}-{store}"
+        ]
+        (rule,) = policy["spec"]["ingress"]
+        assert [
+            p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in rule["from"]
+        ] == ["gateway"]
+        assert policy["spec"]["egress"] == []
+
+
+def test_bundled_stores_refuse_an_existing_secret() -> None:
+    with pytest.raises(ConfigError, match=r"leave secrets\.existingSecret empty"):
+        rendered("bundled-stores", "secrets.existingSecret=mine")
 
 
 def test_existing_secret_replaces_the_charts_own() -> None:
