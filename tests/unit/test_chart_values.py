@@ -204,3 +204,36 @@ def test_prometheus_rule_and_dashboard_carry_the_shipped_files() -> None:
 
 def test_parse_skips_empty_documents() -> None:
     assert parse("---\n# only a comment\n---\nkind: A\n") == ({"kind": "A"},)
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            word, _, rest = stripped.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_the_image_runs_fleetserve_as_the_uid_the_chart_expects() -> None:
+    """No builder can run here (README, design notes): the Dockerfile's own promises, then."""
+    instructions = _dockerfile_instructions()
+    stages = [args for word, args in instructions if word == "FROM"]
+    assert len(stages) == 2  # build, then a runtime without the build tools
+    final = instructions[[w for w, _ in instructions].index("FROM", 1) :]
+    assert ("USER", "10001:10001") in final
+    assert ("ENTRYPOINT", '["fleetserve"]') in final
+    env = " ".join(args for word, args in final if word == "ENV")
+    assert "FLEETSERVE_STATE_DIR=/var/lib/fleetserve" in env
+    assert "PYTHONDONTWRITEBYTECODE=1" in env
+    objects = rendered("cpu-llamacpp").objects
+    for obj in objects:
+        if obj["kind"] != "Deployment" or "engine" in obj["metadata"]["name"]:
+            continue
+        pod = obj["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsUser"] == 10001
+        mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        assert {"/var/lib/fleetserve", "/tmp"} <= mounts  # the image's only writable paths
