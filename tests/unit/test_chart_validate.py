@@ -1,22 +1,21 @@
 """Every object the chart renders, over the matrix, is valid for Kubernetes 1.29 and 1.37
 (kubernetes-validate's strict schemas: unknown fields are errors), and its prometheus-operator
-objects are valid against their CRDs' schemas (tests/fixtures/k8s-crds, SOURCES.md there).
+objects are valid against their CRDs' schemas (src/fleetserve/deploy/crds, SOURCES.md there).
 There is no API server here: admission, defaulting and the controllers are a real cluster's."""
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
-import jsonschema
-import kubernetes_validate
 import pytest
-import yaml
 
-from tests.unit.chart_support import MATRIX, ROOT, need_helm, rendered
-
-CRDS = ROOT / "tests" / "fixtures" / "k8s-crds"
-KUBE_VERSIONS = ("1.29.0", "1.37.0")
+from fleetserve.deploy.validate import (
+    KUBE_VERSIONS,
+    Problem,
+    check_version,
+    crd_validators,
+    validate,
+)
+from fleetserve.errors import ConfigError
+from tests.unit.chart_support import MATRIX, need_helm, rendered
 
 pytestmark = pytest.mark.usefixtures("helm")
 
@@ -26,71 +25,66 @@ def helm() -> None:
     need_helm()
 
 
-def _strict(schema: Any) -> Any:
-    """The CRD schema with unknown fields rejected (the API server would prune them silently,
-    which hides a typo), except where the schema keeps unknown fields on purpose."""
-    if isinstance(schema, list):
-        return [_strict(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _strict(v) for k, v in schema.items()}
-    if "properties" in out and not out.get("x-kubernetes-preserve-unknown-fields"):
-        out.setdefault("additionalProperties", False)
-    return out
-
-
-@functools.cache
-def crd_validators() -> dict[tuple[str, str], jsonschema.Draft7Validator]:
-    """(apiVersion, kind) -> a validator of the served version's openAPIV3Schema."""
-    out = {}
-    for path in sorted(CRDS.glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text())
-        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
-        for version in crd["spec"]["versions"]:
-            if version["served"]:
-                schema = _strict(version["schema"]["openAPIV3Schema"])
-                schema["properties"]["metadata"] = {"type": "object"}
-                out[(f"{group}/{version['name']}", kind)] = jsonschema.Draft7Validator(schema)
-    return out
-
-
-@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("kube_version", ["1.29", "1.37"])
 @pytest.mark.parametrize("name", MATRIX)
 def test_rendered_objects_are_valid_kubernetes(name: str, kube_version: str) -> None:
-    objects = rendered(name, kube_version=kube_version).objects
-    validators = crd_validators()
-    checked_crds = 0
-    for obj in objects:
-        where = f"{name} @ {kube_version}: {obj['kind']}/{obj['metadata']['name']}"
-        key = (obj["apiVersion"], obj["kind"])
-        if key in validators:
-            errors = sorted(validators[key].iter_errors(obj), key=str)
-            assert not errors, f"{where}: {errors[0].message} at {list(errors[0].path)}"
-            checked_crds += 1
-            continue
-        try:
-            kubernetes_validate.validate(obj, kube_version, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{where}: {exc.message} at {list(exc.path)}")
+    objects = rendered(name, kube_version=f"{kube_version}.0").objects
+    assert validate(objects, kube_version) == []
     monitoring = [o for o in objects if o["apiVersion"].startswith("monitoring.coreos.com/")]
-    assert checked_crds == len(monitoring)
+    if name == "gpu-vllm":
+        assert {o["kind"] for o in monitoring} == {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
 
-def test_the_crd_check_catches_a_typo() -> None:
-    validator = crd_validators()[("monitoring.coreos.com/v1", "ServiceMonitor")]
-    good = {
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "ServiceMonitor",
-        "metadata": {"name": "m"},
-        "spec": {"selector": {}, "endpoints": [{"port": "http"}]},
+def test_the_crds_are_the_monitoring_kinds() -> None:
+    assert set(crd_validators()) == {
+        ("monitoring.coreos.com/v1", "ServiceMonitor"),
+        ("monitoring.coreos.com/v1", "PodMonitor"),
+        ("monitoring.coreos.com/v1", "PrometheusRule"),
     }
-    assert not list(validator.iter_errors(good))
-    typo = {**good, "spec": {"selector": {}, "endpoints": [{"prot": "http"}]}}
-    assert list(validator.iter_errors(typo))
 
 
-def test_kubernetes_validate_catches_a_wrong_type() -> None:
-    (deployment, *_) = [o for o in rendered("cpu-llamacpp").objects if o["kind"] == "Deployment"]
-    broken = {**deployment, "spec": {**deployment["spec"], "revisionHistoryLimit": "three"}}
-    with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(broken, "1.37.0", strict=True)
+MONITOR = {
+    "apiVersion": "monitoring.coreos.com/v1",
+    "kind": "ServiceMonitor",
+    "metadata": {"name": "m"},
+    "spec": {"selector": {}, "endpoints": [{"port": "http"}]},
+}
+CONFIG_MAP = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {}}
+
+
+@pytest.mark.parametrize(
+    ("obj", "expected"),
+    [
+        pytest.param(MONITOR, [], id="crd-valid"),
+        pytest.param(
+            {**MONITOR, "spec": {"selector": {}, "endpoints": [{"prot": "http"}]}},
+            ["ServiceMonitor/m: Additional properties are not allowed ('prot' was unexpected) "
+             "at spec.endpoints.0"],
+            id="crd-typo",
+        ),
+        pytest.param(CONFIG_MAP, [], id="core-valid"),
+        pytest.param({**CONFIG_MAP, "data": {"k": 1}},
+                     ["ConfigMap/c: 1 is not of type 'string', 'null' at data.k"],
+                     id="core-wrong-type"),
+        pytest.param({**CONFIG_MAP, "dat": {}}, ["ConfigMap/c: Additional properties are not "
+                                                 "allowed ('dat' was unexpected) at (the object)"],
+                     id="core-unknown-field"),
+        pytest.param({**CONFIG_MAP, "apiVersion": "example.com/v1", "kind": "Widget"},
+                     ["Widget/c: no schema for example.com/v1 Widget in Kubernetes 1.37 or the "
+                      "shipped CRDs"], id="unknown-kind"),
+    ],
+)  # fmt: skip
+def test_validate_reports_each_problem_on_one_line(
+    obj: dict[str, object], expected: list[str]
+) -> None:
+    problems = validate([obj], "1.37")
+    assert [str(p) for p in problems] == expected
+    assert all(isinstance(p, Problem) for p in problems)
+
+
+def test_versions_outside_the_schemas_are_refused() -> None:
+    assert KUBE_VERSIONS[0] == "1.29"
+    assert KUBE_VERSIONS[-1] == "1.37"
+    assert check_version("1.33.4") == "1.33.0"
+    with pytest.raises(ConfigError, match=r"not one of 1\.29 to 1\.37"):
+        check_version("1.28")

@@ -15,6 +15,7 @@ from fleetserve.errors import ConfigError
 
 HELM_VERSION = "v4.1.4"
 HELM_TIMEOUT_S = 60.0
+HELM_DEBUG_HINT = "Use --debug flag to render out invalid YAML"  # about a flag we do not offer
 
 
 def cache_dir() -> Path:
@@ -71,7 +72,8 @@ def _run(args: list[str]) -> str:
     except subprocess.TimeoutExpired as exc:
         raise ConfigError(f"helm {args[0]} did not finish within {HELM_TIMEOUT_S:g} s") from exc
     if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        lines = [line.strip().removesuffix(HELM_DEBUG_HINT).strip()
+                 for line in done.stderr.splitlines() if line.strip()]  # fmt: skip
         raise ConfigError(f"helm {args[0]} failed: {' '.join(lines) or done.stdout.strip()}")
     return done.stdout
 
