@@ -130,7 +130,7 @@ def test_engine_startup_budget_and_drain_grace(chart: Rendered) -> None:
         assert live["periodSeconds"] * live["failureThreshold"] >= 30
         # The preStop waits for the drain; the kubelet must not kill it before.
         grace = pod["spec"]["terminationGracePeriodSeconds"]
-        assert grace >= model["drainGraceSeconds"] + 5
+        assert grace >= model["drainGraceSeconds"] + model["endpointDelaySeconds"]
         pre_stop = engine["lifecycle"]["preStop"]["exec"]["command"]
         assert str(model["drainGraceSeconds"]) in pre_stop[-1]
         assert engine["ports"][0]["name"] == "http"

@@ -66,18 +66,19 @@ Each takes (dict "root" $ "model" $m). */}}
 {{- end }}
 {{- end -}}
 
-{{/* preStop: wait 5 s for the EndpointSlice to drop the pod (the gateway stops sending to it),
-then until the engine runs no request, at most drainGraceSeconds. */}}
+{{/* preStop: wait endpointDelaySeconds for the EndpointSlice to drop the pod (the gateway stops
+sending to it), then until the engine runs no request; all within drainGraceSeconds. */}}
 {{- define "fleetserve.engine.preStop" -}}
 {{- $port := include "fleetserve.engine.port" . -}}
 {{- $grace := int .model.drainGraceSeconds -}}
+{{- $delay := int .model.endpointDelaySeconds -}}
 {{- if eq .model.engine "vllm" }}
 - python3
 - -c
 - |
   import time, urllib.request
   deadline = time.monotonic() + {{ $grace }}
-  time.sleep(5)
+  time.sleep({{ $delay }})
   while time.monotonic() < deadline:
       try:
           text = urllib.request.urlopen("http://127.0.0.1:{{ $port }}/metrics", timeout=2).read().decode()
@@ -93,7 +94,7 @@ then until the engine runs no request, at most drainGraceSeconds. */}}
 - -c
 - |
   end=$(( $(date +%s) + {{ $grace }} ))
-  sleep 5
+  sleep {{ $delay }}
   while [ "$(date +%s)" -lt "$end" ]; do
     n=$(curl -sf --max-time 2 http://127.0.0.1:{{ $port }}/metrics | awk '/^llamacpp:requests_processing/ {s += $2} END {print s + 0}') || break
     [ "$n" = 0 ] && break
