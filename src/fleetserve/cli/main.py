@@ -16,6 +16,7 @@ from fleetserve.cli.common import USAGE_EXIT, fail
 from fleetserve.cli.db import db_app
 from fleetserve.cli.engine import engine_app
 from fleetserve.cli.gateway import gateway_command
+from fleetserve.cli.k8s import k8s_app
 from fleetserve.cli.status import status_command
 from fleetserve.cli.tenants import keys_app, tenants_app, usage_command
 from fleetserve.cli.up import up_command
@@ -36,6 +37,7 @@ app.command("status")(status_command)
 app.command("autoscaler")(autoscaler_command)
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
+app.add_typer(k8s_app, name="k8s")
 app.command("usage")(usage_command)
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C

@@ -1,0 +1,2 @@
+"""Kubernetes deployment: the Helm chart rendered with helm (render/validate), and later the
+release's status and teardown (lightkube)."""
