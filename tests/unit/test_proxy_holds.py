@@ -9,7 +9,7 @@ from typing import cast
 import pytest
 
 from fleetserve.config import GatewaySettings, HoldSettings
-from fleetserve.errors import NoReplicaError
+from fleetserve.errors import NoReplicaError, UpstreamStatusError
 from fleetserve.fleet.fleet import Fleet
 from fleetserve.fleet.replica import Replica
 from fleetserve.gateway.exchange import Exchange
@@ -38,6 +38,7 @@ class AnsweringUpstream:
 
     def __init__(self) -> None:
         self.urls: list[str] = []
+        self.failing: set[str] = set()  # replica ids that answer 503
 
     async def send(
         self,
@@ -48,6 +49,8 @@ class AnsweringUpstream:
         traceparent: str | None = None,
     ) -> BufferedResponse:
         self.urls.append(url)
+        if any(url.startswith(f"http://{rid}/") for rid in self.failing):
+            raise UpstreamStatusError(503, b'{"error": "overloaded"}', "application/json")
         return BufferedResponse(200, "application/json", b'{"ok": true}')
 
 
@@ -163,3 +166,29 @@ async def test_an_interactive_request_takes_a_headroom_slot_where_others_are_hel
     for task in (batch, standard):
         task.cancel()
     await asyncio.gather(batch, standard, return_exceptions=True)
+
+
+async def test_a_retry_waits_for_a_slot_on_a_replica_at_its_cap_instead_of_failing() -> None:
+    """r2 answers 503; r1, the only other, is at its cap: the retry holds for r1's slot (it
+    used to answer 502 at once), is not handed a slot on r2 that it just failed on, and is
+    served by r1 when r1 frees one."""
+    h = Harness()
+    h.add("r1", cap=1)
+    h.add("r2", cap=4)
+    h.upstream.failing = {"r2"}
+    h.fleet.begin("r1")  # r1 busy with another request
+    task, exchange = h.forward()
+    await h.clock.advance(0.5)
+    assert h.upstream.urls == ["http://r2/v1/chat/completions"]  # the first try, failed
+    assert h.holds.held(M) == 1  # the retry waits
+    h.fleet.begin("r2")
+    h.fleet.end("r2")
+    h.holds.freed("r2", M)  # a slot on r2 frees: not for this request
+    await h.clock.advance(0.5)
+    assert h.holds.held(M) == 1
+    assert len(h.upstream.urls) == 1
+    h.fleet.end("r1")
+    h.holds.freed("r1", M)  # r1's request ends
+    await task
+    assert h.upstream.urls[-1] == "http://r1/v1/chat/completions"
+    assert exchange.status == 200

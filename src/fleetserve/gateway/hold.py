@@ -122,10 +122,17 @@ class HoldQueue:
             for r in self.fleet.replicas(model)
         )
 
-    def should_hold(self, model: str) -> bool:
+    def should_hold(self, model: str, tried: set[str] | frozenset[str] = frozenset()) -> bool:
         """No replica of `model` can take a request now, and one can: none is ready and one
-        can come, or every ready one is at its concurrency cap (finishing requests free it)."""
+        can come, or every ready one is at its concurrency cap (finishing requests free it).
+
+        A retry (`tried`: the replicas it failed on) holds only for a ready replica it has not
+        tried that is at its cap: it waits for a slot there rather than fail while one will
+        free, and does not wait for the replicas that just failed it."""
         ready = [r for r in self.fleet.replicas(model) if r.state is ReplicaState.READY]
+        if tried:
+            untried = [r for r in ready if r.id not in tried]
+            return bool(untried) and all(at_capacity(r) for r in untried)
         if ready:
             return all(at_capacity(r) for r in ready)
         return self.can_hold(model)

@@ -167,12 +167,16 @@ class Proxy:
                 exchange.head_sent = True
                 exchange.status = 200
 
-    def _granted(self, replica_id: str) -> Replica | None:
-        """The replica whose slot a hold reserved, if it can still serve; else the slot back."""
+    def _granted(self, replica_id: str, tried: set[str]) -> Replica | None:
+        """The replica whose slot a hold reserved, if it can still serve and this request has
+        not failed on it; else the slot back (to the next waiter, if the replica serves)."""
         replica = self.fleet.get(replica_id)
-        if replica is not None and replica.state is ReplicaState.READY:
+        ready = replica is not None and replica.state is ReplicaState.READY
+        if ready and replica_id not in tried:
             return replica
         self.fleet.end(replica_id)
+        if ready and replica is not None and self.holds is not None:
+            self.holds.freed(replica_id, replica.model)
         return None
 
     def _no_replica(self, model: str) -> NoReplicaError:
@@ -247,12 +251,12 @@ class Proxy:
             if replica is None and holds is not None and _interactive(exchange):
                 replica = self._pick_headroom(info, tried, holds.settings.interactive_headroom)
             if replica is None:
-                if tried or holds is None or not holds.should_hold(info.model):
+                if holds is None or not holds.should_hold(info.model, tried):
                     break
                 granted = await self._hold(info, send, exchange)
                 if granted is None:
                     continue
-                replica = self._granted(granted)
+                replica = self._granted(granted, tried)
                 if replica is None:
                     continue
                 reserved = True  # the hold counted it in flight already
