@@ -556,3 +556,25 @@ def spreads(figures: Sequence[Mapping[str, float | None]]) -> dict[str, Spread]:
         low = min(values) if values else None
         out[name] = Spread(low, statistics.median(values) if values else None, values)
     return out
+
+
+def chat_body(model: str, stream: bool, max_tokens: int) -> bytes:
+    """The overhead benchmarks' request: one short chat turn."""
+    return orjson.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
+            "max_tokens": max_tokens,
+            "stream": stream,
+        }
+    )
+
+
+def added_ms(off: OpenLoopResult, on: OpenLoopResult, rate: float) -> dict[str, float | None]:
+    """What the `on` gateway adds to e2e and TTFT at p50 and p99, ms, at one open-loop rate."""
+    out: dict[str, float | None] = {}
+    for label, values in (("e2e", "e2e_s"), ("TTFT", "ttft_s")):
+        for q in (50, 99):
+            x, y = on.ms(getattr(on, values), q), off.ms(getattr(off, values), q)
+            out[f"added {label} p{q} ms @{rate:g} rps"] = None if x is None or y is None else x - y
+    return out

@@ -22,14 +22,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
-
 from benchmarks._harness import (
     LOCALHOST,
     CpuWindow,
     OpenLoopResult,
     OpenLoopSpec,
     Processes,
+    added_ms,
+    chat_body,
     merge_results,
     run_open_loop,
     run_wrk,
@@ -88,25 +88,9 @@ class Report:
         out["req/s per core, on / off"] = on / off if on and off else None
         for rate in sorted({r for _, r in self.points}):
             a, b = self.points[("off", rate)], self.points[("on", rate)]
-            for label, values in (("e2e", "e2e_s"), ("TTFT", "ttft_s")):
-                for q in (50, 99):
-                    x, y = b.ms(getattr(b, values), q), a.ms(getattr(a, values), q)
-                    out[f"added {label} p{q} ms @{rate:g} rps"] = (
-                        None if x is None or y is None else x - y
-                    )
+            out |= added_ms(a, b, rate)
             out[f"off: e2e p50 ms @{rate:g} rps"] = a.ms(a.e2e_s, 50)
         return out
-
-
-def _body(stream: bool, max_tokens: int) -> bytes:
-    return orjson.dumps(
-        {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
-            "max_tokens": max_tokens,
-            "stream": stream,
-        }
-    )
 
 
 def _start(
@@ -165,7 +149,7 @@ def run_once(
                     errors=dict.fromkeys(PATHS, 0))  # fmt: skip
     with Processes(workdir) as procs:
         urls, watched, on_proc = _start(procs, gateway_core, load_core, gateway_src)
-        script = wrk_post_script(workdir / "post.lua", _body(False, plan.max_tokens))
+        script = wrk_post_script(workdir / "post.lua", chat_body(MODEL, False, plan.max_tokens))
         for i in range(plan.rounds):
             for path in PATHS[:: 1 if i % 2 == 0 else -1]:
                 say(f"  A. wrk non-stream, observability {path} (round {i + 1}) ...")
@@ -188,8 +172,9 @@ def run_once(
             slice_s = plan.point_s / plan.point_slices
             for i in range(plan.point_slices):
                 for path in PATHS[:: 1 if i % 2 == 0 else -1]:
-                    spec = OpenLoopSpec(urls[path] + CHAT_PATH, _body(True, plan.max_tokens),
-                                        rate, slice_s, True, plan.max_tokens)  # fmt: skip
+                    body = chat_body(MODEL, True, plan.max_tokens)
+                    spec = OpenLoopSpec(urls[path] + CHAT_PATH, body, rate, slice_s, True,
+                                        plan.max_tokens)  # fmt: skip
                     warm = plan.point_warmup_s if i == 0 else 0.0
                     parts[path].append(run_open_loop(spec, warm, CpuWindow(watched)))
             for path in PATHS:

@@ -33,8 +33,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
-
 from benchmarks._harness import (
     LOCALHOST,
     CpuUsage,
@@ -43,6 +41,7 @@ from benchmarks._harness import (
     OpenLoopSpec,
     Processes,
     RoundTrip,
+    chat_body,
     cpu_model,
     first_line,
     loopback_round_trip,
@@ -212,17 +211,6 @@ def _minus(a: float | None, b: float | None) -> float | None:
 # --- one run: measurement ----------------------------------------------------------------
 
 
-def _chat_body(stream: bool, max_tokens: int) -> bytes:
-    return orjson.dumps(
-        {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
-            "max_tokens": max_tokens,
-            "stream": stream,
-        }
-    )
-
-
 def _engine_argv(setup: Setup, port: int) -> list[str]:
     if setup.upstream_kind == "stub":
         return [str(setup.python), str(setup.stub_path), "--port", str(port), "--model", MODEL]
@@ -286,7 +274,7 @@ def _latency(
 ) -> list[LatencyPoint]:
     """Both paths at one rate. Slices alternate (direct, gateway), (gateway, direct), ... so
     that a burst of noise from other processes on this machine lands on both alike."""
-    body = _chat_body(True, plan.max_tokens)
+    body = chat_body(MODEL, True, plan.max_tokens)
     slice_s = plan.point_s / plan.point_slices
     parts: dict[str, list[OpenLoopResult]] = {path: [] for path in targets}
     for i in range(plan.point_slices):
@@ -301,8 +289,8 @@ def _latency(
 def run_once(setup: Setup, plan: Plan, workdir: Path, say: Callable[[str], None]) -> RunReport:
     """Measure the machine floor, start the stack, measure A and B, stop everything."""
     report = RunReport()
-    script = wrk_post_script(workdir / "post.lua", _chat_body(False, plan.max_tokens))
-    streams = wrk_post_script(workdir / "stream.lua", _chat_body(True, plan.max_tokens))
+    script = wrk_post_script(workdir / "post.lua", chat_body(MODEL, False, plan.max_tokens))
+    streams = wrk_post_script(workdir / "stream.lua", chat_body(MODEL, True, plan.max_tokens))
     with Processes(workdir) as procs:
         say("  0. loopback round trips ...")
         for where, core in (("same core", setup.load_core), ("cross core", setup.gateway_core)):

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx2 as httpx
-import orjson
 
 from benchmarks._harness import (
     LOCALHOST,
@@ -37,6 +36,8 @@ from benchmarks._harness import (
     OpenLoopResult,
     OpenLoopSpec,
     Processes,
+    added_ms,
+    chat_body,
     merge_results,
     run_open_loop,
     run_wrk,
@@ -96,24 +97,8 @@ class Report:
         out["req/s per core, on / off"] = on / off if on and off else None
         for rate in sorted({r for _, r in self.points}):
             a, b = self.points[("off", rate)], self.points[("on", rate)]
-            for label, values in (("e2e", "e2e_s"), ("TTFT", "ttft_s")):
-                for q in (50, 99):
-                    x, y = b.ms(getattr(b, values), q), a.ms(getattr(a, values), q)
-                    out[f"added {label} p{q} ms @{rate:g} rps"] = (
-                        None if x is None or y is None else x - y
-                    )
+            out |= added_ms(a, b, rate)
         return out
-
-
-def _body(stream: bool, max_tokens: int) -> bytes:
-    return orjson.dumps(
-        {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
-            "max_tokens": max_tokens,
-            "stream": stream,
-        }
-    )
 
 
 def _fleet_file(path: Path, engines: Sequence[str]) -> Path:
@@ -175,7 +160,9 @@ def run_once(
             for path in PATHS:
                 say(f"  A. wrk non-stream, tenancy {path} ...")
                 script = wrk_post_script(
-                    workdir / f"post-{path}.lua", _body(False, plan.max_tokens), auth[path]
+                    workdir / f"post-{path}.lua",
+                    chat_body(MODEL, False, plan.max_tokens),
+                    auth[path],
                 )
                 url = urls[path] + CHAT_PATH
                 run_wrk(url, script, plan.wrk_warmup_s, plan.connections, load_core)
@@ -194,8 +181,8 @@ def run_once(
                 for i in range(plan.point_slices):
                     for path in PATHS[:: 1 if i % 2 == 0 else -1]:
                         spec = OpenLoopSpec(
-                            urls[path] + CHAT_PATH, _body(True, plan.max_tokens), rate, slice_s,
-                            True, plan.max_tokens, headers=auth[path],
+                            urls[path] + CHAT_PATH, chat_body(MODEL, True, plan.max_tokens),
+                            rate, slice_s, True, plan.max_tokens, headers=auth[path],
                         )  # fmt: skip
                         warm = plan.point_warmup_s if i == 0 else 0.0
                         parts[path].append(run_open_loop(spec, warm, CpuWindow(watched)))
