@@ -286,7 +286,8 @@ class GatewayApp:
             await gate.finish(
                 ticket, model=exchange.model, replica=exchange.replica, status=status,
                 cancelled=status == CLIENT_CLOSED or exchange.ended_by is not None,
-                failed=exchange.stream_failed, queue_s=exchange.hold_s, e2e_s=e2e_s,
+                failed=exchange.stream_failed, queue_s=exchange.hold_s, ttft_s=exchange.ttft_s,
+                e2e_s=e2e_s,
             )  # fmt: skip
         except Exception:
             log.exception("accounting of request %s failed", ticket.request_id)

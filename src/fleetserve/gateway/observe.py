@@ -83,7 +83,6 @@ class Observation:
     tap: UsageTap | None = None  # None: tenancy's tap reads the stream, or not a stream
     usage: tuple[int, int] | None = None  # a whole answer's (prompt, completion) tokens
     reasons: list[str] | None = None  # a whole answer's finish reasons (sampled only)
-    ttft_s: float | None = None
     bytes_out: int = 0
     began: float = 0.0  # the gateway's clock when the SERVER span started
     began_wall: float = 0.0  # the same instant as Unix time
@@ -240,7 +239,7 @@ class Observer:
                 trace.end({}, error_type)
         access = self.access
         if access is not None:
-            ttft = obs.ttft_s
+            ttft = exchange.ttft_s
             access.write({
                 "request_id": obs.request_id,
                 "trace_id": trace.trace_id_hex if trace is not None else None,
@@ -295,9 +294,10 @@ class Observer:
                 attributes[sc.LANGFUSE_COST_DETAILS] = orjson.dumps(
                     {"input": cost_in, "output": cost_out, "total": total}
                 ).decode()
-        if obs.ttft_s is not None:
-            attributes[sc.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK] = obs.ttft_s
-            first_at = obs.began_wall + (obs.t0 + obs.ttft_s - obs.began)
+        ttft_s = exchange.ttft_s
+        if ttft_s is not None:
+            attributes[sc.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK] = ttft_s
+            first_at = obs.began_wall + (obs.t0 + ttft_s - obs.began)
             attributes[sc.LANGFUSE_COMPLETION_START_TIME] = _iso(first_at)
         ticket = exchange.ticket
         if ticket is not None:

@@ -393,16 +393,13 @@ class Proxy:
             tap = None
             charge = None
             if ticket is not None:
-                ticket.ttft_s = now - t0
                 tap = ticket.tap
                 holds = self.holds
                 if holds is not None:
                     charge = functools.partial(holds.charge, info.model, ticket.tenant)
             obs = exchange.observed
-            if obs is not None:
-                obs.ttft_s = now - t0
-                if tap is None:
-                    tap = obs.tap
+            if tap is None and obs is not None:
+                tap = obs.tap
             # The autoscaler's window leaves a cold-start hold out (more replicas cannot
             # shorten it) but keeps time held at capacity (more replicas would).
             self.window.observe_ttft(info.model, now, now - t0 - exchange.cold_hold_s)

@@ -369,6 +369,7 @@ class TenantGate:
         cancelled: bool,
         failed: bool,
         queue_s: float,
+        ttft_s: float | None,
         e2e_s: float,
     ) -> None:
         """Settle the request's reservations, write its ledger row, count it."""
@@ -405,7 +406,7 @@ class TenantGate:
             request_id=ticket.request_id, tenant=ticket.tenant,
             key_prefix=ticket.principal.key.prefix, model=model, replica=replica, status=status,
             prompt_tokens=prompt, completion_tokens=completion, cost_micro_usd=cost,
-            queue_s=queue_s, ttft_s=ticket.ttft_s, e2e_s=e2e_s, started_at=ticket.started_at,
+            queue_s=queue_s, ttft_s=ttft_s, e2e_s=e2e_s, started_at=ticket.started_at,
             ended_at=now, finish_reason=reason, usage_estimated=estimated,
         )  # fmt: skip
         self.record(row)

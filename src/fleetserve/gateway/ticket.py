@@ -22,7 +22,6 @@ class Ticket:
     tap: UsageTap | None = None  # streams: reads the engine's usage, strips what we added
     usage: tuple[int, int] | None = None  # (prompt, completion) as the engine reported them
     output_events: int = 0  # stream events with generated output the client was sent
-    ttft_s: float | None = None
 
     @property
     def tenant(self) -> str:
