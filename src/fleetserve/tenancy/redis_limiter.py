@@ -6,9 +6,10 @@ replicates scripts by their effects, so reading it is allowed), so no replica's 
 and two replicas cannot both take the last slot. The calls a process makes in one event-loop
 iteration for the same tenant and key go as one EVALSHA (`_Batches`): the script takes them
 one after the other, as if they had come one by one, and the gateway pays one call's CPU for
-all of them (benchmarks/tenancy_overhead.py). A lone request still goes at once. The semantics are
-LocalLimiter's (tenancy/local_limiter.py); tests/integration/test_limiter_contract.py runs
-one suite against both.
+all of them (benchmarks/tenancy_overhead.py). A lone request waits for nothing but the end of
+its loop iteration, when the RESP client writes anyway. The semantics are LocalLimiter's
+(tenancy/local_limiter.py); tests/integration/test_limiter_contract.py runs one suite against
+both.
 
 Keys (`<prefix>:{t:<tenant>}:...`) all carry the tenant's hash tag, so one script touches one
 Redis Cluster slot; a key's own limits live under its tenant's tag too:
